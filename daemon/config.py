@@ -1,0 +1,198 @@
+"""Registry config file + REGISTRY_STORAGE_* env + the daemon's own flags -> one Settings."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_REGISTRY_CONFIG = Path("/etc/docker/registry/config.yml")
+DEFAULT_LISTEN = "127.0.0.1:8099"
+SOURCES = ("storage", "openshift")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which file/variable and why."""
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go-style duration ('90s', '1h30m', '2d', '0') -> seconds; ValueError otherwise."""
+    value = text.strip()
+    if value == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(value):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(value) or not value:
+        raise ValueError(f"bad duration {text!r}: use a number with a unit, e.g. 30m, 1h, 90s, 2d")
+    return total
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Settings:
+    bucket: str
+    region: str = "us-east-1"
+    regionendpoint: str | None = None
+    accesskey: str | None = None
+    secretkey: str | None = None
+    secure: bool = True
+    skipverify: bool = False
+    forcepathstyle: bool = False
+    ca_bundle: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    driver: str  # filesystem | s3
+    rootdirectory: str  # filesystem: a directory; s3: a key prefix ('' for the bucket root)
+    s3: S3Settings | None = None
+
+    def describe(self) -> str:
+        if self.driver == "s3" and self.s3 is not None:
+            return f"s3://{self.s3.bucket}/{self.rootdirectory.strip('/')}"
+        return f"filesystem:{self.rootdirectory}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    storage: StorageSettings
+    registry_config: Path | None = None
+    registry_read_only: bool = False
+    listen: str = DEFAULT_LISTEN
+    state_dir: Path = Path("state")
+    grace: float = 3600.0
+    upload_max_age: float = 86400.0
+    source: str = "storage"
+    workers: int = 16
+    log_level: str = "warning"
+    log_format: str = "json"
+    kubeconfig: str | None = None
+    history: int = 50
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _load_file(path: Path, required: bool) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"registry config {path} does not exist") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"registry config {path} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"registry config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"registry config {path} is not a YAML mapping")
+    return data
+
+
+def _apply_env(config: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Apply distribution's REGISTRY_<SECTION>_<KEY> overrides for the storage section."""
+    storage = config.setdefault("storage", {}) or {}
+    config["storage"] = storage
+    if not isinstance(storage, dict):
+        raise ConfigError("registry config: 'storage' must be a mapping")
+    selected = env.get("REGISTRY_STORAGE")
+    if selected:
+        # distribution replaces the driver section when REGISTRY_STORAGE names another one
+        for name in list(storage):
+            if name not in ("maintenance", "delete", "redirect", "cache", selected):
+                storage.pop(name)
+        storage.setdefault(selected, {})
+    for key, value in env.items():
+        if not key.startswith("REGISTRY_STORAGE_"):
+            continue
+        parts = key[len("REGISTRY_STORAGE_") :].lower().split("_")
+        node = storage
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return config
+
+
+def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool]:
+    storage = config.get("storage") or {}
+    drivers = [k for k in storage if k not in ("maintenance", "delete", "redirect", "cache")]
+    if len(drivers) != 1:
+        found = ", ".join(drivers) or "none"
+        raise ConfigError(
+            f"{source}: storage must configure exactly one driver (filesystem or s3), found {found}"
+        )
+    driver = drivers[0]
+    params = storage[driver] or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: storage.{driver} must be a mapping")
+    maintenance = storage.get("maintenance") or {}
+    readonly = (maintenance.get("readonly") or {}) if isinstance(maintenance, dict) else {}
+    read_only = isinstance(readonly, dict) and _bool(readonly.get("enabled", False))
+    if driver == "filesystem":
+        root = str(params.get("rootdirectory") or "/var/lib/registry")
+        return StorageSettings("filesystem", root), read_only
+    if driver == "s3":
+        bucket = params.get("bucket")
+        if not bucket:
+            raise ConfigError(f"{source}: storage.s3.bucket is required")
+        s3 = S3Settings(
+            bucket=str(bucket),
+            region=str(params.get("region") or "us-east-1"),
+            regionendpoint=params.get("regionendpoint") or None,
+            accesskey=params.get("accesskey") or None,
+            secretkey=params.get("secretkey") or None,
+            secure=_bool(params.get("secure", True)),
+            skipverify=_bool(params.get("skipverify", False)),
+            forcepathstyle=_bool(params.get("forcepathstyle", False)),
+            ca_bundle=params.get("cabundle") or None,
+        )
+        root = str(params.get("rootdirectory") or "").strip("/")
+        return StorageSettings("s3", root, s3), read_only
+    raise ConfigError(f"{source}: storage driver {driver!r} is not supported (filesystem, s3)")
+
+
+def load_settings(
+    registry_config: Path | None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build Settings from the registry config file, the environment and explicit overrides."""
+    env = os.environ if env is None else env
+    explicit = registry_config is not None
+    path = registry_config or Path(env.get("REGISTRY_CONFIGURATION_PATH") or DEFAULT_REGISTRY_CONFIG)
+    has_env_storage = any(k.startswith("REGISTRY_STORAGE") for k in env)
+    config = _load_file(path, required=explicit or not has_env_storage)
+    config = _apply_env(config, env)
+    storage, read_only = _storage(config, str(path) if config else "environment")
+    if _bool(env.get("REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED", read_only)):
+        read_only = True
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("source", "storage") not in SOURCES:
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
+    return Settings(
+        storage=storage,
+        registry_config=path if config else None,
+        registry_read_only=read_only,
+        **values,
+    )

@@ -1,0 +1,126 @@
+"""The distribution v2 storage path scheme, both ways (digest <-> key, key -> kind).
+
+Keys are '/'-separated and relative to ``<rootdirectory>/docker/registry/v2/``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+V2_ROOT = "docker/registry/v2"
+BLOBS = "blobs/sha256/"
+REPOSITORIES = "repositories/"
+SHARDS = tuple(f"{i:02x}" for i in range(256))
+
+_HEX = re.compile(r"[0-9a-f]{64}")
+# distribution's repository name grammar (reference.NameRegexp), per path component.
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
+
+
+class InvalidDigest(ValueError):
+    """A string that is not a canonical ``sha256:<64 hex>`` digest."""
+
+
+def is_hex(value: str) -> bool:
+    return _HEX.fullmatch(value) is not None
+
+
+def parse_digest(text: str) -> bytes:
+    """``sha256:<hex>`` -> 32 raw bytes; anything else raises InvalidDigest."""
+    algo, sep, hexpart = text.strip().partition(":")
+    if algo != "sha256" or not sep or not is_hex(hexpart):
+        raise InvalidDigest(f"not a sha256 digest: {text[:100]!r}")
+    return bytes.fromhex(hexpart)
+
+
+def format_digest(raw: bytes) -> str:
+    return "sha256:" + raw.hex()
+
+
+def blob_dir(hexdigest: str) -> str:
+    return f"{BLOBS}{hexdigest[:2]}/{hexdigest}/"
+
+
+def blob_data(hexdigest: str) -> str:
+    return blob_dir(hexdigest) + "data"
+
+
+def is_repository_name(name: str) -> bool:
+    """True when ``name`` is a valid distribution repository name (no traversal possible)."""
+    if not name or len(name) > 255:
+        return False
+    return all(_COMPONENT.fullmatch(part) for part in name.split("/"))
+
+
+def repository_root(name: str) -> str:
+    return f"{REPOSITORIES}{name}/"
+
+
+def revision_dir(name: str, hexdigest: str) -> str:
+    return f"{REPOSITORIES}{name}/_manifests/revisions/sha256/{hexdigest}/"
+
+
+def layer_link_dir(name: str, hexdigest: str) -> str:
+    return f"{REPOSITORIES}{name}/_layers/sha256/{hexdigest}/"
+
+
+def upload_dir(name: str, uuid: str) -> str:
+    return f"{REPOSITORIES}{name}/_uploads/{uuid}/"
+
+
+@dataclass(frozen=True, slots=True)
+class RepoKey:
+    """What a key under ``repositories/`` is."""
+
+    kind: str  # revision | tag_current | tag_index | layer | upload_startedat | upload_other
+    repository: str
+    digest_hex: str = ""  # revision, tag_index, layer
+    tag: str = ""  # tag_current, tag_index
+    upload: str = ""  # upload_*
+
+
+def classify_repo_key(key: str) -> RepoKey | None:
+    """Classify a file key below ``repositories/``; None for anything the scheme does not name."""
+    if not key.startswith(REPOSITORIES):
+        return None
+    parts = key[len(REPOSITORIES) :].split("/")
+    for i, part in enumerate(parts):
+        if part in ("_manifests", "_layers", "_uploads"):
+            break
+    else:
+        return None
+    repo = "/".join(parts[:i])
+    if not repo:
+        return None
+    section, rest = parts[i], parts[i + 1 :]
+    if section == "_layers":
+        if len(rest) == 3 and rest[0] == "sha256" and rest[2] == "link" and is_hex(rest[1]):
+            return RepoKey("layer", repo, digest_hex=rest[1])
+        return None
+    if section == "_uploads":
+        if len(rest) >= 2:
+            kind = "upload_startedat" if rest[1:] == ["startedat"] else "upload_other"
+            return RepoKey(kind, repo, upload=rest[0])
+        return None
+    # _manifests
+    if (
+        len(rest) == 4
+        and rest[0] == "revisions"
+        and rest[1] == "sha256"
+        and rest[3] == "link"
+        and is_hex(rest[2])
+    ):
+        return RepoKey("revision", repo, digest_hex=rest[2])
+    if len(rest) == 4 and rest[0] == "tags" and rest[2:] == ["current", "link"]:
+        return RepoKey("tag_current", repo, tag=rest[1])
+    if (
+        len(rest) == 6
+        and rest[0] == "tags"
+        and rest[2] == "index"
+        and rest[3] == "sha256"
+        and rest[5] == "link"
+        and is_hex(rest[4])
+    ):
+        return RepoKey("tag_index", repo, tag=rest[1], digest_hex=rest[4])
+    return None

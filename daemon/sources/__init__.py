@@ -1,0 +1,1 @@
+"""Reference sources: what decides which blobs are in use."""

@@ -1,0 +1,51 @@
+"""The reference-source interface: given the store's inventory, say what is in use."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from daemon.inventory import Inventory
+from daemon.progress import Progress
+from daemon.storage.base import Storage
+
+
+class SourceError(Exception):
+    """Building the in-use set failed: the run must fail closed."""
+
+
+class ReadOnlyRefused(Exception):
+    """Delete was asked for while the registry is writable and online mode was not asked for."""
+
+
+@dataclass(slots=True)
+class Marks:
+    """Outcome of the mark phase."""
+
+    in_use: set[bytes] = field(default_factory=set)  # 32-byte raw sha256 digests
+    remove_repositories: list[str] = field(default_factory=list)
+    remove_revisions: list[tuple[str, str]] = field(default_factory=list)  # (repository, hex)
+    notes: list[str] = field(default_factory=list)  # what was skipped, and why
+
+
+class ReferenceSource(ABC):
+    name: str = ""
+
+    @abstractmethod
+    async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
+        """Build the in-use set; raise SourceError on anything that makes it unreliable."""
+
+    async def registry_read_only(self) -> bool | None:
+        """True/False where this source knows the registry's read-only state, else None."""
+        return None
+
+    async def start_online(self) -> None:  # noqa: B027 - optional hook
+        """Begin watching for references created during the run (online delete)."""
+
+    async def newly_in_use(self, candidates: Iterable[bytes]) -> set[bytes]:
+        """Those of ``candidates`` that became referenced since mark; raise SourceError if unsure."""
+        return set()
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients and watches."""

@@ -1,0 +1,1 @@
+"""Storage drivers behind one small async interface."""

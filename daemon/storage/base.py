@@ -1,0 +1,95 @@
+"""The async storage interface every driver implements; keys are relative to the v2 root."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+
+class StorageError(Exception):
+    """A storage operation failed (after the driver's own retries)."""
+
+
+class NotFound(StorageError):
+    """The key does not exist."""
+
+
+class TooLarge(StorageError):
+    """An object is larger than the caller's read limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A file/object. Size and mtime are None when the listing did not provide them."""
+
+    key: str
+    size: int | None = None
+    mtime: float | None = None  # seconds since the epoch (file mtime, S3 LastModified)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobEntry:
+    """A blob found in one ``blobs/sha256/<xx>/`` shard."""
+
+    hex: str
+    size: int | None = None
+    mtime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteFailure:
+    key: str
+    reason: str
+
+
+class Storage(ABC):
+    """One registry store. All keys are relative to ``<root>/docker/registry/v2/``."""
+
+    #: human description for logs and errors, e.g. ``filesystem:/var/lib/registry``
+    description: str = ""
+    #: how many requests/threads the engine may keep in flight against this driver
+    concurrency: int = 8
+
+    @abstractmethod
+    async def probe(self) -> None:
+        """Raise StorageError with a clear message unless the root is a reachable registry store."""
+
+    @abstractmethod
+    async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
+        """Every blob under ``blobs/sha256/<shard>/`` (size/mtime where the listing has them)."""
+
+    @abstractmethod
+    async def stat(self, key: str) -> Entry | None:
+        """Size and mtime of one key, None when it does not exist."""
+
+    @abstractmethod
+    def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
+        """Every file below ``prefix`` (ends with '/'), recursively, in batches; order unspecified."""
+
+    @abstractmethod
+    async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
+        """One level below ``prefix``: (file names, directory names)."""
+
+    @abstractmethod
+    async def read(self, key: str, limit: int) -> bytes:
+        """Whole content of ``key``; NotFound if missing, TooLarge if over ``limit`` bytes."""
+
+    @abstractmethod
+    async def write(self, key: str, data: bytes) -> None:
+        """Replace ``key`` with ``data`` atomically (readers see old or new, never a mix)."""
+
+    @abstractmethod
+    async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
+        """Delete whole blobs (data and their directory); a missing blob is not a failure."""
+
+    @abstractmethod
+    async def delete_keys(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        """Delete single files/objects; a missing key is not a failure."""
+
+    @abstractmethod
+    async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
+        """Delete everything below ``prefix`` (ends with '/')."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads."""
