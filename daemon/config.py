@@ -180,7 +180,8 @@ def load_settings(
     """Build Settings from the registry config file, the environment and explicit overrides."""
     env = os.environ if env is None else env
     explicit = registry_config is not None
-    path = registry_config or Path(env.get("REGISTRY_CONFIGURATION_PATH") or DEFAULT_REGISTRY_CONFIG)
+    default = env.get("REGISTRY_CONFIGURATION_PATH") or DEFAULT_REGISTRY_CONFIG
+    path = registry_config or Path(default)
     has_env_storage = any(k.startswith("REGISTRY_STORAGE") for k in env)
     config = _load_file(path, required=explicit or not has_env_storage)
     config = _apply_env(config, env)

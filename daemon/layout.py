@@ -85,10 +85,8 @@ def classify_repo_key(key: str) -> RepoKey | None:
     if not key.startswith(REPOSITORIES):
         return None
     parts = key[len(REPOSITORIES) :].split("/")
-    for i, part in enumerate(parts):
-        if part in ("_manifests", "_layers", "_uploads"):
-            break
-    else:
+    i = next((n for n, p in enumerate(parts) if p in ("_manifests", "_layers", "_uploads")), -1)
+    if i < 0:
         return None
     repo = "/".join(parts[:i])
     if not repo:

@@ -1,1 +1,21 @@
 """Reference sources: what decides which blobs are in use."""
+
+from __future__ import annotations
+
+import structlog
+
+from daemon.config import Settings
+from daemon.sources.base import ReferenceSource
+
+
+async def open_source(
+    name: str, settings: Settings, log: structlog.typing.FilteringBoundLogger
+) -> ReferenceSource:
+    """The reference source called ``name`` (storage or openshift)."""
+    if name == "openshift":
+        from daemon.sources import openshift
+
+        return await openshift.create(settings.kubeconfig)
+    from daemon.sources.storage import StorageSource
+
+    return StorageSource(concurrency=settings.workers, log=log)

@@ -44,7 +44,7 @@ class ReferenceSource(ABC):
         """Begin watching for references created during the run (online delete)."""
 
     async def newly_in_use(self, candidates: Iterable[bytes]) -> set[bytes]:
-        """Those of ``candidates`` that became referenced since mark; raise SourceError if unsure."""
+        """Those ``candidates`` referenced since mark; raise SourceError when unsure."""
         return set()
 
     async def close(self) -> None:  # noqa: B027 - optional hook

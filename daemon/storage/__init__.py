@@ -1,1 +1,17 @@
 """Storage drivers behind one small async interface."""
+
+from __future__ import annotations
+
+from daemon.config import StorageSettings
+from daemon.storage.base import Storage
+
+
+def open_storage(settings: StorageSettings, concurrency: int) -> Storage:
+    """The driver the registry's config names."""
+    if settings.driver == "s3":
+        from daemon.storage import s3
+
+        return s3.create(settings, concurrency)
+    from daemon.storage.filesystem import FilesystemStorage
+
+    return FilesystemStorage(settings.rootdirectory, concurrency)

@@ -65,7 +65,7 @@ class Storage(ABC):
 
     @abstractmethod
     def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
-        """Every file below ``prefix`` (ends with '/'), recursively, in batches; order unspecified."""
+        """Every file below ``prefix`` (ends with '/'), recursively, in batches, any order."""
 
     @abstractmethod
     async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
@@ -90,6 +90,10 @@ class Storage(ABC):
     @abstractmethod
     async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
         """Delete everything below ``prefix`` (ends with '/')."""
+
+    def location(self, key: str) -> str:
+        """Where ``key`` lives, for people: a file path or an s3:// URL."""
+        return key
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""

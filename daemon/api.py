@@ -1,0 +1,326 @@
+"""aiohttp routes over the run manager: the HTTP contract of DESIGN.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon import logs
+from daemon.config import SOURCES, ConfigError, Settings, parse_duration
+from daemon.metrics import CONTENT_TYPE, Metrics
+from daemon.prune import CHECK, DELETE, RunOptions, Summary
+from daemon.report import summary_lines
+from daemon.runs import RUNNING, Busy, Run, RunManager
+from daemon.sources import open_source
+from daemon.sources.base import ReferenceSource
+from daemon.storage import open_storage
+from daemon.storage.base import Storage, StorageError
+
+PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online"}
+MANAGER = web.AppKey("manager", RunManager)
+SETTINGS = web.AppKey("settings", Settings)
+STORAGE = web.AppKey("storage", Storage)
+METRICS = web.AppKey("metrics", Metrics)
+LOG = web.AppKey("log", structlog.typing.FilteringBoundLogger)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _bool(value: str, name: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", ""):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise BadRequest(f"{name} must be true or false, not {value[:50]!r}")
+
+
+def _wants_text(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return "text/plain" in accept and "application/json" not in accept
+
+
+def _run_response(request: web.Request, run: Run, status: int = 200) -> web.Response:
+    headers = {"Location": f"/runs/{run.id}"}
+    if _wants_text(request):
+        return web.Response(text=_text(run) + "\n", status=status, headers=headers)
+    return web.json_response(run.document(), status=status, headers=headers)
+
+
+def _text(run: Run) -> str:
+    doc = run.document()
+    summary = Summary(**{k: v for k, v in doc["summary"].items() if k in Summary.__slots__})
+    lines = summary_lines(doc["mode"], summary)
+    if doc["state"] == RUNNING:
+        progress = doc["progress"]
+        lines = [
+            f"Run {doc['id']} is running ({doc['phase']}): "
+            f"{progress.get('blobs_scanned', 0)} blobs scanned, "
+            f"{progress.get('candidates', 0)} candidates so far"
+        ]
+    elif doc["state"] != "succeeded":
+        lines.append(f"Run {doc['id']} {doc['state']}: {doc.get('error') or 'no error recorded'}")
+    return "\n".join(lines)
+
+
+def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, RunOptions, bool]:
+    query = request.query
+    unknown = sorted(set(query) - PRUNE_PARAMS)
+    if unknown:
+        raise BadRequest(
+            f"unknown parameter {', '.join(unknown)}; accepted: {', '.join(sorted(PRUNE_PARAMS))}"
+        )
+    for name in query:
+        if len(query.getall(name)) > 1 or len(query[name]) > 64:
+            raise BadRequest(f"{name} must be given once and be short")
+    mode = query.get("mode", "")
+    if mode not in (CHECK, DELETE):
+        raise BadRequest(f"mode must be check or delete, not {mode[:50]!r}")
+    source = query.get("source", settings.source)
+    if source not in SOURCES:
+        raise BadRequest(f"source must be one of {', '.join(SOURCES)}, not {source[:50]!r}")
+    try:
+        grace = parse_duration(query["grace"]) if "grace" in query else settings.grace
+    except ValueError as exc:
+        raise BadRequest(f"grace: {exc}") from None
+    online = _bool(query.get("online", "false"), "online")
+    wait = _bool(query.get("wait", "false"), "wait")
+    options = RunOptions(
+        mode=mode,
+        grace=grace,
+        upload_max_age=settings.upload_max_age,
+        online=online,
+        registry_read_only=settings.registry_read_only,
+    )
+    return mode, source, options, wait
+
+
+async def prune(request: web.Request) -> web.StreamResponse:
+    settings, manager = request.app[SETTINGS], request.app[MANAGER]
+    try:
+        mode, source, options, wait = _parse_prune(request, settings)
+    except BadRequest as exc:
+        return _error(400, str(exc))
+    if request.method == "GET" and mode == DELETE:
+        return _error(405, "deleting needs POST: curl -X POST 'localhost:8099/prune?mode=delete'")
+    try:
+        run = await manager.start(mode, source, options)
+    except Busy as exc:
+        return _error(409, str(exc), active=exc.active)
+    if wait:
+        await run.done.wait()
+        return _run_response(request, run, 200)
+    return _run_response(request, run, 202)
+
+
+def _find(request: web.Request) -> Run:
+    run = request.app[MANAGER].get(request.match_info["id"])
+    if run is None:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": f"no run {request.match_info['id'][:80]!r}; see GET /runs"}),
+            content_type="application/json",
+        )
+    return run
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    runs = request.app[MANAGER].ordered()
+    if _wants_text(request):
+        text = "\n".join(f"{r.id} {r.mode} {r.state}" for r in runs)
+        return web.Response(text=text + "\n")
+    return web.json_response([r.document() for r in runs])
+
+
+async def get_run(request: web.Request) -> web.Response:
+    return _run_response(request, _find(request))
+
+
+async def candidates(request: web.Request) -> web.StreamResponse:
+    run = _find(request)
+    path: Path = request.app[MANAGER].candidates_path(run.id)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    offset = 0
+    while True:
+        # follow the file while the run writes it, like tail -f, until the run ends
+        finished = run.state != RUNNING
+        chunk = await asyncio.to_thread(_read_from, path, offset)
+        if chunk:
+            cut = chunk.rfind(b"\n") + 1
+            if cut:
+                await response.write(chunk[:cut])
+                offset += cut
+        elif finished:
+            break
+        else:
+            await asyncio.sleep(0.25)
+    await response.write_eof()
+    return response
+
+
+def _read_from(path: Path, offset: int, size: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
+    except FileNotFoundError:
+        return b""
+
+
+async def stop_run(request: web.Request) -> web.Response:
+    run = _find(request)
+    if run.state != RUNNING:
+        return _error(409, f"run {run.id} is {run.state}, not running")
+    await request.app[MANAGER].stop(run)
+    return web.json_response(run.document(), status=202)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[STORAGE].probe(), 10)
+    except (StorageError, TimeoutError) as exc:
+        return _error(503, f"storage not ready: {exc or 'timed out'}")
+    return web.json_response({"status": "ready", "storage": request.app[STORAGE].description})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+@web.middleware
+async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """JSON bodies for aiohttp's own errors; one debug line per request."""
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.content_type == "application/json":
+            raise
+        message = {404: "no such path; see the API in the README", 405: "method not allowed"}
+        return _error(exc.status, message.get(exc.status, exc.reason))
+    finally:
+        request.app[LOG].debug(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+
+def make_app(
+    settings: Settings,
+    storage: Storage,
+    manager: RunManager,
+    metrics_: Metrics,
+    log: structlog.typing.FilteringBoundLogger,
+) -> web.Application:
+    app = web.Application(middlewares=[errors_and_access_log])
+    app[SETTINGS], app[STORAGE], app[MANAGER], app[METRICS], app[LOG] = (
+        settings,
+        storage,
+        manager,
+        metrics_,
+        log,
+    )
+    app.router.add_route("POST", "/prune", prune)
+    app.router.add_route("GET", "/prune", prune)
+    app.router.add_get("/runs", list_runs)
+    app.router.add_get("/runs/{id}", get_run)
+    app.router.add_get("/runs/{id}/candidates", candidates)
+    app.router.add_post("/runs/{id}/stop", stop_run)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def build(
+    settings: Settings, log: structlog.typing.FilteringBoundLogger
+) -> tuple[web.Application, RunManager, Storage]:
+    """The app with its storage and run manager, history loaded."""
+    storage = open_storage(settings.storage, settings.workers)
+
+    async def sources(name: str) -> ReferenceSource:
+        return await open_source(name, settings, log)
+
+    holder: dict[str, Metrics] = {}
+    manager = RunManager(
+        storage,
+        sources,
+        settings.state_dir,
+        settings.history,
+        log,
+        on_finish=lambda run: holder["m"].record(run),
+    )
+    holder["m"] = Metrics(lambda: manager.active)
+    await manager.load()
+    app = make_app(settings, storage, manager, holder["m"], log)
+
+    async def on_shutdown(_app: web.Application) -> None:
+        await manager.shutdown()
+        await storage.close()
+
+    app.on_shutdown.append(on_shutdown)
+    return app, manager, storage
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"listen address {listen!r} must be host:port, e.g. 127.0.0.1:8099")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the active run is stopped and recorded first."""
+    log = logs.make_logger(settings.log_level, settings.log_format)
+    try:
+        host, port = split_listen(settings.listen)
+    except ConfigError as exc:
+        log.error(str(exc))
+        return 2
+
+    async def main() -> None:
+        app, _manager, _storage = await build(settings, log)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("listening", address=f"{host}:{port}", store=settings.storage.describe())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+    return 0

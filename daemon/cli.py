@@ -1,0 +1,146 @@
+"""``registry-pruned serve``, and one-shot ``check``/``delete`` like ``dockerregistry -prune``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from daemon import logs
+from daemon.config import ConfigError, Settings, load_settings, parse_duration
+from daemon.progress import Progress
+from daemon.prune import CHECK, DELETE, Engine, RunFailed, RunOptions, Stopped
+from daemon.report import summary_lines
+from daemon.sources import open_source
+from daemon.sources.base import ReadOnlyRefused, SourceError
+from daemon.storage import open_storage
+from daemon.storage.base import StorageError
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PRUNER_{name}", default)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--registry-config",
+        type=Path,
+        default=_env("REGISTRY_CONFIG"),
+        help="the registry's config.yml (default /etc/docker/registry/config.yml)",
+    )
+    common.add_argument("--state-dir", type=Path, default=_env("STATE_DIR", "state"))
+    common.add_argument("--grace", type=_duration, default=_env("GRACE", "1h"))
+    common.add_argument("--upload-max-age", type=_duration, default=_env("UPLOAD_MAX_AGE", "24h"))
+    common.add_argument(
+        "--source", choices=("storage", "openshift"), default=_env("SOURCE", "storage")
+    )
+    common.add_argument("--kubeconfig", default=_env("KUBECONFIG"))
+    common.add_argument("--workers", type=int, default=int(_env("WORKERS", "16") or 16))
+    common.add_argument("--log-format", choices=logs.FORMATS, default=_env("LOG_FORMAT", "json"))
+
+    parser = argparse.ArgumentParser(
+        prog="registry-pruned", description="Find and delete orphaned blobs of an image registry."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", parents=[common], help="run the HTTP daemon")
+    serve.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:8099"))
+    serve.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "info"))
+    serve.add_argument("--history", type=int, default=int(_env("HISTORY", "50") or 50))
+    for name, text in ((CHECK, "report what would be deleted"), (DELETE, "delete orphans")):
+        one = sub.add_parser(name, parents=[common], help=text)
+        one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
+        if name == DELETE:
+            one.add_argument(
+                "--online",
+                action="store_true",
+                default=(_env("ONLINE", "") or "").lower() in ("1", "true", "yes"),
+                help="delete although the registry is writable (relies on the grace period)",
+            )
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        args.registry_config,
+        state_dir=args.state_dir,
+        grace=args.grace,
+        upload_max_age=args.upload_max_age,
+        source=args.source,
+        kubeconfig=args.kubeconfig,
+        workers=args.workers,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        listen=getattr(args, "listen", None),
+        history=getattr(args, "history", None),
+    )
+
+
+async def run_once(settings: Settings, mode: str, online: bool) -> int:
+    """One run, summary on stdout, logs on stderr; the exit status."""
+    log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
+    log = log.bind(run_id=uuid.uuid4().hex[:12], mode=mode, source=settings.source)
+    storage = open_storage(settings.storage, settings.workers)
+    source = None
+    try:
+        source = await open_source(settings.source, settings, log)
+        options = RunOptions(
+            mode=mode,
+            grace=settings.grace,
+            upload_max_age=settings.upload_max_age,
+            online=online,
+            registry_read_only=settings.registry_read_only,
+        )
+        log.info("start prune", dry_run=mode == CHECK, store=storage.description)
+        engine = Engine(storage, source, options, Progress(), log=log)
+        task = asyncio.ensure_future(engine.run())
+        loop = asyncio.get_running_loop()
+        # Ctrl-C / SIGTERM stop cooperatively: in-flight batches finish
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, engine.stop.set)
+        try:
+            summary = await task
+        except Stopped:
+            print("\n".join(summary_lines(mode, engine.summary)))
+            print("error: stopped before the end; partial counts above", file=sys.stderr)
+            return 130
+        print("\n".join(summary_lines(mode, summary)))
+        return 0
+    except RunFailed as exc:
+        if mode == DELETE and engine.summary.blobs:
+            print("\n".join(summary_lines(mode, engine.summary)))
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ReadOnlyRefused, SourceError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ReadOnlyRefused) else 1
+    finally:
+        if source is not None:
+            await source.close()
+        await storage.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        from daemon.api import serve
+
+        return serve(settings)
+    return asyncio.run(run_once(settings, args.command, getattr(args, "online", False)))

@@ -1,0 +1,383 @@
+"""The engine: inventory, mark, sweep, delete, as named phases.
+
+Dry-run is a Pruner strategy (as in OpenShift's pruner), not an ``if`` before every delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import structlog
+
+from daemon import layout
+from daemon.inventory import Inventory
+from daemon.progress import Progress
+from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
+from daemon.storage.base import DeleteFailure, Storage, StorageError
+
+T = TypeVar("T")
+BATCH = 1000
+CHECK = "check"
+DELETE = "delete"
+
+
+class Stopped(Exception):
+    """The run was asked to stop; partial counts are in the summary."""
+
+
+class RunFailed(Exception):
+    """The run cannot go on; nothing more is deleted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    digest: bytes
+    size: int
+    path: str
+
+    def document(self) -> dict[str, object]:
+        return {"digest": layout.format_digest(self.digest), "size": self.size, "path": self.path}
+
+
+@dataclass(slots=True)
+class Summary:
+    blobs: int = 0
+    bytes: int = 0
+    repositories: int = 0
+    manifest_links: int = 0
+    layer_links: int = 0
+    uploads: int = 0
+    too_young: int = 0
+    failed: int = 0
+
+    def document(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    mode: str = CHECK
+    grace: float = 3600.0
+    upload_max_age: float = 86400.0
+    online: bool = False
+    registry_read_only: bool = False  # from the registry's config, where the source cannot tell
+
+
+class Pruner(ABC):
+    """What happens to what the sweep found: nothing (check) or deletion (delete)."""
+
+    @abstractmethod
+    async def remove(self, storage: Storage, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        """Remove repository trees, revision and layer link directories, upload directories."""
+
+    @abstractmethod
+    async def remove_blobs(self, storage: Storage, hexes: Sequence[str]) -> list[DeleteFailure]:
+        """Remove blobs."""
+
+
+class DryRun(Pruner):
+    async def remove(self, storage: Storage, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        return []
+
+    async def remove_blobs(self, storage: Storage, hexes: Sequence[str]) -> list[DeleteFailure]:
+        return []
+
+
+class Deleter(Pruner):
+    async def remove(self, storage: Storage, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        failures: list[DeleteFailure] = []
+        for prefix in prefixes:
+            failures += await storage.delete_tree(prefix)
+        return failures
+
+    async def remove_blobs(self, storage: Storage, hexes: Sequence[str]) -> list[DeleteFailure]:
+        return await storage.delete_blobs(hexes)
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_started_at(text: str) -> float | None:
+    """An upload's ``startedat`` (Go RFC3339Nano) -> epoch seconds, None if unreadable."""
+    try:
+        return datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip())).timestamp()
+    except ValueError:
+        return None
+
+
+class Engine:
+    """One run over one store with one reference source."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        source: ReferenceSource,
+        options: RunOptions,
+        progress: Progress | None = None,
+        stop: asyncio.Event | None = None,
+        on_candidate: Callable[[Candidate], None] | None = None,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.storage = storage
+        self.source = source
+        self.options = options
+        self.progress = progress or Progress()
+        self.stop = stop or asyncio.Event()
+        self.on_candidate = on_candidate or (lambda _c: None)
+        self.log = log or structlog.get_logger()
+        self.pruner: Pruner = Deleter() if options.mode == DELETE else DryRun()
+        self.summary = Summary()
+        self.notes: list[str] = []
+        self.started = time.time()
+        self.cutoff = self.started - options.grace
+
+    async def run(self) -> Summary:
+        """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
+        try:
+            await self._guard()
+            # reading phases are cancelled outright on stop: nothing has been changed yet
+            inventory = await self._stoppable(self.scan_repositories())
+            marks = await self._stoppable(self.mark(inventory))
+            candidates = await self._stoppable(self.sweep(marks))
+            await self.delete(inventory, marks, candidates)
+        except (SourceError, StorageError) as exc:
+            raise RunFailed(str(exc)) from exc
+        self.progress.enter("done")
+        return self.summary
+
+    async def _stoppable(self, work: Coroutine[Any, Any, T]) -> T:
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise Stopped()
+        return task.result()
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Stopped()
+
+    async def _guard(self) -> None:
+        self.progress.enter("guard")
+        await self.storage.probe()
+        if self.options.mode != DELETE or self.options.online:
+            return
+        read_only = await self.source.registry_read_only()
+        if read_only is None:
+            read_only = self.options.registry_read_only
+        if not read_only:
+            raise ReadOnlyRefused(
+                "the registry is not in read-only mode; set it read-only first "
+                "(OpenShift: spec.readOnly in configs.imageregistry.operator.openshift.io/cluster; "
+                "distribution: storage.maintenance.readonly.enabled) or ask for online mode "
+                "(online=true / --online), which relies on the grace period"
+            )
+
+    async def scan_repositories(self) -> Inventory:
+        """Phase 1: one walk of repositories/ into an inventory."""
+        self.progress.enter("scan-repositories")
+        inventory = Inventory()
+        async for batch in self.storage.walk(layout.REPOSITORIES):
+            for entry in batch:
+                inventory.add_key(entry.key)
+            self.progress.repositories = len(inventory.repositories)
+            self._check_stop()
+        self.log.info(
+            "repositories scanned",
+            repositories=len(inventory.repositories),
+            unknown_keys=inventory.unknown,
+        )
+        return inventory
+
+    async def mark(self, inventory: Inventory) -> Marks:
+        """Phase 2: the reference source builds the in-use set."""
+        self.progress.enter("mark")
+        marks = await self.source.mark(inventory, self.storage, self.progress)
+        self.notes.extend(marks.notes)
+        for note in marks.notes:
+            self.log.warning("mark", note=note)
+        self.log.info("marked", in_use=len(marks.in_use))
+        self._check_stop()
+        return marks
+
+    async def sweep(self, marks: Marks) -> list[Candidate]:
+        """Phase 3: every blob not in use is a candidate unless it is too young."""
+        self.progress.enter("sweep")
+        candidates: list[Candidate] = []
+        shards = iter(layout.SHARDS)
+
+        async def worker() -> None:
+            for shard in shards:
+                self._check_stop()
+                entries = await self.storage.list_blob_shard(shard)
+                self.progress.blobs_scanned += len(entries)
+                orphans = [e for e in entries if bytes.fromhex(e.hex) not in marks.in_use]
+                for entry in orphans:
+                    await self._consider(entry.hex, entry.size, entry.mtime, candidates)
+                self.progress.shards_done += 1
+
+        await asyncio.gather(*(worker() for _ in range(min(16, self.storage.concurrency))))
+        self.log.info(
+            "swept",
+            blobs=self.progress.blobs_scanned,
+            candidates=len(candidates),
+            too_young=self.summary.too_young,
+        )
+        return candidates
+
+    async def _consider(
+        self, hexdigest: str, size: int | None, mtime: float | None, out: list[Candidate]
+    ) -> None:
+        key = layout.blob_data(hexdigest)
+        if size is None or mtime is None:
+            entry = await self.storage.stat(key)
+            # a blob directory without data is a blob being written: never a candidate
+            if entry is None:
+                self.summary.too_young += 1
+                self.progress.too_young += 1
+                return
+            size, mtime = entry.size or 0, entry.mtime or self.started
+        if mtime > self.cutoff:
+            self.summary.too_young += 1
+            self.progress.too_young += 1
+            return
+        candidate = Candidate(bytes.fromhex(hexdigest), size, self.storage.location(key))
+        out.append(candidate)
+        self.progress.candidates += 1
+        self.progress.candidate_bytes += size
+        if self.options.mode == CHECK:
+            self.summary.blobs += 1
+            self.summary.bytes += size
+            self.on_candidate(candidate)
+            self.log.info(f"Would delete blob: {layout.format_digest(candidate.digest)}")
+
+    async def delete(self, inventory: Inventory, marks: Marks, candidates: list[Candidate]) -> None:
+        """Phase 4: repositories and manifest links, stale uploads, then blobs in batches."""
+        self.progress.enter("delete" if self.options.mode == DELETE else "report")
+        await self._remove_repositories(marks)
+        await self._remove_uploads(inventory)
+        if not candidates:
+            return
+        if self.options.mode == CHECK:
+            return
+        if self.options.online:
+            await self.source.start_online()
+        layers: dict[bytes, list[str]] = {}
+        doomed = {c.digest for c in candidates}
+        for repo in inventory.repositories.values():
+            for hexdigest in repo.layers:
+                raw = bytes.fromhex(hexdigest)
+                if raw in doomed:
+                    layers.setdefault(raw, []).append(layout.layer_link_dir(repo.name, hexdigest))
+        del doomed
+        for start in range(0, len(candidates), BATCH):
+            self._check_stop()
+            batch = await self._recheck(candidates[start : start + BATCH])
+            links = [p for c in batch for p in layers.get(c.digest, ())]
+            failures = await self.pruner.remove(self.storage, links)
+            failed_links = {f.key for f in failures}
+            self.summary.layer_links += len(links) - len(failed_links)
+            # a blob whose link could not be removed stays, so no link ever dangles
+            batch = [c for c in batch if not failed_links.intersection(layers.get(c.digest, ()))]
+            self._count_failures(failures)
+            failures = await self.pruner.remove_blobs(self.storage, [c.digest.hex() for c in batch])
+            failed = {f.key for f in failures}
+            for candidate in batch:
+                if candidate.digest.hex() in failed or candidate.path in failed:
+                    continue
+                if layout.blob_dir(candidate.digest.hex()) in failed:
+                    continue
+                self.summary.blobs += 1
+                self.summary.bytes += candidate.size
+                self.progress.deleted += 1
+                self.progress.deleted_bytes += candidate.size
+                self.on_candidate(candidate)
+                self.log.info(f"Deleted blob: {layout.format_digest(candidate.digest)}")
+            self._count_failures(failures)
+        if self.summary.failed:
+            raise RunFailed(
+                f"{self.summary.failed} deletes failed (see the log); "
+                f"{self.summary.blobs} blobs were deleted; run again to finish"
+            )
+
+    def _count_failures(self, failures: list[DeleteFailure]) -> None:
+        for failure in failures:
+            self.summary.failed += 1
+            self.progress.errors += 1
+            self.log.error("delete failed", key=failure.key, reason=failure.reason)
+
+    async def _recheck(self, batch: list[Candidate]) -> list[Candidate]:
+        """Online mode: drop what became referenced or was rewritten since the sweep."""
+        if not self.options.online:
+            return batch
+        protected = await self.source.newly_in_use(c.digest for c in batch)
+        kept: list[Candidate] = []
+        for candidate in batch:
+            if candidate.digest in protected:
+                continue
+            entry = await self.storage.stat(layout.blob_data(candidate.digest.hex()))
+            if entry is None or (entry.mtime or 0) > self.cutoff:
+                continue
+            kept.append(candidate)
+        return kept
+
+    async def _remove_repositories(self, marks: Marks) -> None:
+        for name in marks.remove_repositories:
+            if not layout.is_repository_name(name) and "/" in name.strip("/"):
+                self.log.warning("repository name is not valid", repository=name)
+            prefixes = [
+                layout.repository_root(name) + section
+                for section in ("_manifests/", "_layers/", "_uploads/")
+            ]
+            failures = await self.pruner.remove(self.storage, prefixes)
+            self._count_failures(failures)
+            if not failures:
+                self.summary.repositories += 1
+                verb = "Deleted" if self.options.mode == DELETE else "Would delete"
+                self.log.info(f"{verb} repository: {name}")
+        self._check_stop()
+        removed = set(marks.remove_repositories)
+        links = [
+            layout.revision_dir(repo, hexdigest)
+            for repo, hexdigest in marks.remove_revisions
+            if repo not in removed
+        ]
+        failures = await self.pruner.remove(self.storage, links)
+        self._count_failures(failures)
+        self.summary.manifest_links += len(links) - len(failures)
+
+    async def _remove_uploads(self, inventory: Inventory) -> None:
+        limit = self.started - self.options.upload_max_age
+        stale: list[str] = []
+        for repo in inventory.repositories.values():
+            for uuid in repo.uploads:
+                prefix = layout.upload_dir(repo.name, uuid)
+                started = None
+                if uuid in repo.uploads_started:
+                    try:
+                        text = await self.storage.read(prefix + "startedat", 1024)
+                        started = parse_started_at(text.decode("ascii", "replace"))
+                    except StorageError:
+                        started = None
+                if started is None:
+                    entry = await self.storage.stat(prefix + "data")
+                    started = entry.mtime if entry else None
+                if started is not None and started < limit:
+                    stale.append(prefix)
+        failures = await self.pruner.remove(self.storage, stale)
+        self._count_failures(failures)
+        self.summary.uploads += len(stale) - len(failures)

@@ -1,0 +1,303 @@
+"""Run manager: one active run at a time, history persisted in the state directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.progress import Progress
+from daemon.prune import Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
+from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
+from daemon.storage.base import Storage, StorageError
+
+RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED = (
+    "running",
+    "succeeded",
+    "failed",
+    "stopped",
+    "interrupted",
+)
+FINAL = (SUCCEEDED, FAILED, STOPPED, INTERRUPTED)
+SourceFactory = Callable[[str], Awaitable[ReferenceSource]]
+
+
+class Busy(Exception):
+    """A run is already active."""
+
+    def __init__(self, active: str) -> None:
+        super().__init__(f"run {active} is still active; stop it or wait for it to end")
+        self.active = active
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(slots=True)
+class Run:
+    id: str
+    mode: str
+    source: str
+    options: RunOptions
+    state: str = RUNNING
+    started_at: str = field(default_factory=_now)
+    finished_at: str | None = None
+    error: str | None = None
+    progress: Progress = field(default_factory=Progress)
+    summary: Summary = field(default_factory=Summary)
+    notes: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    started_mono: float = field(default_factory=time.monotonic)
+    duration: float | None = None
+    saved: dict[str, Any] | None = None  # a run loaded from history
+
+    def document(self) -> dict[str, Any]:
+        if self.saved is not None:
+            return self.saved
+        progress = self.progress.snapshot()
+        elapsed = (
+            self.duration if self.duration is not None else time.monotonic() - self.started_mono
+        )
+        progress["elapsed_seconds"] = round(elapsed, 3)
+        if elapsed > 0:
+            progress["blobs_per_second"] = round(self.progress.blobs_scanned / elapsed, 1)
+        if self.state == RUNNING and self.progress.phase == "sweep" and self.progress.shards_done:
+            spent = time.monotonic() - self.progress.phase_started
+            left = self.progress.shards_total - self.progress.shards_done
+            progress["eta_seconds"] = round(spent / self.progress.shards_done * left, 1)
+        if self.state == RUNNING and self.progress.phase == "delete" and self.progress.candidates:
+            spent = time.monotonic() - self.progress.phase_started
+            done = self.progress.deleted + self.progress.errors
+            if done:
+                left = self.progress.candidates - done
+                progress["eta_seconds"] = round(spent / done * left, 1)
+        return {
+            "id": self.id,
+            "mode": self.mode,
+            "source": self.source,
+            "state": self.state,
+            "phase": self.progress.phase,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "grace_seconds": self.options.grace,
+            "online": self.options.online,
+            "progress": progress,
+            "summary": self.summary.document(),
+            "notes": self.notes[:100],
+            "error": self.error,
+        }
+
+
+class RunManager:
+    """Starts runs, keeps their documents and candidate lists, one run at a time."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        sources: SourceFactory,
+        state_dir: Path,
+        history: int = 50,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+        on_finish: Callable[[Run], None] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.sources = sources
+        self.dir = Path(state_dir) / "runs"
+        self.history = max(1, history)
+        self.log = log or structlog.get_logger()
+        self.on_finish = on_finish or (lambda _run: None)
+        self.runs: dict[str, Run] = {}
+        self.active: Run | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- history -----------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the history; a run recorded as running died with its daemon: interrupted."""
+        await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
+        docs = await asyncio.to_thread(self._read_all)
+        for doc in docs:
+            if doc.get("state") == RUNNING:
+                doc["state"] = INTERRUPTED
+                doc["finished_at"] = doc.get("finished_at") or _now()
+                doc["error"] = "the daemon stopped while this run was running"
+                await self._save_doc(doc)
+                self.log.warning("run interrupted by a restart", run_id=doc["id"])
+            run = Run(
+                doc["id"],
+                doc.get("mode", ""),
+                doc.get("source", ""),
+                RunOptions(),
+                state=doc["state"],
+                saved=doc,
+            )
+            self.runs[run.id] = run
+
+    def _read_all(self) -> list[dict[str, Any]]:
+        docs = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                doc = json.loads(path.read_text())
+                if isinstance(doc, dict) and isinstance(doc.get("id"), str):
+                    docs.append(doc)
+            except (OSError, ValueError):
+                # a torn file cannot come from our atomic writes; keep it aside for a person
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_suffix(".corrupt"))
+        return docs
+
+    async def _save_doc(self, doc: dict[str, Any]) -> None:
+        data = json.dumps(doc, indent=1).encode()
+        await asyncio.to_thread(_atomic_write, self.dir / f"{doc['id']}.json", data)
+
+    async def _save(self, run: Run) -> None:
+        try:
+            await self._save_doc(run.document())
+        except OSError as exc:
+            # the run goes on; its document stays in memory and is saved again later
+            self.log.error("cannot save run document", run_id=run.id, error=str(exc))
+
+    def candidates_path(self, run_id: str) -> Path:
+        return self.dir / f"{run_id}.candidates.ndjson"
+
+    async def _prune_history(self) -> None:
+        finished = [r for r in self.ordered() if r.state in FINAL]
+        for old in finished[self.history :]:
+            self.runs.pop(old.id, None)
+            for path in (self.dir / f"{old.id}.json", self.candidates_path(old.id)):
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(path.unlink)
+
+    # -- queries -----------------------------------------------------------------------
+
+    def ordered(self) -> list[Run]:
+        return sorted(self.runs.values(), key=lambda r: r.id, reverse=True)
+
+    def get(self, run_id: str) -> Run | None:
+        if run_id == "latest":
+            ordered = self.ordered()
+            return ordered[0] if ordered else None
+        return self.runs.get(run_id)
+
+    # -- running -----------------------------------------------------------------------
+
+    async def start(self, mode: str, source: str, options: RunOptions) -> Run:
+        if self.active is not None:
+            raise Busy(self.active.id)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        run = Run(f"{stamp}-{uuid.uuid4().hex[:6]}", mode, source, options)
+        self.runs[run.id] = run
+        self.active = run
+        await self._save(run)
+        self._task = asyncio.create_task(self._execute(run))
+        return run
+
+    async def _execute(self, run: Run) -> None:
+        log = self.log.bind(run_id=run.id, mode=run.mode, source=run.source)
+        buffer: list[str] = []
+        path = self.candidates_path(run.id)
+
+        def on_candidate(candidate: Candidate) -> None:
+            buffer.append(json.dumps(candidate.document()))
+
+        async def flush() -> None:
+            if buffer:
+                lines = "\n".join(buffer) + "\n"
+                buffer.clear()
+                await asyncio.to_thread(_append, path, lines)
+
+        async def saver() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                await flush()
+                await self._save(run)
+
+        await asyncio.to_thread(_append, path, "")
+        source: ReferenceSource | None = None
+        background = asyncio.create_task(saver())
+        try:
+            source = await self.sources(run.source)
+            engine = Engine(
+                self.storage, source, run.options, run.progress, run.stop, on_candidate, log
+            )
+            engine.summary = run.summary
+            log.info("run started", grace=run.options.grace, online=run.options.online)
+            try:
+                await engine.run()
+                run.state = SUCCEEDED
+            finally:
+                run.notes = engine.notes
+        except Stopped:
+            run.state = STOPPED
+        except (RunFailed, ReadOnlyRefused, SourceError, StorageError) as exc:
+            run.state, run.error = FAILED, str(exc)
+        except asyncio.CancelledError:
+            run.state, run.error = STOPPED, "the daemon shut down"
+        except Exception as exc:  # a bug must end the run, not the daemon
+            log.exception("run crashed")
+            run.state, run.error = FAILED, f"internal error: {exc!r}"
+        finally:
+            background.cancel()
+            if source is not None:
+                with contextlib.suppress(Exception):
+                    await source.close()
+            run.duration = time.monotonic() - run.started_mono
+            run.finished_at = _now()
+            try:
+                await flush()
+            except OSError as exc:
+                log.error("cannot write candidates", error=str(exc))
+            await self._save(run)
+            self.active = None
+            run.done.set()
+            log.info(
+                "run ended",
+                state=run.state,
+                error=run.error,
+                seconds=round(run.duration, 3),
+                **run.summary.document(),
+            )
+            self.on_finish(run)
+            await self._prune_history()
+
+    async def stop(self, run: Run) -> None:
+        run.stop.set()
+
+    async def shutdown(self) -> None:
+        """Stop the active run, wait for it to record itself."""
+        run = self.active
+        if run is not None:
+            run.stop.set()
+            try:
+                await asyncio.wait_for(run.done.wait(), 30)
+            except TimeoutError:
+                if self._task is not None:
+                    self._task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._task
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)

@@ -1,0 +1,235 @@
+"""Filesystem driver: scandir in a bounded pool of worker threads, never following symlinks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import stat as statmod
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from daemon import layout
+from daemon.storage.base import (
+    BlobEntry,
+    DeleteFailure,
+    Entry,
+    NotFound,
+    Storage,
+    StorageError,
+    TooLarge,
+)
+
+T = TypeVar("T")
+_BATCH = 256
+
+
+class FilesystemStorage(Storage):
+    """A registry store on a local or mounted filesystem."""
+
+    def __init__(self, rootdirectory: str, concurrency: int = 8) -> None:
+        self.rootdirectory = Path(rootdirectory)
+        self.base = self.rootdirectory / layout.V2_ROOT
+        self.concurrency = max(1, concurrency)
+        self.description = f"filesystem:{self.rootdirectory}"
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fs")
+
+    def location(self, key: str) -> str:
+        return str(self.base / key)
+
+    def _path(self, key: str) -> str:
+        # keys come from the layout module; refuse anything that could climb out of the root
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"refusing key outside the store: {key!r}")
+        return os.path.join(self.base, key)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def probe(self) -> None:
+        root = self.rootdirectory
+        if not root.is_dir():
+            raise StorageError(
+                f"storage root {root} does not exist or is not a directory "
+                "(check storage.filesystem.rootdirectory in the registry config)"
+            )
+        if not (self.base / "blobs").is_dir() and not (self.base / "repositories").is_dir():
+            raise StorageError(
+                f"{root} is not a registry store: {self.base} has no blobs/ or repositories/ "
+                "(wrong rootdirectory, or nothing was ever pushed)"
+            )
+        if not os.access(self.base, os.R_OK | os.X_OK):
+            raise StorageError(f"{self.base} is not readable by this process")
+
+    async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
+        return await self._run(self._list_shard, self._path(layout.BLOBS + shard))
+
+    @staticmethod
+    def _list_shard(path: str) -> list[BlobEntry]:
+        try:
+            with os.scandir(path) as it:
+                return [
+                    BlobEntry(e.name)
+                    for e in it
+                    if layout.is_hex(e.name) and e.is_dir(follow_symlinks=False)
+                ]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
+
+    async def stat(self, key: str) -> Entry | None:
+        return await self._run(self._stat, key)
+
+    def _stat(self, key: str) -> Entry | None:
+        try:
+            st = os.stat(self._path(key), follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot stat {self.location(key)}: {exc.strerror}") from exc
+        return Entry(key, st.st_size, st.st_mtime)
+
+    async def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
+        files, dirs = await self.list_dir(prefix)
+        if files:
+            yield [Entry(prefix + name) for name in files]
+        # one thread per top-level subtree keeps the pool busy without a task per directory
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def subtree(name: str) -> list[Entry]:
+            async with sem:
+                return await self._run(self._walk_tree, prefix + name + "/")
+
+        tasks = [asyncio.ensure_future(subtree(name)) for name in dirs]
+        try:
+            for done in asyncio.as_completed(tasks):
+                entries = await done
+                for i in range(0, len(entries), _BATCH * 16):
+                    yield entries[i : i + _BATCH * 16]
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _walk_tree(self, prefix: str) -> list[Entry]:
+        out: list[Entry] = []
+        stack = [prefix]
+        while stack:
+            current = stack.pop()
+            try:
+                with os.scandir(self._path(current)) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(current + e.name + "/")
+                        elif e.is_file(follow_symlinks=False):
+                            out.append(Entry(current + e.name))
+            except FileNotFoundError:
+                continue  # removed while we walked (an upload finishing)
+            except OSError as exc:
+                raise StorageError(f"cannot list {self.location(current)}: {exc.strerror}") from exc
+        return out
+
+    async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
+        return await self._run(self._list_dir, prefix)
+
+    def _list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
+        files: list[str] = []
+        dirs: list[str] = []
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        dirs.append(e.name)
+                    elif e.is_file(follow_symlinks=False):
+                        files.append(e.name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.location(prefix)}: {exc.strerror}") from exc
+        return files, dirs
+
+    async def read(self, key: str, limit: int) -> bytes:
+        return await self._run(self._read, key, limit)
+
+    def _read(self, key: str, limit: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise NotFound(f"{self.location(key)} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.location(key)}: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not statmod.S_ISREG(st.st_mode):
+                raise StorageError(f"{self.location(key)} is not a regular file")
+            if st.st_size > limit:
+                raise TooLarge(f"{self.location(key)} is {st.st_size} bytes, over {limit}")
+            return fh.read(limit + 1)
+
+    async def write(self, key: str, data: bytes) -> None:
+        await self._run(self._write, key, data)
+
+    def _write(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+    async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
+        return await self.delete_trees([layout.blob_dir(h) for h in hexes])
+
+    async def delete_keys(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        return await self._chunked(self._unlink_many, keys)
+
+    async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
+        return await self.delete_trees([prefix])
+
+    async def delete_trees(self, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        return await self._chunked(self._rmtree_many, prefixes)
+
+    async def _chunked(
+        self, fn: Callable[[Sequence[str]], list[DeleteFailure]], items: Sequence[str]
+    ) -> list[DeleteFailure]:
+        chunks = [items[i : i + _BATCH] for i in range(0, len(items), _BATCH)]
+        results = await asyncio.gather(*(self._run(fn, chunk) for chunk in chunks))
+        return [failure for result in results for failure in result]
+
+    def _unlink_many(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        failures = []
+        for key in keys:
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+            except (OSError, StorageError) as exc:
+                failures.append(DeleteFailure(key, str(exc)))
+        return failures
+
+    def _rmtree_many(self, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        failures = []
+        for prefix in prefixes:
+            try:
+                path = self._path(prefix.rstrip("/"))
+                if os.path.islink(path):
+                    raise StorageError(f"{path} is a symbolic link; not following it")
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+            except (OSError, StorageError) as exc:
+                failures.append(DeleteFailure(prefix, str(exc)))
+        return failures
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
