@@ -148,7 +148,16 @@ def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool
         raise ConfigError(f"{source}: storage.{driver} must be a mapping")
     maintenance = storage.get("maintenance") or {}
     readonly = (maintenance.get("readonly") or {}) if isinstance(maintenance, dict) else {}
-    read_only = isinstance(readonly, dict) and _bool(readonly.get("enabled", False))
+    if isinstance(readonly, str):
+        # REGISTRY_STORAGE_MAINTENANCE_READONLY carries a YAML map: '{"enabled": true}'
+        try:
+            readonly = yaml.safe_load(readonly)
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: storage.maintenance.readonly is not valid") from None
+    if isinstance(readonly, dict):
+        read_only = _bool(readonly.get("enabled", False))
+    else:
+        read_only = _bool(readonly)
     if driver == "filesystem":
         root = str(params.get("rootdirectory") or "/var/lib/registry")
         return StorageSettings("filesystem", root), read_only

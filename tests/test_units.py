@@ -1,0 +1,148 @@
+"""Pure pieces: layout, manifests, config, units, summary words."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon import layout, manifests
+from daemon.config import ConfigError, load_settings, parse_duration
+from daemon.prune import CHECK, DELETE, Summary, parse_started_at
+from daemon.report import summary_lines
+from daemon.units import bytes_size
+
+H1, H2, H3 = "a" * 64, "b" * 64, "c" * 64
+
+
+def test_digest_round_trip_and_rejects() -> None:
+    raw = layout.parse_digest(f"sha256:{H1}\n")
+    assert len(raw) == 32 and layout.format_digest(raw) == f"sha256:{H1}"
+    for bad in ("sha256:abc", f"sha512:{H1}", H1, f"sha256:{H1.upper()}", "sha256:../../etc"):
+        with pytest.raises(layout.InvalidDigest):
+            layout.parse_digest(bad)
+
+
+def test_classify_keys_with_multi_component_names() -> None:
+    rev = layout.classify_repo_key(f"repositories/a/b/c/_manifests/revisions/sha256/{H1}/link")
+    assert rev == layout.RepoKey("revision", "a/b/c", digest_hex=H1)
+    tag = layout.classify_repo_key("repositories/app/_manifests/tags/v1/current/link")
+    assert tag is not None and (tag.kind, tag.tag) == ("tag_current", "v1")
+    layer = layout.classify_repo_key(f"repositories/ns/app/_layers/sha256/{H2}/link")
+    assert layer is not None and (layer.kind, layer.repository) == ("layer", "ns/app")
+    up = layout.classify_repo_key("repositories/app/_uploads/u-1/startedat")
+    assert up is not None and (up.kind, up.upload) == ("upload_startedat", "u-1")
+    assert layout.classify_repo_key("repositories/app/_layers/sha256/zz/link") is None
+    assert layout.classify_repo_key("repositories/_manifests/revisions/sha256/x/link") is None
+
+
+def test_repository_names() -> None:
+    assert layout.is_repository_name("ns/app") and layout.is_repository_name("a/b-c/d_e.f")
+    for bad in ("", "../x", "a//b", "A/b", "a/../b", "/a"):
+        assert not layout.is_repository_name(bad)
+
+
+def _d(h: str) -> dict[str, object]:
+    return {"digest": f"sha256:{h}", "size": 1, "mediaType": "x"}
+
+
+def test_parse_every_media_type() -> None:
+    schema2 = {
+        "schemaVersion": 2,
+        "mediaType": manifests.DOCKER_V2,
+        "config": _d(H1),
+        "layers": [_d(H2), _d(H3)],
+    }
+    refs = manifests.parse(json.dumps(schema2).encode())
+    assert refs.blobs == [bytes.fromhex(h) for h in (H1, H2, H3)] and not refs.children
+    oci = {"schemaVersion": 2, "config": _d(H1), "layers": [_d(H2)]}  # no mediaType
+    assert manifests.parse(json.dumps(oci).encode()).kind == manifests.OCI_MANIFEST
+    index = {"schemaVersion": 2, "manifests": [_d(H1), _d(H2)]}
+    refs = manifests.parse(json.dumps(index).encode())
+    assert refs.kind == manifests.OCI_INDEX and len(refs.children) == 2
+    schema1 = {"schemaVersion": 1, "fsLayers": [{"blobSum": f"sha256:{H3}"}], "signatures": []}
+    assert manifests.parse(json.dumps(schema1).encode()).blobs == [bytes.fromhex(H3)]
+    foreign = {"schemaVersion": 2, "config": _d(H1), "layers": [{"digest": "sha512:" + "0" * 128}]}
+    assert manifests.parse(json.dumps(foreign).encode()).foreign
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"{not json",
+        b"[]",
+        b'{"schemaVersion": 3}',
+        b'{"schemaVersion": 2, "mediaType": "text/html"}',
+        b'{"schemaVersion": 2, "mediaType": "' + manifests.DOCKER_V2.encode() + b'"}',
+        b'{"schemaVersion": 2, "config": {"digest": "sha256:../../x"}, "layers": []}',
+        b'{"schemaVersion": 2, "manifests": [42]}',
+        b'{"schemaVersion": 1, "fsLayers": "x"}',
+    ],
+)
+def test_parse_refuses_what_it_cannot_read(doc: bytes) -> None:
+    with pytest.raises(manifests.ManifestError):
+        manifests.parse(doc)
+
+
+def test_durations() -> None:
+    assert parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    assert parse_duration("0") == 0 and parse_duration("2d") == 172800
+    for bad in ("", "1", "h", "1y", "-1h", "1h x"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_config_file_env_and_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: /data\n"
+        "  maintenance:\n    readonly:\n      enabled: true\n"
+    )
+    settings = load_settings(cfg, env={})
+    assert settings.storage.driver == "filesystem" and settings.storage.rootdirectory == "/data"
+    assert settings.registry_read_only
+    env = {
+        "REGISTRY_STORAGE": "s3",
+        "REGISTRY_STORAGE_S3_BUCKET": "b",
+        "REGISTRY_STORAGE_S3_REGIONENDPOINT": "http://127.0.0.1:1",
+        "REGISTRY_STORAGE_S3_ROOTDIRECTORY": "/reg",
+    }
+    s3 = load_settings(cfg, env=env)
+    assert s3.storage.driver == "s3" and s3.storage.s3 is not None
+    assert (s3.storage.s3.bucket, s3.storage.rootdirectory) == ("b", "reg")
+    env_only = load_settings(None, env={**env, "REGISTRY_CONFIGURATION_PATH": str(tmp_path / "x")})
+    assert env_only.storage.driver == "s3"
+    plain = tmp_path / "plain.yml"
+    plain.write_text("storage:\n  filesystem:\n    rootdirectory: /data\n")
+    assert not load_settings(plain, env={}).registry_read_only
+    ro = load_settings(plain, env={"REGISTRY_STORAGE_MAINTENANCE_READONLY": '{"enabled": true}'})
+    assert ro.registry_read_only
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.yml", env={})
+    (tmp_path / "bad.yml").write_text("storage: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yml"):
+        load_settings(tmp_path / "bad.yml", env={})
+    (tmp_path / "two.yml").write_text("storage:\n  filesystem: {}\n  s3: {bucket: b}\n")
+    with pytest.raises(ConfigError, match="exactly one driver"):
+        load_settings(tmp_path / "two.yml", env={})
+
+
+def test_sizes_and_summary_words() -> None:
+    assert bytes_size(3044220928) == "2.835 GiB" and bytes_size(0) == "0 B"
+    assert bytes_size(1536) == "1.5 KiB"
+    check = summary_lines(CHECK, Summary(blobs=13374, bytes=3044220928))
+    assert check == [
+        "Would delete 13374 blobs",
+        "Would free up 2.835 GiB of disk space",
+        "Use mode=delete to actually delete the data",
+    ]
+    assert summary_lines(DELETE, Summary(blobs=13374, bytes=3044220928)) == [
+        "Deleted 13374 blobs",
+        "Freed up 2.835 GiB of disk space",
+    ]
+
+
+def test_started_at_go_format() -> None:
+    assert parse_started_at("2024-05-01T10:00:00.123456789Z") == pytest.approx(1714557600.123456)
+    assert parse_started_at("garbage") is None
