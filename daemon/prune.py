@@ -19,6 +19,7 @@ import structlog
 
 from daemon import layout
 from daemon.inventory import Inventory
+from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import DeleteFailure, Storage, StorageError
@@ -125,7 +126,10 @@ class Engine:
         stop: asyncio.Event | None = None,
         on_candidate: Callable[[Candidate], None] | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        run_id: str = "",
     ) -> None:
+        self.run_id = run_id or f"oneshot-{int(time.time())}"
+        self.lease: Lease | None = None
         self.storage = storage
         self.source = source
         self.options = options
@@ -143,13 +147,19 @@ class Engine:
         """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
         try:
             await self._guard()
+            if self.options.mode == DELETE:
+                self.lease = Lease(self.storage, self.run_id)
+                await self.lease.acquire()
             # reading phases are cancelled outright on stop: nothing has been changed yet
             inventory = await self._stoppable(self.scan_repositories())
             marks = await self._stoppable(self.mark(inventory))
             candidates = await self._stoppable(self.sweep(marks))
             await self.delete(inventory, marks, candidates)
-        except (SourceError, StorageError) as exc:
+        except (SourceError, StorageError, LeaseHeld) as exc:
             raise RunFailed(str(exc)) from exc
+        finally:
+            if self.lease is not None:
+                await self.lease.release()
         self.progress.enter("done")
         return self.summary
 
@@ -191,9 +201,9 @@ class Engine:
         """Phase 1: one walk of repositories/ into an inventory."""
         self.progress.enter("scan-repositories")
         inventory = Inventory()
-        async for batch in self.storage.walk(layout.REPOSITORIES):
-            for entry in batch:
-                inventory.add_key(entry.key)
+        async for batch in self.storage.scan_repositories():
+            for key in batch:
+                inventory.add_key(key)
             self.progress.repositories = len(inventory.repositories)
             self._check_stop()
         self.log.info(
@@ -225,9 +235,24 @@ class Engine:
                 self._check_stop()
                 entries = await self.storage.list_blob_shard(shard)
                 self.progress.blobs_scanned += len(entries)
-                orphans = [e for e in entries if bytes.fromhex(e.hex) not in marks.in_use]
+                in_use = marks.in_use
+                orphans = [e for e in entries if bytes.fromhex(e.hex) not in in_use]
+                unknown = [e.hex for e in orphans if e.size is None or e.mtime is None]
+                stats = dict(
+                    zip(
+                        unknown,
+                        await self.storage.stat_many([layout.blob_data(h) for h in unknown]),
+                        strict=True,
+                    )
+                )
                 for entry in orphans:
-                    await self._consider(entry.hex, entry.size, entry.mtime, candidates)
+                    if entry.hex in stats:
+                        found = stats[entry.hex]
+                        self._consider(
+                            entry.hex, found and found.size, found and found.mtime, candidates
+                        )
+                    else:
+                        self._consider(entry.hex, entry.size, entry.mtime, candidates)
                 self.progress.shards_done += 1
 
         await asyncio.gather(*(worker() for _ in range(min(16, self.storage.concurrency))))
@@ -239,19 +264,12 @@ class Engine:
         )
         return candidates
 
-    async def _consider(
+    def _consider(
         self, hexdigest: str, size: int | None, mtime: float | None, out: list[Candidate]
     ) -> None:
         key = layout.blob_data(hexdigest)
-        if size is None or mtime is None:
-            entry = await self.storage.stat(key)
-            # a blob directory without data is a blob being written: never a candidate
-            if entry is None:
-                self.summary.too_young += 1
-                self.progress.too_young += 1
-                return
-            size, mtime = entry.size or 0, entry.mtime or self.started
-        if mtime > self.cutoff:
+        # a blob directory without data is a blob being written: never a candidate
+        if size is None or mtime is None or mtime > self.cutoff:
             self.summary.too_young += 1
             self.progress.too_young += 1
             return
@@ -286,6 +304,8 @@ class Engine:
         del doomed
         for start in range(0, len(candidates), BATCH):
             self._check_stop()
+            if self.lease is not None and self.lease.lost.is_set():
+                raise RunFailed("this run lost the store's delete lease to another pruner")
             batch = await self._recheck(candidates[start : start + BATCH])
             links = [p for c in batch for p in layers.get(c.digest, ())]
             failures = await self.pruner.remove(self.storage, links)

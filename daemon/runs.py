@@ -239,7 +239,14 @@ class RunManager:
         try:
             source = await self.sources(run.source)
             engine = Engine(
-                self.storage, source, run.options, run.progress, run.stop, on_candidate, log
+                self.storage,
+                source,
+                run.options,
+                run.progress,
+                run.stop,
+                on_candidate,
+                log,
+                run_id=run.id,
             )
             engine.summary = run.summary
             log.info("run started", grace=run.options.grace, online=run.options.online)

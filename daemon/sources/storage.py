@@ -16,9 +16,10 @@ from daemon import layout, manifests
 from daemon.inventory import Inventory
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
-from daemon.storage.base import NotFound, Storage, StorageError
+from daemon.storage.base import Storage, StorageError
 
 MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
+CHUNK = 128
 
 
 class StorageSource(ReferenceSource):
@@ -33,11 +34,11 @@ class StorageSource(ReferenceSource):
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
         marks = Marks()
         seen: set[str] = set()
-        work = self._revisions(inventory)
+        work = self._chunks(inventory)
 
         async def worker() -> None:
-            for repo, hexdigest in work:
-                await self._mark_revision(storage, repo, hexdigest, seen, marks, progress)
+            for chunk in work:
+                await self._mark_chunk(storage, chunk, seen, marks, progress)
 
         tasks = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         try:
@@ -49,60 +50,74 @@ class StorageSource(ReferenceSource):
         return marks
 
     @staticmethod
-    def _revisions(inventory: Inventory) -> Iterator[tuple[str, str]]:
+    def _chunks(inventory: Inventory, size: int = CHUNK) -> Iterator[list[tuple[str, str]]]:
+        chunk: list[tuple[str, str]] = []
         for repo in inventory.repositories.values():
             for hexdigest in repo.revisions:
-                yield repo.name, hexdigest
+                chunk.append((repo.name, hexdigest))
+                if len(chunk) >= size:
+                    yield chunk
+                    chunk = []
+        if chunk:
+            yield chunk
 
-    async def _mark_revision(
+    async def _mark_chunk(
         self,
         storage: Storage,
-        repo: str,
-        hexdigest: str,
+        chunk: list[tuple[str, str]],
         seen: set[str],
         marks: Marks,
         progress: Progress,
     ) -> None:
-        link = layout.revision_dir(repo, hexdigest) + "link"
+        links = [layout.revision_dir(repo, hexdigest) + "link" for repo, hexdigest in chunk]
         try:
-            text = (await storage.read(link, 1024)).decode("ascii", "replace")
-        except NotFound:
-            return  # removed since the walk: distribution would not see it either
+            contents = await storage.read_many(links, 1024)
         except StorageError as exc:
-            raise SourceError(f"cannot read manifest link {storage.location(link)}: {exc}") from exc
+            raise SourceError(f"cannot read manifest links: {exc}") from exc
+        todo: list[tuple[str, str]] = []
+        for (repo, hexdigest), link, content in zip(chunk, links, contents, strict=True):
+            if content is None:
+                continue  # removed since the scan: distribution would not see it either
+            text = content.decode("ascii", "replace")
+            try:
+                raw = layout.parse_digest(text)
+            except layout.InvalidDigest as exc:
+                raise SourceError(
+                    f"manifest link {storage.location(link)} is corrupt: {exc}"
+                ) from None
+            if raw.hex() != hexdigest:
+                marks.notes.append(f"{repo}: link {link} names {text.strip()[:80]}; skipped")
+                continue
+            if hexdigest not in seen:
+                seen.add(hexdigest)
+                todo.append((repo, hexdigest))
+        if not todo:
+            return
+        keys = [layout.blob_data(hexdigest) for _repo, hexdigest in todo]
         try:
-            raw = layout.parse_digest(text)
-        except layout.InvalidDigest as exc:
-            raise SourceError(f"manifest link {storage.location(link)} is corrupt: {exc}") from None
-        if raw.hex() != hexdigest:
-            marks.notes.append(f"{repo}: link {link} names {text.strip()}; skipped")
-            return
-        if hexdigest in seen:
-            return
-        seen.add(hexdigest)
-        data_key = layout.blob_data(hexdigest)
-        try:
-            data = await storage.read(data_key, MANIFEST_LIMIT)
-        except NotFound:
-            # distribution's enumerator skips a revision whose blob is gone
-            seen.discard(hexdigest)
-            marks.notes.append(f"{repo}: revision sha256:{hexdigest} has no blob; skipped")
-            self.log.warning("revision without blob", repository=repo, digest=f"sha256:{hexdigest}")
-            return
+            datas = await storage.read_many(keys, MANIFEST_LIMIT)
         except StorageError as exc:
-            raise SourceError(
-                f"cannot read manifest sha256:{hexdigest} of {repo} "
-                f"({storage.location(data_key)}): {exc}"
-            ) from exc
-        try:
-            refs = manifests.parse(data)
-        except manifests.ManifestError as exc:
-            raise SourceError(
-                f"manifest sha256:{hexdigest} of {repo} cannot be parsed: {exc}"
-            ) from None
-        marks.in_use.add(raw)
-        marks.in_use.update(refs.blobs)
-        marks.in_use.update(refs.children)
-        if refs.foreign:
-            marks.notes.append(f"{repo}: sha256:{hexdigest} references {', '.join(refs.foreign)}")
-        progress.manifests += 1
+            raise SourceError(f"cannot read manifests: {exc}") from exc
+        for (repo, hexdigest), data in zip(todo, datas, strict=True):
+            if data is None:
+                # distribution's enumerator skips a revision whose blob is gone
+                seen.discard(hexdigest)
+                marks.notes.append(f"{repo}: revision sha256:{hexdigest} has no blob; skipped")
+                self.log.warning(
+                    "revision without blob", repository=repo, digest=f"sha256:{hexdigest}"
+                )
+                continue
+            try:
+                refs = manifests.parse(data)
+            except manifests.ManifestError as exc:
+                raise SourceError(
+                    f"manifest sha256:{hexdigest} of {repo} cannot be parsed: {exc}"
+                ) from None
+            marks.in_use.add(bytes.fromhex(hexdigest))
+            marks.in_use.update(refs.blobs)
+            marks.in_use.update(refs.children)
+            if refs.foreign:
+                marks.notes.append(
+                    f"{repo}: sha256:{hexdigest} references {', '.join(refs.foreign)}"
+                )
+            progress.manifests += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,30 @@ class Storage(ABC):
     @abstractmethod
     async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
         """Delete everything below ``prefix`` (ends with '/')."""
+
+    async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
+        """``read`` of each key (None where missing); drivers batch it. Keep ``keys`` short."""
+
+        async def one(key: str) -> bytes | None:
+            try:
+                return await self.read(key, limit)
+            except NotFound:
+                return None
+
+        return list(await asyncio.gather(*(one(key) for key in keys)))
+
+    async def stat_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        """``stat`` of each key; drivers batch it. Keep ``keys`` short."""
+        return list(await asyncio.gather(*(self.stat(key) for key in keys)))
+
+    async def scan_repositories(self) -> AsyncIterator[list[str]]:
+        """Keys under repositories/ as the layout names them, in batches.
+
+        A driver may name a link without confirming it exists (readers of links handle
+        NotFound), so that a filesystem need not open a directory per link.
+        """
+        async for batch in self.walk("repositories/"):
+            yield [entry.key for entry in batch]
 
     def location(self, key: str) -> str:
         """Where ``key`` lives, for people: a file path or an s3:// URL."""

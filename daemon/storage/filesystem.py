@@ -56,6 +56,8 @@ class FilesystemStorage(Storage):
                 f"storage root {root} does not exist or is not a directory "
                 "(check storage.filesystem.rootdirectory in the registry config)"
             )
+        if not any(root.iterdir()):
+            return  # a registry that never stored anything: an empty store, nothing to prune
         if not (self.base / "blobs").is_dir() and not (self.base / "repositories").is_dir():
             raise StorageError(
                 f"{root} is not a registry store: {self.base} has no blobs/ or repositories/ "
@@ -131,6 +133,63 @@ class FilesystemStorage(Storage):
             except OSError as exc:
                 raise StorageError(f"cannot list {self.location(current)}: {exc.strerror}") from exc
         return out
+
+    async def scan_repositories(self) -> AsyncIterator[list[str]]:
+        _files, dirs = await self.list_dir(layout.REPOSITORIES)
+        sem = asyncio.Semaphore(self.concurrency)
+
+        async def subtree(name: str) -> list[str]:
+            async with sem:
+                return await self._run(self._scan_tree, f"{layout.REPOSITORIES}{name}/")
+
+        tasks = [asyncio.ensure_future(subtree(name)) for name in dirs]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _names(self, prefix: str) -> list[str]:
+        return self._list_dir(prefix)[1]
+
+    def _scan_tree(self, prefix: str) -> list[str]:
+        # one directory listing per section instead of one per link: the links' own
+        # directories are only named here; readers handle a link that is not there
+        out: list[str] = []
+        stack = [prefix]
+        while stack:
+            current = stack.pop()
+            for name in self._names(current):
+                if name == "_manifests":
+                    revs = f"{current}_manifests/revisions/sha256/"
+                    out += [f"{revs}{h}/link" for h in self._names(revs)]
+                    tags = f"{current}_manifests/tags/"
+                    out += [f"{tags}{t}/current/link" for t in self._names(tags)]
+                elif name == "_layers":
+                    layers = f"{current}_layers/sha256/"
+                    out += [f"{layers}{h}/link" for h in self._names(layers)]
+                elif name == "_uploads":
+                    ups = f"{current}_uploads/"
+                    out += [f"{ups}{u}/startedat" for u in self._names(ups)]
+                else:
+                    stack.append(f"{current}{name}/")
+        return out
+
+    async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
+        return await self._run(self._read_many, keys, limit)
+
+    def _read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append(self._read(key, limit))
+            except NotFound:
+                out.append(None)
+        return out
+
+    async def stat_many(self, keys: Sequence[str]) -> list[Entry | None]:
+        return await self._run(lambda: [self._stat(key) for key in keys])
 
     async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
         return await self._run(self._list_dir, prefix)

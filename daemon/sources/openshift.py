@@ -1,0 +1,590 @@
+"""The openshift reference source: the cluster's Image objects decide what is in use.
+
+Images and image streams are listed in pages through kubernetes-asyncio's ApiClient with
+``_preload_content=False``; each page is parsed here and only 32-byte digests are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+import yaml
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+
+from daemon import layout
+from daemon.inventory import Inventory
+from daemon.progress import Progress
+from daemon.sources.base import Marks, ReferenceSource, SourceError
+from daemon.storage.base import Storage
+
+IMAGES = "/apis/image.openshift.io/v1/images"
+IMAGE_STREAMS = "/apis/image.openshift.io/v1/imagestreams"
+REGISTRY_CONFIG = "/apis/imageregistry.operator.openshift.io/v1/configs/cluster"
+
+LIST_IMAGES = "list images.image.openshift.io"
+WATCH_IMAGES = "watch images.image.openshift.io"
+LIST_STREAMS = "list imagestreams.image.openshift.io (all namespaces)"
+GET_CONFIG = "get configs.imageregistry.operator.openshift.io"
+
+# Media types whose dockerImageMetadata.Id is the config blob; for schema1 it is a v1 id.
+_CONFIG_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+    }
+)
+_NO_CONFIG_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.index.v1+json",
+    }
+)
+_NAMESPACE = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
+_DIGEST_LEN = 32
+
+
+class _Expired(Exception):
+    """A continue token (or watch resourceVersion) is too old: 410."""
+
+
+class _Retryable(Exception):
+    """The watch broke in a way that resuming from the last resourceVersion may fix."""
+
+
+@dataclass(slots=True)
+class _ImageIndex:
+    """What the images listing leaves behind: digests only."""
+
+    in_use: set[bytes] = field(default_factory=set)
+    names: set[bytes] = field(default_factory=set)
+    # manifest list digest -> its children's digests concatenated (32 bytes each)
+    children: dict[bytes, bytes] = field(default_factory=dict)
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SourceError(f"openshift: unexpected answer: {where} is not an object")
+    return value
+
+
+def _arr(value: Any, where: str) -> list[Any]:
+    # Go marshals empty slices without omitempty as null
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SourceError(f"openshift: unexpected answer: {where} is not a list")
+    return value
+
+
+def _digest(value: Any, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise SourceError(f"openshift: unexpected answer: {where} is not a digest string")
+    try:
+        return layout.parse_digest(value)
+    except layout.InvalidDigest as exc:
+        raise SourceError(f"openshift: unexpected answer: {where}: {exc}") from None
+
+
+def image_digests(image: Any) -> tuple[bytes, list[bytes], list[bytes]]:
+    """One Image object -> (its manifest digest, blobs it needs, child manifests)."""
+    image = _obj(image, "an image")
+    raw_name = _obj(image.get("metadata"), "image metadata").get("name")
+    name = _digest(raw_name, "image metadata.name")
+    where = f"image {raw_name}"
+    blobs = [
+        _digest(_obj(layer, f"{where} layer").get("name"), f"{where} dockerImageLayers[].name")
+        for layer in _arr(image.get("dockerImageLayers"), f"{where} dockerImageLayers")
+    ]
+    children = [
+        _digest(_obj(child, f"{where} manifest").get("digest"), f"{where} manifests[].digest")
+        for child in _arr(image.get("dockerImageManifests"), f"{where} dockerImageManifests")
+    ]
+    media_type = image.get("dockerImageManifestMediaType") or ""
+    config = _obj(image.get("dockerImageMetadata"), f"{where} dockerImageMetadata").get("Id")
+    if media_type in _CONFIG_TYPES:
+        # without its config the image cannot be pulled: refuse to guess
+        blobs.append(_digest(config, f"{where} dockerImageMetadata.Id (config of {media_type})"))
+    elif media_type not in _NO_CONFIG_TYPES and isinstance(config, str) and config:
+        # unknown or empty media type: keep whatever looks like a blob, it costs nothing
+        with contextlib.suppress(layout.InvalidDigest):
+            blobs.append(layout.parse_digest(config))
+    return name, blobs, children
+
+
+def stream_key(repository: str) -> str | None:
+    """``<namespace>/<name>`` when ``repository`` can be an ImageStream, else None."""
+    parts = repository.split("/")
+    if len(parts) != 2 or not layout.is_repository_name(repository):
+        return None
+    namespace = parts[0]
+    if len(namespace) > 63 or not _NAMESPACE.fullmatch(namespace):
+        return None
+    return repository
+
+
+class OpenShiftSource(ReferenceSource):
+    """Image objects are the truth; ImageStreams decide which repositories and links stay."""
+
+    name = "openshift"
+
+    def __init__(
+        self,
+        api: ApiClient,
+        *,
+        page_size: int = 500,
+        list_restarts: int = 3,
+        request_timeout: float = 60.0,
+        watch_timeout: int = 300,
+        watch_retries: int = 3,
+        watch_retry_delay: float = 1.0,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.api = api
+        self.page_size = max(1, page_size)
+        self.list_restarts = max(0, list_restarts)
+        self.request_timeout = request_timeout
+        self.watch_timeout = max(1, watch_timeout)
+        self.watch_retries = max(0, watch_retries)
+        self.watch_retry_delay = watch_retry_delay
+        self.log = (log or structlog.get_logger()).bind(source=self.name)
+        self.images_version = ""  # resourceVersion of the last complete images listing
+        self._watch: _ImageWatch | None = None
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    async def _open(
+        self, path: str, query: list[tuple[str, str]], limits: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        # _preload_content=False: the raw aiohttp response, status unchecked, body unread
+        return await self.api.call_api(
+            path,
+            "GET",
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=limits,
+        )
+
+    async def _get(
+        self, path: str, query: list[tuple[str, str]], what: str, permission: str
+    ) -> dict[str, Any]:
+        """GET one JSON object; SourceError on anything but 200 + a JSON object (410: _Expired)."""
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                async with await self._open(path, query, timeout) as resp:
+                    body = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            raise SourceError(
+                f"openshift: {what}: no answer within {self.request_timeout:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise SourceError(f"openshift: {what}: {type(exc).__name__}: {exc}") from None
+        if status != 200:
+            if status == 410:
+                raise _Expired(_status_message(body))
+            raise _http_error(status, body, what, permission)
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise SourceError(f"openshift: {what}: malformed JSON: {exc}") from None
+        return _obj(data, f"the answer to {what}")
+
+    async def _list(
+        self,
+        path: str,
+        what: str,
+        permission: str,
+        consume: Callable[[list[Any]], None],
+        reset: Callable[[], None],
+    ) -> str:
+        """Every page of a list into ``consume``; an expired continue token starts over."""
+        for attempt in range(self.list_restarts + 1):
+            reset()
+            token, version, page = "", "", 0
+            try:
+                while True:
+                    query = [("limit", str(self.page_size))]
+                    if token:
+                        query.append(("continue", token))
+                    page += 1
+                    data = await self._get(path, query, f"{what} (page {page})", permission)
+                    meta = _obj(data.get("metadata"), f"{what} metadata")
+                    if "items" not in data:
+                        raise SourceError(f"openshift: unexpected answer: {what} has no items")
+                    consume(_arr(data["items"], f"{what} items"))
+                    version = version or str(meta.get("resourceVersion") or "")
+                    token = meta.get("continue") or ""
+                    if not isinstance(token, str):
+                        raise SourceError(f"openshift: unexpected answer: {what} continue token")
+                    if not token:
+                        return version
+            except _Expired as exc:
+                if page == 1:
+                    raise SourceError(f"openshift: {what}: 410 on a fresh list: {exc}") from None
+                self.log.warning(
+                    "listing expired, starting over", what=what, page=page, attempt=attempt + 1
+                )
+        raise SourceError(
+            f"openshift: {what}: the listing expired (410 on a continue token) "
+            f"{self.list_restarts + 1} times in a row; the cluster changes faster than it can "
+            "be listed, try again later"
+        )
+
+    # -- mark ---------------------------------------------------------------------------
+
+    async def list_images(self, progress: Progress) -> _ImageIndex:
+        """Every Image object, reduced to digests."""
+        index = _ImageIndex()
+        start = progress.manifests
+
+        def reset() -> None:
+            nonlocal index
+            index = _ImageIndex()
+            progress.manifests = start
+
+        def consume(items: list[Any]) -> None:
+            for item in items:
+                name, blobs, children = image_digests(item)
+                index.names.add(name)
+                index.in_use.add(name)
+                index.in_use.update(blobs)
+                if children:
+                    index.in_use.update(children)
+                    index.children[name] = b"".join(children)
+            progress.manifests += len(items)
+
+        self.images_version = ""
+        version = await self._list(IMAGES, "listing images", LIST_IMAGES, consume, reset)
+        self.images_version = version
+        return index
+
+    async def list_streams(self, wanted: set[str]) -> dict[str, set[bytes]]:
+        """Tag history digests of the ImageStreams named in ``wanted`` (``<ns>/<name>``)."""
+        streams: dict[str, set[bytes]] = {}
+
+        def consume(items: list[Any]) -> None:
+            for item in items:
+                meta = _obj(_obj(item, "an image stream").get("metadata"), "stream metadata")
+                key = f"{meta.get('namespace')}/{meta.get('name')}"
+                if key not in wanted:
+                    continue
+                where = f"image stream {key}"
+                digests: set[bytes] = set()
+                status = _obj(item.get("status"), f"{where} status")
+                for tag in _arr(status.get("tags"), f"{where} status.tags"):
+                    history = _obj(tag, f"{where} tag").get("items")
+                    for event in _arr(history, f"{where} status.tags[].items"):
+                        image = _obj(event, f"{where} tag event").get("image")
+                        digests.add(_digest(image, f"{where} status.tags[].items[].image"))
+                streams[key] = digests
+
+        await self._list(
+            IMAGE_STREAMS, "listing image streams", LIST_STREAMS, consume, streams.clear
+        )
+        return streams
+
+    async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
+        index = await self.list_images(progress)
+        self.log.info(
+            "images listed",
+            images=len(index.names),
+            in_use=len(index.in_use),
+            manifest_lists=len(index.children),
+        )
+        marks = Marks(in_use=index.in_use)
+        valid = {name: stream_key(name) for name in inventory.repositories}
+        wanted = {key for key in valid.values() if key is not None}
+        streams = await self.list_streams(wanted) if wanted else {}
+        checked = 0
+        for name, repo in inventory.repositories.items():
+            checked += 1
+            progress.repositories = max(progress.repositories, checked)
+            key = valid[name]
+            if key is None:
+                marks.notes.append(
+                    f"repository {name!r} cannot be an image stream (not <namespace>/<name>); "
+                    "removed"
+                )
+                marks.remove_repositories.append(name)
+                continue
+            stream = streams.get(key)
+            if stream is None:
+                marks.remove_repositories.append(name)
+                continue
+            keep = _reachable(stream, index)
+            for hexdigest in sorted(repo.revisions):
+                if bytes.fromhex(hexdigest) not in keep:
+                    marks.remove_revisions.append((name, hexdigest))
+        self.log.info(
+            "repositories checked",
+            repositories=checked,
+            remove_repositories=len(marks.remove_repositories),
+            remove_revisions=len(marks.remove_revisions),
+        )
+        return marks
+
+    # -- guard --------------------------------------------------------------------------
+
+    async def registry_read_only(self) -> bool:
+        data = await self._get_config()
+        spec = _obj(data.get("spec"), "configs/cluster spec")
+        value = spec.get("readOnly", False)
+        if not isinstance(value, bool):
+            raise SourceError("openshift: unexpected answer: configs/cluster spec.readOnly")
+        return value
+
+    async def _get_config(self) -> dict[str, Any]:
+        what = "reading configs.imageregistry.operator.openshift.io/cluster"
+        try:
+            return await self._get(REGISTRY_CONFIG, [], what, GET_CONFIG)
+        except _Expired as exc:
+            raise SourceError(f"openshift: {what}: 410: {exc}") from None
+
+    # -- online mode --------------------------------------------------------------------
+
+    async def start_online(self) -> None:
+        """Watch images from the listing's resourceVersion; returns once the watch is open."""
+        if self._watch is not None:
+            return
+        if not self.images_version:
+            raise SourceError("openshift: online mode needs a complete images listing first")
+        self._watch = _ImageWatch(self, self.images_version)
+        await self._watch.start()
+
+    async def newly_in_use(self, candidates: Iterable[bytes]) -> set[bytes]:
+        if self._watch is None:
+            raise SourceError("openshift: online mode: the image watch was not started")
+        seen = await self._watch.current()
+        return {digest for digest in candidates if digest in seen}
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
+        await self.api.close()
+
+
+def _reachable(stream: set[bytes], index: _ImageIndex) -> set[bytes]:
+    """Revisions a stream keeps: its existing images and the children of its manifest lists."""
+    keep = stream & index.names
+    lists = list(keep & index.children.keys())
+    while lists:  # an index may name other indexes
+        kids = index.children[lists.pop()]
+        for i in range(0, len(kids), _DIGEST_LEN):
+            child = kids[i : i + _DIGEST_LEN]
+            if child not in keep:
+                keep.add(child)
+                if child in index.children:
+                    lists.append(child)
+    return keep
+
+
+def _status_message(body: bytes) -> str:
+    """The message of a Status object, or the start of whatever the body is."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        reason = data.get("reason") or ""
+        return f"{reason}: {data['message']}" if reason else data["message"]
+    return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
+
+
+def _http_error(status: int, body: bytes, what: str, permission: str) -> SourceError:
+    message = _status_message(body)
+    if status == 401:
+        return SourceError(
+            f"openshift: {what}: 401 Unauthorized: the API server rejected the credentials "
+            f"(expired or missing service account token?): {message}"
+        )
+    if status == 403:
+        return SourceError(
+            f"openshift: {what}: 403 Forbidden: the service account needs '{permission}': {message}"
+        )
+    if status == 404:
+        return SourceError(
+            f"openshift: {what}: 404 Not Found (is this an OpenShift cluster?): {message}"
+        )
+    return SourceError(f"openshift: {what}: HTTP {status}: {message}")
+
+
+class _ImageWatch:
+    """A watch on Image objects recording every digest an added or modified image needs."""
+
+    def __init__(self, source: OpenShiftSource, resource_version: str) -> None:
+        self.source = source
+        self.version = resource_version
+        self.seen: set[bytes] = set()
+        self.failure: str | None = None
+        self.connected = asyncio.Event()  # set while a stream is open, or once failed
+        self.delivered = False  # the current connection delivered at least one event
+        self.task: asyncio.Task[None] | None = None
+
+    def _patience(self) -> float:
+        src = self.source
+        return (src.request_timeout + src.watch_retry_delay) * (src.watch_retries + 1)
+
+    async def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name="openshift-image-watch")
+        await self.current()
+
+    async def current(self) -> set[bytes]:
+        """The digests seen so far; waits out a reconnect, raises SourceError once broken."""
+        if not self.connected.is_set():
+            try:
+                async with asyncio.timeout(self._patience()):
+                    await self.connected.wait()
+            except TimeoutError:
+                raise SourceError("openshift: the image watch did not reconnect in time") from None
+        if self.failure is not None:
+            raise SourceError(self.failure)
+        return self.seen
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    def _fail(self, reason: str) -> None:
+        self.failure = f"openshift: the image watch broke and cannot resume: {reason}"
+        self.source.log.error("image watch broken", reason=reason)
+        self.connected.set()  # wake waiters so that they raise
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            self.delivered = False
+            error = ""
+            try:
+                await self._stream()
+            except _Expired as exc:
+                self._fail(f"resourceVersion {self.version} expired (410): {exc}")
+                return
+            except SourceError as exc:
+                self._fail(str(exc))
+                return
+            except (_Retryable, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            self.connected.clear()
+            if not error:
+                # the server ended the watch (timeoutSeconds): resume where it stopped
+                if not self.delivered:
+                    await asyncio.sleep(self.source.watch_retry_delay)
+                continue
+            # a connection that delivered events was healthy: only a run of bare failures counts
+            failures = 1 if self.delivered else failures + 1
+            if failures > self.source.watch_retries:
+                self._fail(f"{failures} attempts to resume failed, last: {error}")
+                return
+            self.source.log.warning(
+                "image watch interrupted, resuming", resource_version=self.version, error=error
+            )
+            await asyncio.sleep(self.source.watch_retry_delay)
+
+    async def _stream(self) -> None:
+        """One watch connection, until the server ends it."""
+        src = self.source
+        query = [
+            ("watch", "true"),
+            ("resourceVersion", self.version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(src.watch_timeout)),
+        ]
+        # no total timeout: the stream lasts timeoutSeconds; a silent one is a broken one
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=src.request_timeout, sock_read=src.watch_timeout + src.request_timeout
+        )
+        async with asyncio.timeout(src.request_timeout):
+            resp = await src._open(IMAGES, query, timeout)
+        async with resp:
+            if resp.status != 200:
+                body = await resp.read()
+                if resp.status == 410:
+                    raise _Expired(_status_message(body))
+                error = _http_error(resp.status, body, "watching images", WATCH_IMAGES)
+                if resp.status in (401, 403, 404):
+                    raise error
+                raise _Retryable(str(error))
+            self.connected.set()
+            while line := await resp.content.readline():
+                if line.strip():
+                    self._event(json.loads(line))
+                    self.delivered = True
+
+    def _event(self, event: Any) -> None:
+        event = _obj(event, "a watch event")
+        kind = event.get("type")
+        obj = _obj(event.get("object"), "a watch event object")
+        if kind == "ERROR":
+            code = obj.get("code")
+            message = obj.get("message") or obj.get("reason") or "watch error"
+            if code == 410:
+                raise _Expired(str(message))
+            raise _Retryable(f"watch error {code}: {message}")
+        if kind in ("ADDED", "MODIFIED"):
+            name, blobs, children = image_digests(obj)
+            self.seen.add(name)
+            self.seen.update(blobs)
+            self.seen.update(children)
+        elif kind not in ("DELETED", "BOOKMARK"):
+            raise SourceError(f"openshift: unexpected watch event type {kind!r}")
+        version = _obj(obj.get("metadata"), "watch object metadata").get("resourceVersion")
+        if isinstance(version, str) and version:
+            self.version = version
+
+
+async def create(
+    kubeconfig: str | None = None,
+    page_size: int = 500,
+    *,
+    context: str | None = None,
+    list_restarts: int = 3,
+    request_timeout: float = 60.0,
+    watch_timeout: int = 300,
+    watch_retries: int = 3,
+    watch_retry_delay: float = 1.0,
+    log: structlog.typing.FilteringBoundLogger | None = None,
+) -> OpenShiftSource:
+    """An OpenShiftSource on the pod's service account, or on ``kubeconfig`` when given."""
+    configuration = Configuration()
+    try:
+        if kubeconfig:
+            await load_kube_config(
+                config_file=kubeconfig,
+                context=context,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+        else:
+            load_incluster_config(client_configuration=configuration)
+    except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
+        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
+        raise SourceError(f"openshift: cannot load {where}: {exc}") from None
+    return OpenShiftSource(
+        ApiClient(configuration),
+        page_size=page_size,
+        list_restarts=list_restarts,
+        request_timeout=request_timeout,
+        watch_timeout=watch_timeout,
+        watch_retries=watch_retries,
+        watch_retry_delay=watch_retry_delay,
+        log=log,
+    )

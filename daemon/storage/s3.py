@@ -1,0 +1,547 @@
+"""S3 driver on aiobotocore: flat sharded listings, batched DeleteObjects, bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    SSLError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from daemon import layout
+from daemon.config import StorageSettings
+from daemon.storage.base import (
+    BlobEntry,
+    DeleteFailure,
+    Entry,
+    NotFound,
+    Storage,
+    StorageError,
+    TooLarge,
+)
+
+T = TypeVar("T")
+
+#: S3's limit for one DeleteObjects request and the page size of ListObjectsV2
+BATCH = 1000
+_RETRY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+    }
+)
+_MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+
+
+class S3Error(StorageError):
+    """An S3 request failed; ``code``/``status`` are S3's answer when there was one."""
+
+    def __init__(self, message: str, code: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter; botocore's own retries are off."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based): equal jitter."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def _client_error_parts(exc: ClientError) -> tuple[str, str, int]:
+    error = exc.response.get("Error") or {}
+    status = int((exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    return str(error.get("Code") or ""), str(error.get("Message") or ""), status
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for throttling, 5xx, dropped connections and timeouts: worth another attempt."""
+    if isinstance(exc, ClientError):
+        code, _, status = _client_error_parts(exc)
+        return code in _RETRY_CODES or status >= 500 or status == 429
+    if isinstance(exc, SSLError):
+        return False
+    if isinstance(exc, HTTPClientError) and type(exc) is HTTPClientError:
+        # botocore's catch-all also carries a missing CA bundle or a bad certificate
+        inner = getattr(exc, "kwargs", {}).get("error")
+        return isinstance(inner, ConnectionError | TimeoutError | aiohttp.ClientError) and (
+            not isinstance(inner, ssl.SSLError)
+        )
+    return isinstance(
+        exc,
+        BotoConnectionError
+        | HTTPClientError
+        | IncompleteReadError
+        | aiohttp.ClientError
+        | ConnectionError
+        | TimeoutError,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        code, message, status = _client_error_parts(exc)
+        return f"{code or 'error'}: {message or 'no message'} (HTTP {status})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _add_content_md5(request: Any, **_: Any) -> None:
+    """Put Content-MD5 on DeleteObjects: botocore >= 1.36 sends only a CRC32 checksum,
+    which older Ceph RGW and MinIO refuse ("Missing required header ... Content-MD5")."""
+    body = request.body
+    if isinstance(body, bytes | bytearray) and "Content-MD5" not in request.headers:
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        request.headers["Content-MD5"] = base64.b64encode(digest).decode("ascii")
+
+
+def _endpoint_url(regionendpoint: str | None, secure: bool) -> str | None:
+    if not regionendpoint:
+        return None
+    if "://" in regionendpoint:
+        return regionendpoint.rstrip("/")
+    scheme = "https" if secure else "http"
+    return f"{scheme}://{regionendpoint.rstrip('/')}"
+
+
+class S3Storage(Storage):
+    """A registry store in an S3 bucket below ``<rootdirectory>/docker/registry/v2/``."""
+
+    def __init__(
+        self,
+        settings: StorageSettings,
+        concurrency: int = 16,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if settings.driver != "s3" or settings.s3 is None:
+            raise ValueError(f"not an s3 storage configuration: {settings.driver}")
+        self.settings = settings
+        self.s3 = settings.s3
+        self.concurrency = max(1, concurrency)
+        self.retry = retry or RetryPolicy()
+        self.bucket = self.s3.bucket
+        root = settings.rootdirectory.strip("/")
+        self.prefix = f"{root}/{layout.V2_ROOT}/" if root else f"{layout.V2_ROOT}/"
+        self.endpoint_url = _endpoint_url(self.s3.regionendpoint, self.s3.secure)
+        self.endpoint = self.endpoint_url or f"AWS S3 in {self.s3.region}"
+        self.description = f"{settings.describe()} at {self.endpoint}"
+        self._inflight = asyncio.Semaphore(self.concurrency)
+        self._open_lock = asyncio.Lock()
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._rng = random.Random()
+        self._log = structlog.get_logger().bind(storage=self.description)
+
+    # -- client lifecycle -------------------------------------------------------------
+
+    def _verify(self) -> bool | str | None:
+        if self.s3.skipverify:
+            return False
+        scheme = urlsplit(self.endpoint_url).scheme if self.endpoint_url else "https"
+        if scheme == "http" or (not self.endpoint_url and not self.s3.secure):
+            # aiobotocore loads AWS_CA_BUNDLE even for plain http and fails if it is unusable
+            return False
+        return self.s3.ca_bundle or None
+
+    async def open(self) -> None:
+        """Create the S3 client (idempotent); no request is sent."""
+        async with self._open_lock:
+            if self._client is not None:
+                return
+            config = AioConfig(
+                region_name=self.s3.region,
+                signature_version="s3v4",
+                s3={"addressing_style": "path" if self.s3.forcepathstyle else "auto"},
+                # one attempt per call: the retry loop below is the one that counts
+                retries={"mode": "standard", "total_max_attempts": 1},
+                max_pool_connections=self.concurrency,
+                connect_timeout=self.retry.connect_timeout,
+                read_timeout=self.retry.read_timeout,
+                # flexible checksums (aws-chunked trailers) break older S3-compatible stores
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                user_agent_extra="registry-pruned",
+            )
+            kwargs: dict[str, Any] = {
+                "region_name": self.s3.region,
+                "endpoint_url": self.endpoint_url,
+                "use_ssl": self.s3.secure,
+                "verify": self._verify(),
+                "config": config,
+            }
+            if self.s3.accesskey and self.s3.secretkey:
+                kwargs["aws_access_key_id"] = self.s3.accesskey
+                kwargs["aws_secret_access_key"] = self.s3.secretkey
+            stack = AsyncExitStack()
+            try:
+                client = await stack.enter_async_context(
+                    get_session().create_client("s3", **kwargs)
+                )
+            except (BotoCoreError, ValueError) as exc:
+                await stack.aclose()
+                raise StorageError(f"{self.description}: cannot create S3 client: {exc}") from exc
+            client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+            self._client, self._stack = client, stack
+
+    async def close(self) -> None:
+        """Close the client and its connection pool."""
+        async with self._open_lock:
+            stack, self._stack, self._client = self._stack, None, None
+            if stack is not None:
+                await stack.aclose()
+
+    async def __aenter__(self) -> S3Storage:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _key(self, relative: str) -> str:
+        return self.prefix + relative
+
+    def _relative(self, key: str) -> str:
+        return key[len(self.prefix) :] if key.startswith(self.prefix) else key
+
+    async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``fn(client)`` under the in-flight bound, retrying transient failures."""
+        if self._client is None:
+            await self.open()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._inflight:
+                    return await fn(self._client)
+            except StorageError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise self._error(what, exc, attempt) from exc
+                if attempt >= self.retry.attempts:
+                    raise self._error(what, exc, attempt) from exc
+                delay = self.retry.delay(attempt, self._rng)
+                self._log.warning(
+                    "s3 request retried",
+                    request=what,
+                    attempt=attempt,
+                    error=_describe(exc),
+                    delay=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+
+    def _error(self, what: str, exc: Exception, attempts: int) -> S3Error:
+        code, status = "", 0
+        if isinstance(exc, ClientError):
+            code, _, status = _client_error_parts(exc)
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        return S3Error(f"{self.description}: {what} failed{tries}: {_describe(exc)}", code, status)
+
+    async def _op(self, what: str, operation: str, **params: Any) -> dict[str, Any]:
+        async def run(client: Any) -> dict[str, Any]:
+            return await getattr(client, operation)(Bucket=self.bucket, **params)
+
+        return await self._call(what, run)
+
+    async def _pages(
+        self, prefix: str, delimiter: str | None = None
+    ) -> AsyncIterator[Mapping[str, Any]]:
+        """ListObjectsV2 pages below the full key ``prefix``; each page is retried on its own."""
+        params: dict[str, Any] = {"Prefix": prefix, "MaxKeys": BATCH}
+        if delimiter:
+            params["Delimiter"] = delimiter
+        seen: set[str] = set()
+        while True:
+            page = await self._op(f"list {prefix!r}", "list_objects_v2", **params)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+            if not token or token in seen:
+                # a listing that cannot go on must not pass for a complete one
+                raise StorageError(
+                    f"{self.description}: listing of {prefix!r} is truncated "
+                    "but has no usable continuation token"
+                )
+            seen.add(token)
+            params["ContinuationToken"] = token
+
+    def _entries(self, page: Mapping[str, Any], prefix: str) -> list[Entry]:
+        entries = []
+        for item in page.get("Contents") or ():
+            key = item["Key"]
+            # SeaweedFS answers with "dir/" markers for empty directories
+            if key.endswith("/") or not key.startswith(prefix) or key == prefix:
+                continue
+            modified = item.get("LastModified")
+            entries.append(
+                Entry(
+                    self._relative(key),
+                    item.get("Size"),
+                    modified.timestamp() if modified is not None else None,
+                )
+            )
+        return entries
+
+    # -- Storage interface ------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """HeadBucket, then at least one object below the v2 root."""
+        where = f"at {self.endpoint}"
+        try:
+            await self._op("HeadBucket", "head_bucket")
+        except S3Error as exc:
+            if exc.status == 404 or exc.code in ("NoSuchBucket", "NotFound", "404"):
+                raise StorageError(f"bucket {self.bucket!r} does not exist {where}") from exc
+            if exc.status in (401, 403):
+                raise StorageError(
+                    f"access to bucket {self.bucket!r} {where} denied "
+                    f"(check accesskey/secretkey and the bucket policy): {exc}"
+                ) from exc
+            raise StorageError(f"bucket {self.bucket!r} {where} is not usable: {exc}") from exc
+        page = await self._op("probe listing", "list_objects_v2", Prefix=self.prefix, MaxKeys=10)
+        if not self._entries(page, self.prefix):
+            raise StorageError(
+                f"bucket {self.bucket!r} {where} has no registry data: no object below "
+                f"{self.prefix!r} (check rootdirectory {self.settings.rootdirectory!r})"
+            )
+
+    async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
+        """One flat listing of ``blobs/sha256/<shard>/``; size and mtime come from it."""
+        if len(shard) != 2 or any(c not in "0123456789abcdef" for c in shard):
+            raise ValueError(f"not a blob shard: {shard!r}")
+        prefix = self._key(f"{layout.BLOBS}{shard}/")
+        found: list[BlobEntry] = []
+        async for page in self._pages(prefix):
+            for entry in self._entries(page, prefix):
+                rest = self._key(entry.key)[len(prefix) :]
+                hexdigest, _, tail = rest.partition("/")
+                if tail == "data" and layout.is_hex(hexdigest) and hexdigest.startswith(shard):
+                    found.append(BlobEntry(hexdigest, entry.size, entry.mtime))
+        return found
+
+    async def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
+        """Flat listings of each child of ``prefix``, run concurrently; batches as they come."""
+        queue: asyncio.Queue[list[Entry] | BaseException | None] = asyncio.Queue(
+            maxsize=2 * self.concurrency
+        )
+        producer = asyncio.create_task(self._walk_into(self._key(_dir(prefix)), queue))
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+
+    async def _walk_into(
+        self, prefix: str, queue: asyncio.Queue[list[Entry] | BaseException | None]
+    ) -> None:
+        children = asyncio.Semaphore(self.concurrency)
+
+        async def flat(child: str) -> None:
+            async with children:
+                async for page in self._pages(child):
+                    entries = self._entries(page, child)
+                    if entries:
+                        await queue.put(entries)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for page in self._pages(prefix, delimiter="/"):
+                    entries = self._entries(page, prefix)
+                    if entries:
+                        await queue.put(entries)
+                    for common in page.get("CommonPrefixes") or ():
+                        group.create_task(flat(common["Prefix"]))
+        except Exception as exc:
+            await queue.put(_first_error(exc))
+            return
+        await queue.put(None)
+
+    async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
+        """Delimiter listing: (file names, directory names) one level below ``prefix``."""
+        full = self._key(_dir(prefix))
+        files: list[str] = []
+        dirs: list[str] = []
+        async for page in self._pages(full, delimiter="/"):
+            files.extend(entry.key.rsplit("/", 1)[-1] for entry in self._entries(page, full))
+            for common in page.get("CommonPrefixes") or ():
+                name = common["Prefix"][len(full) :].rstrip("/")
+                if name:
+                    dirs.append(name)
+        return files, dirs
+
+    async def stat(self, key: str) -> Entry | None:
+        """HeadObject; None when the key does not exist."""
+        try:
+            head = await self._op(f"stat {key!r}", "head_object", Key=self._key(key))
+        except S3Error as exc:
+            if exc.status == 404 and exc.code in _MISSING_CODES:
+                return None
+            raise
+        modified = head.get("LastModified")
+        return Entry(
+            key,
+            head.get("ContentLength"),
+            modified.timestamp() if modified is not None else None,
+        )
+
+    async def read(self, key: str, limit: int) -> bytes:
+        """GetObject; TooLarge before downloading when ContentLength exceeds ``limit``."""
+        full = self._key(key)
+
+        async def fetch(client: Any) -> bytes:
+            answer = await client.get_object(Bucket=self.bucket, Key=full)
+            async with answer["Body"] as body:
+                length = answer.get("ContentLength")
+                if length is not None and length > limit:
+                    raise TooLarge(f"{self.description}: {key} has {length} bytes (limit {limit})")
+                data: bytes = await body.read()
+            if len(data) > limit:
+                raise TooLarge(f"{self.description}: {key} has over {limit} bytes")
+            return data
+
+        try:
+            return await self._call(f"read {key!r}", fetch)
+        except S3Error as exc:
+            if exc.status == 404 and exc.code in _MISSING_CODES:
+                raise NotFound(f"{self.description}: {key} does not exist") from exc
+            raise
+
+    async def write(self, key: str, data: bytes) -> None:
+        """PutObject (atomic on S3)."""
+        await self._op(f"write {key!r}", "put_object", Key=self._key(key), Body=data)
+
+    async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
+        """Delete ``blobs/sha256/<xx>/<hex>/data``; S3 has no directory left to remove."""
+        failures = [
+            DeleteFailure(h, "not a sha256 hex digest") for h in hexes if not layout.is_hex(h)
+        ]
+        keys = [layout.blob_data(h) for h in hexes if layout.is_hex(h)]
+        return failures + await self.delete_keys(keys)
+
+    async def delete_keys(self, keys: Sequence[str]) -> list[DeleteFailure]:
+        """DeleteObjects in batches of 1000 (Quiet); per-key errors become DeleteFailures."""
+        failures: list[DeleteFailure] = []
+        wanted: list[str] = []
+        for key in dict.fromkeys(keys):
+            if not key or key.endswith("/") or key.startswith("/"):
+                failures.append(DeleteFailure(key, "not an object key"))
+            else:
+                wanted.append(key)
+        batches = [wanted[i : i + BATCH] for i in range(0, len(wanted), BATCH)]
+        for result in await asyncio.gather(*(self._delete_batch(b) for b in batches)):
+            failures.extend(result)
+        return failures
+
+    async def _delete_batch(self, keys: list[str]) -> list[DeleteFailure]:
+        failed: dict[str, str] = {}
+        pending = keys
+        for attempt in range(1, self.retry.attempts + 1):
+            delete = {"Objects": [{"Key": self._key(k)} for k in pending], "Quiet": True}
+            try:
+                answer = await self._op(
+                    f"delete {len(pending)} keys", "delete_objects", Delete=delete
+                )
+            except StorageError as exc:
+                self._log.warning("s3 delete batch failed", keys=len(pending), error=str(exc))
+                failed.update((k, str(exc)) for k in pending)
+                break
+            asked = set(pending)
+            again: list[str] = []
+            for error in answer.get("Errors") or ():
+                key = self._relative(str(error.get("Key", "")))
+                if key not in asked:
+                    continue
+                code = str(error.get("Code") or "")
+                if code in _RETRY_CODES and attempt < self.retry.attempts:
+                    again.append(key)
+                else:
+                    failed[key] = f"{code or 'error'}: {error.get('Message') or 'no message'}"
+            if not again:
+                break
+            pending = again
+            await asyncio.sleep(self.retry.delay(attempt, self._rng))
+        if failed:
+            self._log.warning("s3 keys not deleted", failed=len(failed), of=len(keys))
+        return [DeleteFailure(k, reason) for k, reason in failed.items()]
+
+    async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
+        """List everything below ``prefix`` and delete it page by page."""
+        if not prefix.strip("/"):
+            raise ValueError("delete_tree needs a non-empty prefix")
+        full = self._key(_dir(prefix))
+        tasks: list[asyncio.Task[list[DeleteFailure]]] = []
+        try:
+            async for page in self._pages(full):
+                keys = [entry.key for entry in self._entries(page, full)]
+                if keys:
+                    tasks.append(asyncio.create_task(self._delete_batch(keys)))
+        finally:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        failures: list[DeleteFailure] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            failures.extend(result)
+        return failures
+
+
+def _dir(prefix: str) -> str:
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (TaskGroup wraps what the listings raised)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def create(settings: StorageSettings, concurrency: int) -> S3Storage:
+    """The S3 driver for ``settings`` with ``concurrency`` requests in flight at most."""
+    return S3Storage(settings, concurrency)

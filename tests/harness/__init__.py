@@ -1,0 +1,1 @@
+"""Real-component test harness: Debian's docker-registry, image pushes, skopeo pulls."""
