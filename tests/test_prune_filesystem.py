@@ -1,0 +1,242 @@
+"""Hard-prune a filesystem store written by the real docker-registry, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import pruned
+from tests.harness.images import RegistryClient, Scenario, skopeo_pull
+from tests.harness.registry import Registry, RegistryError
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def would_delete(stderr: str) -> set[str]:
+    return {
+        m.group(0)
+        for line in stderr.splitlines()
+        if "Would delete blob" in line
+        for m in [DIGEST.search(line)]
+        if m
+    }
+
+
+def blobs_on_disk(registry: Registry) -> set[str]:
+    base = registry.root / "docker/registry/v2/blobs/sha256"
+    return {"sha256:" + p.parent.name for p in base.glob("*/*/data")}
+
+
+def test_check_matches_garbage_collect_digest_for_digest(
+    shared: tuple[Registry, Scenario],
+) -> None:
+    registry, scenario = shared
+    before = blobs_on_disk(registry)
+    result = pruned(
+        "check",
+        "--registry-config",
+        registry.config_path,
+        "--grace",
+        "0",
+        "--log-level",
+        "info",
+        "--log-format",
+        "text",
+    )
+    assert result.returncode == 0, result.stderr
+    ours = would_delete(result.stderr)
+    peer = registry.garbage_collect(dry_run=True)
+    assert peer == scenario.expected_orphans
+    assert ours == peer
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Would delete {len(peer)} blobs"
+    assert re.fullmatch(r"Would free up [0-9.]+ (B|KiB|MiB) of disk space", lines[1])
+    assert lines[-1] == "Use mode=delete to actually delete the data"
+    assert "Would delete 1 stale uploads" not in result.stdout  # the upload is minutes old
+    assert blobs_on_disk(registry) == before  # check never changes anything
+
+
+def test_grace_period_keeps_young_blobs(shared: tuple[Registry, Scenario]) -> None:
+    registry, _scenario = shared
+    result = pruned("check", "--registry-config", registry.config_path)  # default 1h
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "Would delete 0 blobs"
+    assert "younger than the grace period" in result.stdout
+
+
+def test_delete_refused_while_registry_writable(fresh: tuple[Registry, Scenario]) -> None:
+    registry, _scenario = fresh
+    before = blobs_on_disk(registry)
+    result = pruned("delete", "--registry-config", registry.config_path, "--grace", "0")
+    assert result.returncode == 2
+    assert "read-only" in result.stderr and "--online" in result.stderr
+    assert blobs_on_disk(registry) == before
+
+
+def test_delete_in_read_only_mode_then_everything_kept_pulls(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    registry, scenario = fresh
+    registry.restart(read_only=True)
+    result = pruned(
+        "delete",
+        "--registry-config",
+        registry.config_path,
+        "--grace",
+        "0",
+        "--upload-max-age",
+        "0",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Deleted {len(scenario.expected_orphans)} blobs"
+    assert lines[1].startswith("Freed up ")
+    assert "Deleted 1 stale uploads" in result.stdout
+    on_disk = blobs_on_disk(registry)
+    assert on_disk == scenario.pushed - scenario.expected_orphans
+    v2 = registry.root / "docker/registry/v2/repositories"
+    for repo, uuid in scenario.uploads:
+        assert not (v2 / repo / "_uploads" / uuid).exists()
+    # no layer link is left pointing at a deleted blob
+    for link in v2.glob("**/_layers/sha256/*/link"):
+        assert link.read_text() in on_disk
+    assert registry.garbage_collect(dry_run=True) == set()
+    registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
+    # a second run has nothing left to do
+    again = pruned("check", "--registry-config", registry.config_path, "--grace", "0")
+    assert again.stdout.splitlines()[0] == "Would delete 0 blobs"
+
+
+def test_online_delete_keeps_young_and_in_use(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    registry, scenario = fresh
+    result = pruned("delete", "--registry-config", registry.config_path, "--online")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "Deleted 0 blobs"  # all younger than 1h
+    result = pruned("delete", "--registry-config", registry.config_path, "--online", "--grace", "0")
+    assert result.returncode == 0, result.stderr
+    assert blobs_on_disk(registry) == scenario.pushed - scenario.expected_orphans
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
+
+
+def _revision(registry: Registry, scenario: Scenario, repo: str = "app") -> Path:
+    image = next(i for i in scenario.images if i.repository == repo and not i.deleted and i.tag)
+    hexd = image.digest.split(":")[1]
+    return (
+        registry.root / f"docker/registry/v2/repositories/{repo}/_manifests/revisions/sha256/{hexd}"
+    )
+
+
+def _blob(registry: Registry, digest: str) -> Path:
+    hexd = digest.split(":")[1]
+    return registry.root / f"docker/registry/v2/blobs/sha256/{hexd[:2]}/{hexd}/data"
+
+
+def _fails_closed(registry: Registry, expect: str) -> None:
+    before = blobs_on_disk(registry)
+    registry.restart(read_only=True)
+    result = pruned("delete", "--registry-config", registry.config_path, "--grace", "0")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert expect in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # a one-line cause
+    assert blobs_on_disk(registry) == before
+    # distribution's collector refuses the same store too
+    with pytest.raises(RegistryError, match="failed to mark"):
+        registry.garbage_collect(dry_run=True)
+
+
+def test_corrupt_manifest_fails_closed(fresh: tuple[Registry, Scenario]) -> None:
+    registry, scenario = fresh
+    link = _revision(registry, scenario) / "link"
+    _blob(registry, link.read_text()).write_bytes(b'{"schemaVersion": 2, "mediaType": ')
+    _fails_closed(registry, "cannot be parsed")
+
+
+def test_garbage_link_fails_closed(fresh: tuple[Registry, Scenario]) -> None:
+    registry, scenario = fresh
+    (_revision(registry, scenario) / "link").write_text("sha256:not-a-digest")
+    _fails_closed(registry, "is corrupt")
+
+
+def test_missing_blob_behind_revision_is_skipped_like_distribution(
+    fresh: tuple[Registry, Scenario],
+) -> None:
+    registry, scenario = fresh
+    link = _revision(registry, scenario) / "link"
+    shutil.rmtree(_blob(registry, link.read_text()).parent)
+    result = pruned(
+        "check",
+        "--registry-config",
+        registry.config_path,
+        "--grace",
+        "0",
+        "--log-level",
+        "info",
+        "--log-format",
+        "text",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "has no blob" in result.stderr
+    assert would_delete(result.stderr) == registry.garbage_collect(dry_run=True)
+
+
+def test_wrong_root_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(
+        yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": str(tmp_path / "nope")}}})
+    )
+    result = pruned("check", "--registry-config", config)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    config.write_text(
+        yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": str(tmp_path / "junk")}}})
+    )
+    result = pruned("check", "--registry-config", config)
+    assert result.returncode == 1 and "is not a registry store" in result.stderr
+    config.write_text("storage: {filesystem: [")
+    result = pruned("check", "--registry-config", config)
+    assert result.returncode == 2 and str(config) in result.stderr
+    result = pruned("check", "--registry-config", tmp_path / "missing.yml")
+    assert result.returncode == 2 and "missing.yml does not exist" in result.stderr
+
+
+def test_json_logs_carry_the_run_id(shared: tuple[Registry, Scenario]) -> None:
+    registry, _scenario = shared
+    result = pruned(
+        "check", "--registry-config", registry.config_path, "--grace", "0", "--log-level", "info"
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    ids = {line["run_id"] for line in lines}
+    assert len(ids) == 1 and any(line["event"].startswith("Would delete blob: ") for line in lines)
+
+
+def test_python_m_and_console_script_agree(shared: tuple[Registry, Scenario]) -> None:
+    registry, _scenario = shared
+    script = shutil.which("registry-pruned")
+    if script is None:
+        pytest.fail("the console script registry-pruned is not installed (pip install -e .)")
+    import subprocess
+
+    out = subprocess.run(
+        [script, "check", "--registry-config", str(registry.config_path), "--grace", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert (
+        out.stdout
+        == pruned("check", "--registry-config", registry.config_path, "--grace", "0").stdout
+    )
+    client = RegistryClient(registry.url)
+    assert client.catalog()  # the registry still serves
