@@ -1,0 +1,106 @@
+"""Run ``registry-pruned serve`` as a real process on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.harness.registry import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Daemon:
+    def __init__(
+        self, config: Path, state_dir: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.args = args
+        self.env = env or {}
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = state_dir.parent / f"daemon-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Daemon:
+        cmd = [
+            sys.executable,
+            "-m",
+            "daemon",
+            "serve",
+            "--registry-config",
+            str(self.config),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--state-dir",
+            str(self.state_dir),
+            "--log-level",
+            "debug",
+            *self.args,
+        ]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
+            try:
+                self.get("/healthz")
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("daemon did not answer /healthz")
+
+    def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 60
+    ) -> tuple[int, dict[str, str], bytes]:
+        req = urllib.request.Request(self.url + path, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def get(self, path: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        return self.request("GET", path, **kw)
+
+    def json(self, method: str, path: str) -> tuple[int, Any]:
+        status, _headers, body = self.request(method, path)
+        return status, json.loads(body)
+
+    def wait_done(self, run_id: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _status, doc = self.json("GET", f"/runs/{run_id}")
+            if doc["state"] != "running":
+                return doc
+            time.sleep(0.05)
+        raise TimeoutError(f"run {run_id} still running")
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -1,0 +1,245 @@
+"""The HTTP run API through a real listening daemon process."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.synth import generate, plan_for
+from tests.conftest import pruned
+from tests.harness.daemon import Daemon
+from tests.harness.images import Scenario
+from tests.harness.registry import Registry
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic 50,000-blob store written in distribution's layout: a run takes seconds."""
+    root = tmp_path_factory.mktemp("big")
+    generate(plan_for(root / "store", 50_000, 200, 5, 0.1, seed=3))
+    config = root / "config.yml"
+    config.write_text(
+        yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": str(root / "store")}}})
+    )
+    return config
+
+
+@pytest.fixture
+def daemon(shared: tuple[Registry, Scenario], tmp_path: Path) -> Iterator[Daemon]:
+    registry, _scenario = shared
+    d = Daemon(registry.config_path, tmp_path / "state", "--grace", "0").start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def big_daemon(big_store: Path, tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(big_store, tmp_path / "state").start()
+    yield d
+    d.stop()
+
+
+def test_check_run_polls_to_the_cli_answer(
+    daemon: Daemon, shared: tuple[Registry, Scenario]
+) -> None:
+    registry, scenario = shared
+    status, headers, body = daemon.request("POST", "/prune?mode=check")
+    assert status == 202
+    doc = json.loads(body)
+    assert headers["Location"] == f"/runs/{doc['id']}"
+    for field in (
+        "id",
+        "mode",
+        "source",
+        "state",
+        "phase",
+        "started_at",
+        "finished_at",
+        "progress",
+        "summary",
+        "error",
+    ):
+        assert field in doc
+    assert (doc["mode"], doc["source"]) == ("check", "storage")
+    final = daemon.wait_done(doc["id"])
+    assert final["state"] == "succeeded" and final["error"] is None
+    assert final["finished_at"] and final["phase"] == "done"
+    summary = final["summary"]
+    assert summary["blobs"] == len(scenario.expected_orphans)
+    for key in ("blobs", "bytes", "repositories", "manifest_links", "too_young"):
+        assert key in summary
+    progress = final["progress"]
+    assert progress["repositories"] == len(scenario.repositories)
+    assert progress["blobs_scanned"] == len(scenario.pushed)
+    cli = pruned("check", "--registry-config", registry.config_path, "--grace", "0")
+    assert cli.stdout.splitlines()[0] == f"Would delete {summary['blobs']} blobs"
+    # the candidates, streamed as NDJSON, are the CLI's candidates
+    status, headers, body = daemon.get(f"/runs/{doc['id']}/candidates")
+    assert status == 200 and headers["Content-Type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert {line["digest"] for line in lines} == scenario.expected_orphans
+    assert all(set(line) == {"digest", "size", "path"} for line in lines)
+    assert all(Path(line["path"]).is_file() for line in lines)
+    # text/plain answers in the original pruner's words, exactly
+    status, _h, body = daemon.get("/runs/latest", headers={"Accept": "text/plain"})
+    assert status == 200
+    assert body.decode() == "\n".join(cli.stdout.splitlines()) + "\n"
+
+
+def test_curl_one_liner_as_written(daemon: Daemon) -> None:
+    out = subprocess.run(
+        ["curl", "-s", f"localhost:{daemon.port}/prune?mode=check"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["mode"] == "check" and doc["state"] in ("running", "succeeded")
+    assert daemon.wait_done(doc["id"])["state"] == "succeeded"
+
+
+def test_wait_true_and_delete_needs_post(daemon: Daemon) -> None:
+    status, _h, body = daemon.request("GET", "/prune?mode=check&wait=true")
+    assert status == 200 and json.loads(body)["state"] == "succeeded"
+    status, _h, body = daemon.request("GET", "/prune?mode=delete")
+    assert status == 405 and "POST" in json.loads(body)["error"]
+    # the registry is writable: delete is refused, and says how to proceed
+    status, _h, body = daemon.request("POST", "/prune?mode=delete&wait=true")
+    doc = json.loads(body)
+    assert status == 200 and doc["state"] == "failed" and "read-only" in doc["error"]
+    assert doc["summary"]["blobs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("mode=zap", "mode must be check or delete"),
+        ("", "mode must be check or delete"),
+        ("mode=check&grace=soon", "grace"),
+        ("mode=check&grace=-1h", "grace"),
+        ("mode=check&source=etcd", "source must be one of"),
+        ("mode=check&colour=red", "unknown parameter colour"),
+        ("mode=check&online=perhaps", "online must be true or false"),
+        ("mode=check&mode=delete", "given once"),
+        ("mode=" + "x" * 5000, "short"),
+    ],
+)
+def test_bad_input_is_400_with_what_is_accepted(daemon: Daemon, query: str, words: str) -> None:
+    status, headers, body = daemon.request("POST", f"/prune?{query}")
+    assert status == 400, body
+    assert headers["Content-Type"].startswith("application/json")
+    assert words in json.loads(body)["error"]
+
+
+def test_unknown_things_are_404(daemon: Daemon) -> None:
+    assert daemon.get("/runs/nope")[0] == 404
+    assert daemon.request("POST", "/runs/nope/stop")[0] == 404
+    assert daemon.get("/runs/nope/candidates")[0] == 404
+    status, _h, body = daemon.get("/nowhere")
+    assert status == 404 and "error" in json.loads(body)
+
+
+def test_health_ready_metrics(daemon: Daemon) -> None:
+    assert daemon.json("GET", "/healthz") == (200, {"status": "ok"})
+    status, doc = daemon.json("GET", "/readyz")
+    assert status == 200 and doc["status"] == "ready"
+    daemon.request("GET", "/prune?mode=check&wait=true")
+    status, headers, body = daemon.get("/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert 'registry_pruned_runs_total{mode="check",result="succeeded"} 1.0' in text
+    assert "registry_pruned_run_duration_seconds_count" in text
+    assert "registry_pruned_run_active 0.0" in text
+
+
+def test_conflict_progress_and_stop_mid_run(big_daemon: Daemon) -> None:
+    status, first = big_daemon.json("POST", "/prune?mode=check")
+    assert status == 202
+    status, conflict = big_daemon.json("POST", "/prune?mode=check")
+    assert status == 409 and conflict["active"] == first["id"] and "error" in conflict
+    # progress moves while it runs
+    seen = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        doc = big_daemon.json("GET", f"/runs/{first['id']}")[1]
+        seen.append(doc["progress"]["repositories"] + doc["progress"]["manifests"])
+        if doc["progress"]["manifests"] > 0:
+            break
+        time.sleep(0.02)
+    assert doc["state"] == "running" and max(seen) > 0
+    status, _h, body = big_daemon.get("/metrics")
+    assert "registry_pruned_run_active 1.0" in body.decode()
+    asked = time.monotonic()
+    status, _doc = big_daemon.json("POST", f"/runs/{first['id']}/stop")
+    assert status == 202
+    final = big_daemon.wait_done(first["id"], timeout=5)
+    assert time.monotonic() - asked < 1.0
+    assert final["state"] == "stopped"
+    assert final["progress"]["shards_done"] < 256  # partial counts
+    assert big_daemon.json("POST", f"/runs/{first['id']}/stop")[0] == 409
+
+
+def test_history_survives_restart_and_kill_marks_interrupted(
+    big_store: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    daemon = Daemon(big_store, state).start()
+    try:
+        status, done = daemon.json("GET", "/prune?mode=check&wait=true")
+        assert done["state"] == "succeeded"
+        status, running = daemon.json("POST", "/prune?mode=check")
+        assert status == 202
+        time.sleep(0.3)
+        daemon.terminate(signal.SIGKILL)
+    finally:
+        daemon.stop()
+    again = Daemon(big_store, state).start()
+    try:
+        status, runs = again.json("GET", "/runs")
+        assert [r["id"] for r in runs] == [running["id"], done["id"]]  # newest first
+        assert runs[0]["state"] == "interrupted" and runs[0]["error"]
+        assert runs[1]["state"] == "succeeded"
+        assert runs[1]["summary"] == done["summary"]
+        lines = again.get(f"/runs/{done['id']}/candidates")[2].decode().splitlines()
+        assert len(lines) == done["summary"]["blobs"]
+        # and a new run works after the restart
+        assert again.json("GET", "/prune?mode=check&wait=true")[1]["state"] == "succeeded"
+    finally:
+        again.stop()
+
+
+def test_sigterm_stops_and_records_the_active_run(big_store: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    daemon = Daemon(big_store, state).start()
+    try:
+        _status, run = daemon.json("POST", "/prune?mode=check")
+        time.sleep(0.3)
+        assert daemon.terminate(signal.SIGTERM) == 0
+    finally:
+        daemon.stop()
+    doc = json.loads((state / "runs" / f"{run['id']}.json").read_text())
+    assert doc["state"] == "stopped" and doc["finished_at"]
+
+
+def test_history_is_bounded(shared: tuple[Registry, Scenario], tmp_path: Path) -> None:
+    registry, _scenario = shared
+    daemon = Daemon(registry.config_path, tmp_path / "state", "--history", "2").start()
+    try:
+        ids = [daemon.json("GET", "/prune?mode=check&wait=true")[1]["id"] for _ in range(4)]
+        _status, runs = daemon.json("GET", "/runs")
+        assert [r["id"] for r in runs] == ids[::-1][:2]
+        files = sorted(p.name for p in (tmp_path / "state" / "runs").iterdir())
+        assert len([f for f in files if f.endswith(".json")]) == 2
+    finally:
+        daemon.stop()
