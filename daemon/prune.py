@@ -153,6 +153,10 @@ class Engine:
             # reading phases are cancelled outright on stop: nothing has been changed yet
             inventory = await self._stoppable(self.scan_repositories())
             marks = await self._stoppable(self.mark(inventory))
+            if self.options.mode == DELETE and self.options.online:
+                # watch from the listing's version at once: a watch started after a long
+                # sweep could find that version already compacted away
+                await self.source.start_online()
             candidates = await self._stoppable(self.sweep(marks))
             await self.delete(inventory, marks, candidates)
         except (SourceError, StorageError, LeaseHeld) as exc:
@@ -184,7 +188,11 @@ class Engine:
     async def _guard(self) -> None:
         self.progress.enter("guard")
         await self.storage.probe()
-        if self.options.mode != DELETE or self.options.online:
+        if self.options.mode != DELETE:
+            return
+        if self.options.online:
+            if self.source.online_refusal:
+                raise ReadOnlyRefused(self.source.online_refusal)
             return
         read_only = await self.source.registry_read_only()
         if read_only is None:
@@ -193,8 +201,9 @@ class Engine:
             raise ReadOnlyRefused(
                 "the registry is not in read-only mode; set it read-only first "
                 "(OpenShift: spec.readOnly in configs.imageregistry.operator.openshift.io/cluster; "
-                "distribution: storage.maintenance.readonly.enabled) or ask for online mode "
-                "(online=true / --online), which relies on the grace period"
+                "distribution: storage.maintenance.readonly.enabled); with the openshift source "
+                "you may instead ask for online mode (online=true / --online), which relies on "
+                "the grace period and on watching images created during the run"
             )
 
     async def scan_repositories(self) -> Inventory:
@@ -202,8 +211,10 @@ class Engine:
         self.progress.enter("scan-repositories")
         inventory = Inventory()
         async for batch in self.storage.scan_repositories():
-            for key in batch:
-                inventory.add_key(key)
+            for start in range(0, len(batch), 2000):
+                for key in batch[start : start + 2000]:
+                    inventory.add_key(key)
+                await asyncio.sleep(0)  # status requests get their turn between slices
             self.progress.repositories = len(inventory.repositories)
             self._check_stop()
         self.log.info(
@@ -292,8 +303,6 @@ class Engine:
             return
         if self.options.mode == CHECK:
             return
-        if self.options.online:
-            await self.source.start_online()
         layers: dict[bytes, list[str]] = {}
         doomed = {c.digest for c in candidates}
         for repo in inventory.repositories.values():
@@ -371,11 +380,12 @@ class Engine:
                 self.log.info(f"{verb} repository: {name}")
         self._check_stop()
         removed = set(marks.remove_repositories)
-        links = [
-            layout.revision_dir(repo, hexdigest)
-            for repo, hexdigest in marks.remove_revisions
-            if repo not in removed
-        ]
+        revisions = [(r, h) for r, h in marks.remove_revisions if r not in removed]
+        if self.options.online and self.options.mode == DELETE and revisions:
+            # an image pushed since the listing may own a link we were about to remove
+            protected = await self.source.newly_in_use(bytes.fromhex(h) for _r, h in revisions)
+            revisions = [(r, h) for r, h in revisions if bytes.fromhex(h) not in protected]
+        links = [layout.revision_dir(repo, hexdigest) for repo, hexdigest in revisions]
         failures = await self.pruner.remove(self.storage, links)
         self._count_failures(failures)
         self.summary.manifest_links += len(links) - len(failures)

@@ -236,6 +236,7 @@ class RunManager:
         await asyncio.to_thread(_append, path, "")
         source: ReferenceSource | None = None
         background = asyncio.create_task(saver())
+        state, error = FAILED, None
         try:
             source = await self.sources(run.source)
             engine = Engine(
@@ -252,31 +253,34 @@ class RunManager:
             log.info("run started", grace=run.options.grace, online=run.options.online)
             try:
                 await engine.run()
-                run.state = SUCCEEDED
+                state = SUCCEEDED
             finally:
                 run.notes = engine.notes
         except Stopped:
-            run.state = STOPPED
+            state = STOPPED
         except (RunFailed, ReadOnlyRefused, SourceError, StorageError) as exc:
-            run.state, run.error = FAILED, str(exc)
+            error = str(exc)
         except asyncio.CancelledError:
-            run.state, run.error = STOPPED, "the daemon shut down"
+            state, error = STOPPED, "the daemon shut down"
         except Exception as exc:  # a bug must end the run, not the daemon
             log.exception("run crashed")
-            run.state, run.error = FAILED, f"internal error: {exc!r}"
+            error = f"internal error: {exc!r}"
         finally:
             background.cancel()
             if source is not None:
                 with contextlib.suppress(Exception):
                     await source.close()
-            run.duration = time.monotonic() - run.started_mono
-            run.finished_at = _now()
             try:
                 await flush()
             except OSError as exc:
                 log.error("cannot write candidates", error=str(exc))
-            await self._save(run)
+            # the final state and the end of "active" become visible together: a client
+            # that sees the run ended may start the next one at once
+            run.duration = time.monotonic() - run.started_mono
+            run.finished_at = _now()
+            run.state, run.error = state, error
             self.active = None
+            await self._save(run)
             run.done.set()
             log.info(
                 "run ended",

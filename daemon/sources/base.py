@@ -31,6 +31,8 @@ class Marks:
 
 class ReferenceSource(ABC):
     name: str = ""
+    #: why online delete cannot be made safe with this source; empty when it can
+    online_refusal: str = ""
 
     @abstractmethod
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:

@@ -24,6 +24,13 @@ CHUNK = 128
 
 class StorageSource(ReferenceSource):
     name = "storage"
+    online_refusal = (
+        "online delete is not offered for the storage source: a client that pushes while "
+        "the run deletes can find an old orphan layer still present, skip uploading it, and "
+        "push a manifest that references it just after the last re-check; nothing in the "
+        "store tells the pruner in time. Put the registry in read-only mode "
+        "(storage.maintenance.readonly.enabled: true), run the delete, then switch it back"
+    )
 
     def __init__(
         self, concurrency: int = 16, log: structlog.typing.FilteringBoundLogger | None = None

@@ -33,7 +33,9 @@ class FilesystemStorage(Storage):
     def __init__(self, rootdirectory: str, concurrency: int = 8) -> None:
         self.rootdirectory = Path(rootdirectory)
         self.base = self.rootdirectory / layout.V2_ROOT
-        self.concurrency = max(1, concurrency)
+        # threads beyond a couple per core only fight over the GIL and stall the event loop
+        # (status requests) when the page cache answers; slow network mounts want more
+        self.concurrency = max(1, min(concurrency, 2 * (os.cpu_count() or 1)))
         self.description = f"filesystem:{self.rootdirectory}"
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fs")
 
