@@ -1,7 +1,6 @@
 """The openshift reference source: the cluster's Image objects decide what is in use.
 
-Images and image streams are listed in pages through kubernetes-asyncio's ApiClient with
-``_preload_content=False``; each page is parsed here and only 32-byte digests are kept.
+Lists are read page by page as raw JSON (``_preload_content=False``); only digests are kept.
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ class _Retryable(Exception):
 
 
 @dataclass(slots=True)
-class _ImageIndex:
+class ImageIndex:
     """What the images listing leaves behind: digests only."""
 
     in_use: set[bytes] = field(default_factory=set)
@@ -248,14 +247,14 @@ class OpenShiftSource(ReferenceSource):
 
     # -- mark ---------------------------------------------------------------------------
 
-    async def list_images(self, progress: Progress) -> _ImageIndex:
+    async def list_images(self, progress: Progress) -> ImageIndex:
         """Every Image object, reduced to digests."""
-        index = _ImageIndex()
+        index = ImageIndex()
         start = progress.manifests
 
         def reset() -> None:
             nonlocal index
-            index = _ImageIndex()
+            index = ImageIndex()
             progress.manifests = start
 
         def consume(items: list[Any]) -> None:
@@ -379,7 +378,7 @@ class OpenShiftSource(ReferenceSource):
         await self.api.close()
 
 
-def _reachable(stream: set[bytes], index: _ImageIndex) -> set[bytes]:
+def _reachable(stream: set[bytes], index: ImageIndex) -> set[bytes]:
     """Revisions a stream keeps: its existing images and the children of its manifest lists."""
     keep = stream & index.names
     lists = list(keep & index.children.keys())
