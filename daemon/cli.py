@@ -26,6 +26,10 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"PRUNER_{name}", default)
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -48,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
         "--source", choices=("storage", "openshift"), default=_env("SOURCE", "storage")
     )
     common.add_argument("--kubeconfig", default=_env("KUBECONFIG"))
+    common.add_argument(
+        "--api-page-size",
+        type=int,
+        default=int(_env("API_PAGE_SIZE", "500") or 500),
+        help="items per page when listing images and image streams (openshift source)",
+    )
+    common.add_argument(
+        "--api-timeout",
+        type=_duration,
+        default=_env("API_TIMEOUT", "60s"),
+        help="how long one API request may take before the run fails closed",
+    )
     common.add_argument("--workers", type=int, default=int(_env("WORKERS", "16") or 16))
     common.add_argument("--log-format", choices=logs.FORMATS, default=_env("LOG_FORMAT", "json"))
 
@@ -59,6 +75,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:8099"))
     serve.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "info"))
     serve.add_argument("--history", type=int, default=int(_env("HISTORY", "50") or 50))
+    serve.add_argument(
+        "--auth",
+        choices=("auto", "on", "off"),
+        default=_env("AUTH", "auto"),
+        help="bearer tokens checked by TokenReview/SubjectAccessReview; auto: on off loopback",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=_truthy(_env("INSECURE_NO_AUTH")),
+        help="allow listening beyond loopback without auth (something else must guard the port)",
+    )
+    serve.add_argument("--auth-check-verb", default=_env("AUTH_CHECK_VERB", "get"))
+    serve.add_argument("--auth-delete-verb", default=_env("AUTH_DELETE_VERB", "delete"))
+    serve.add_argument(
+        "--auth-resource",
+        default=_env("AUTH_RESOURCE", "images.image.openshift.io"),
+        help="<plural>.<group> the verbs are checked on",
+    )
     for name, text in ((CHECK, "report what would be deleted"), (DELETE, "delete orphans")):
         one = sub.add_parser(name, parents=[common], help=text)
         one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
@@ -80,11 +115,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
         upload_max_age=args.upload_max_age,
         source=args.source,
         kubeconfig=args.kubeconfig,
+        api_page_size=args.api_page_size,
+        api_timeout=args.api_timeout,
         workers=args.workers,
         log_level=args.log_level,
         log_format=args.log_format,
         listen=getattr(args, "listen", None),
         history=getattr(args, "history", None),
+        auth=getattr(args, "auth", None),
+        insecure_no_auth=getattr(args, "insecure_no_auth", None),
+        auth_check_verb=getattr(args, "auth_check_verb", None),
+        auth_delete_verb=getattr(args, "auth_delete_verb", None),
+        auth_resource=getattr(args, "auth_resource", None),
     )
 
 

@@ -86,7 +86,15 @@ class Settings:
     log_format: str = "json"
     kubeconfig: str | None = None
     history: int = 50
+    api_page_size: int = 500
+    api_timeout: float = 60.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # serve's auth: auto = on unless listening on loopback (daemon/auth.py)
+    auth: str = "auto"
+    insecure_no_auth: bool = False
+    auth_check_verb: str = "get"
+    auth_delete_verb: str = "delete"
+    auth_resource: str = "images.image.openshift.io"
 
 
 def _load_file(path: Path, required: bool) -> dict[str, Any]:

@@ -15,7 +15,12 @@ async def open_source(
     if name == "openshift":
         from daemon.sources import openshift
 
-        return await openshift.create(settings.kubeconfig)
+        return await openshift.create(
+            settings.kubeconfig,
+            page_size=settings.api_page_size,
+            request_timeout=settings.api_timeout,
+            log=log,
+        )
     from daemon.sources.storage import StorageSource
 
     return StorageSource(concurrency=settings.workers, log=log)
