@@ -7,7 +7,6 @@ import base64
 import contextlib
 import hashlib
 import random
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -58,6 +57,8 @@ _RETRY_CODES = frozenset(
     }
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+#: walk() lists each subtree this many levels below the v2 root on its own, concurrently
+_SPLIT_DEPTH = 3
 
 
 class S3Error(StorageError):
@@ -98,12 +99,10 @@ def is_transient(exc: BaseException) -> bool:
         return code in _RETRY_CODES or status >= 500 or status == 429
     if isinstance(exc, SSLError):
         return False
-    if isinstance(exc, HTTPClientError) and type(exc) is HTTPClientError:
+    if type(exc) is HTTPClientError:
         # botocore's catch-all also carries a missing CA bundle or a bad certificate
         inner = getattr(exc, "kwargs", {}).get("error")
-        return isinstance(inner, ConnectionError | TimeoutError | aiohttp.ClientError) and (
-            not isinstance(inner, ssl.SSLError)
-        )
+        return isinstance(inner, ConnectionError | TimeoutError | aiohttp.ClientError)
     return isinstance(
         exc,
         BotoConnectionError
@@ -309,7 +308,7 @@ class S3Storage(Storage):
         for item in page.get("Contents") or ():
             key = item["Key"]
             # SeaweedFS answers with "dir/" markers for empty directories
-            if key.endswith("/") or not key.startswith(prefix) or key == prefix:
+            if key.endswith("/") or not key.startswith(prefix):
                 continue
             modified = item.get("LastModified")
             entries.append(
@@ -359,11 +358,11 @@ class S3Storage(Storage):
         return found
 
     async def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
-        """Flat listings of each child of ``prefix``, run concurrently; batches as they come."""
+        """Every object below ``prefix``: flat listings of its subtrees, run concurrently."""
         queue: asyncio.Queue[list[Entry] | BaseException | None] = asyncio.Queue(
             maxsize=2 * self.concurrency
         )
-        producer = asyncio.create_task(self._walk_into(self._key(_dir(prefix)), queue))
+        producer = asyncio.create_task(self._walk_into(_dir(prefix), queue))
         try:
             while True:
                 item = await queue.get()
@@ -380,23 +379,33 @@ class S3Storage(Storage):
     async def _walk_into(
         self, prefix: str, queue: asyncio.Queue[list[Entry] | BaseException | None]
     ) -> None:
-        children = asyncio.Semaphore(self.concurrency)
+        flat_slots = asyncio.Semaphore(self.concurrency)
 
-        async def flat(child: str) -> None:
-            async with children:
-                async for page in self._pages(child):
-                    entries = self._entries(page, child)
+        async def flat(relative: str) -> None:
+            full = self._key(relative)
+            async with flat_slots:
+                async for page in self._pages(full):
+                    entries = self._entries(page, full)
                     if entries:
                         await queue.put(entries)
+
+        async def split(relative: str, group: asyncio.TaskGroup) -> None:
+            # only the upper levels (repositories/<ns>/<name>/, blobs/sha256/<xx>/) are split:
+            # deeper down a delimiter listing would cost one request per tiny directory
+            if relative.count("/") >= _SPLIT_DEPTH:
+                await flat(relative)
+                return
+            full = self._key(relative)
+            async for page in self._pages(full, delimiter="/"):
+                entries = self._entries(page, full)
+                if entries:
+                    await queue.put(entries)
+                for common in page.get("CommonPrefixes") or ():
+                    group.create_task(split(self._relative(common["Prefix"]), group))
 
         try:
             async with asyncio.TaskGroup() as group:
-                async for page in self._pages(prefix, delimiter="/"):
-                    entries = self._entries(page, prefix)
-                    if entries:
-                        await queue.put(entries)
-                    for common in page.get("CommonPrefixes") or ():
-                        group.create_task(flat(common["Prefix"]))
+                await split(prefix, group)
         except Exception as exc:
             await queue.put(_first_error(exc))
             return
