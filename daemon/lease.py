@@ -45,11 +45,12 @@ class Lease:
         doc = {"holder": self.holder, "run": self.run_id, "expires": time.time() + self.ttl}
         await self.storage.write(KEY, json.dumps(doc).encode())
 
-    async def acquire(self) -> None:
+    async def acquire(self, dead_runs: frozenset[str] = frozenset()) -> None:
+        """Take the lease; ``dead_runs`` are runs known to have died holding it (take over)."""
         current = await self._read()
         if current and current.get("holder") != self.holder:
             expires = float(current.get("expires", 0) or 0)
-            if expires > time.time():
+            if expires > time.time() and current.get("run") not in dead_runs:
                 raise LeaseHeld(
                     f"another pruner ({current.get('holder')}, run {current.get('run')}) holds "
                     f"this store's delete lease for {expires - time.time():.0f}s more"

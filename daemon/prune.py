@@ -127,7 +127,9 @@ class Engine:
         on_candidate: Callable[[Candidate], None] | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
         run_id: str = "",
+        dead_runs: frozenset[str] = frozenset(),
     ) -> None:
+        self.dead_runs = dead_runs
         self.run_id = run_id or f"oneshot-{int(time.time())}"
         self.lease: Lease | None = None
         self.storage = storage
@@ -149,7 +151,7 @@ class Engine:
             await self._guard()
             if self.options.mode == DELETE:
                 self.lease = Lease(self.storage, self.run_id)
-                await self.lease.acquire()
+                await self.lease.acquire(self.dead_runs)
             # reading phases are cancelled outright on stop: nothing has been changed yet
             inventory = await self._stoppable(self.scan_repositories())
             marks = await self._stoppable(self.mark(inventory))

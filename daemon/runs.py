@@ -248,6 +248,9 @@ class RunManager:
                 on_candidate,
                 log,
                 run_id=run.id,
+                # a run this daemon recorded as interrupted died holding the store's lease:
+                # its successor may take the lease over instead of waiting for it to expire
+                dead_runs=frozenset(r.id for r in self.runs.values() if r.state == INTERRUPTED),
             )
             engine.summary = run.summary
             log.info("run started", grace=run.options.grace, online=run.options.online)

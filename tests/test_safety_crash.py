@@ -1,0 +1,92 @@
+"""SIGKILL the daemon at several points of a delete run; a restart and a new run finish the job."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.daemon import Daemon
+from tests.harness.images import Scenario, skopeo_pull
+from tests.harness.registry import Registry
+
+OLD = time.time() - 7200
+
+
+def plant_orphans(registry: Registry, count: int, seed: int) -> set[str]:
+    """Blobs no manifest references, written as the registry writes them, two hours old."""
+    rng = random.Random(seed)
+    base = registry.root / "docker/registry/v2/blobs/sha256"
+    out = set()
+    for _ in range(count):
+        data = rng.randbytes(64)
+        hexd = hashlib.sha256(data).hexdigest()
+        path = base / hexd[:2] / hexd / "data"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, (OLD, OLD))
+        out.add("sha256:" + hexd)
+    return out
+
+
+def blobs_on_disk(registry: Registry) -> set[str]:
+    base = registry.root / "docker/registry/v2/blobs/sha256"
+    return {"sha256:" + p.parent.name for p in base.glob("*/*/data")}
+
+
+def wait_for(daemon: Daemon, run_id: str, phase: str, deleted: int) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        doc = daemon.json("GET", f"/runs/{run_id}")[1]
+        progress = doc["progress"]
+        if doc["state"] != "running":
+            return doc
+        if doc["phase"] == phase and progress["deleted"] >= deleted:
+            return doc
+        time.sleep(0.002)
+    raise TimeoutError(f"never reached {phase}")
+
+
+# (phase to wait for, deleted count to wait for): before anything is deleted, at the first
+# batch, and in the middle of the deletions
+KILL_POINTS = [("mark", 0), ("sweep", 0), ("delete", 0), ("delete", 1), ("delete", 4000)]
+
+
+@pytest.mark.parametrize(("phase", "deleted"), KILL_POINTS)
+def test_sigkill_mid_delete_then_restart_finishes(
+    fresh: tuple[Registry, Scenario], tmp_path: Path, phase: str, deleted: int
+) -> None:
+    registry, scenario = fresh
+    planted = plant_orphans(registry, 8_000, seed=len(phase) + deleted)
+    registry.restart(read_only=True)
+    state = tmp_path / "state"
+    daemon = Daemon(registry.config_path, state, "--grace", "0").start()
+    try:
+        status, run = daemon.json("POST", "/prune?mode=delete")
+        assert status == 202, run
+        reached = wait_for(daemon, run["id"], phase, deleted)
+        daemon.terminate(signal.SIGKILL)
+    finally:
+        daemon.stop()
+    assert reached["state"] == "running", reached  # killed mid-run, not after
+    # nothing in use went, whatever the moment of the kill
+    assert scenario.in_use <= blobs_on_disk(registry)
+    again = Daemon(registry.config_path, state, "--grace", "0").start()
+    try:
+        runs = again.json("GET", "/runs")[1]
+        assert runs[0]["id"] == run["id"] and runs[0]["state"] == "interrupted"
+        status, final = again.json("POST", "/prune?mode=delete&wait=true")
+        assert final["state"] == "succeeded", final
+    finally:
+        again.stop()
+    assert blobs_on_disk(registry) == scenario.in_use
+    assert not planted & blobs_on_disk(registry)
+    assert registry.garbage_collect(dry_run=True) == set()
+    registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
