@@ -89,7 +89,8 @@ def classify_repo_key(key: str) -> RepoKey | None:
     if i < 0:
         return None
     repo = "/".join(parts[:i])
-    if not repo:
+    # object stores accept any key: a name that could climb out of the tree is not a repository
+    if not repo or any(part in ("", ".", "..") for part in parts[:i]):
         return None
     section, rest = parts[i], parts[i + 1 :]
     if section == "_layers":

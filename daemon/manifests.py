@@ -65,6 +65,8 @@ def parse(data: bytes) -> References:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ManifestError("JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestError("not a JSON object")
     version = doc.get("schemaVersion")

@@ -46,11 +46,16 @@ def _now() -> str:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 @dataclass(slots=True)
@@ -205,7 +210,7 @@ class RunManager:
     async def start(self, mode: str, source: str, options: RunOptions) -> Run:
         if self.active is not None:
             raise Busy(self.active.id)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")  # ids sort by start time
         run = Run(f"{stamp}-{uuid.uuid4().hex[:6]}", mode, source, options)
         self.runs[run.id] = run
         self.active = run
@@ -230,13 +235,20 @@ class RunManager:
         async def saver() -> None:
             while True:
                 await asyncio.sleep(1.0)
-                await flush()
-                await self._save(run)
+                try:
+                    await flush()
+                    await self._save_doc(run.document())
+                except OSError as exc:
+                    # a run whose record cannot be kept must not go on deleting
+                    state_error.append(f"cannot write the state directory {self.dir}: {exc}")
+                    run.stop.set()
+                    return
 
         await asyncio.to_thread(_append, path, "")
         source: ReferenceSource | None = None
         background = asyncio.create_task(saver())
         state, error = FAILED, None
+        state_error: list[str] = []
         try:
             source = await self.sources(run.source)
             engine = Engine(
@@ -276,7 +288,10 @@ class RunManager:
             try:
                 await flush()
             except OSError as exc:
-                log.error("cannot write candidates", error=str(exc))
+                state_error.append(f"cannot write the state directory {self.dir}: {exc}")
+            if state_error:
+                state, error = FAILED, state_error[0]
+                log.error("state directory", error=error)
             # the final state and the end of "active" become visible together: a client
             # that sees the run ended may start the next one at once
             run.duration = time.monotonic() - run.started_mono
@@ -313,5 +328,12 @@ class RunManager:
 
 
 def _append(path: Path, text: str) -> None:
-    with open(path, "a") as fh:
-        fh.write(text)
+    """Append whole lines or nothing: a full disk must not leave half a line behind."""
+    with open(path, "ab") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        try:
+            fh.write(text.encode())
+            fh.flush()
+        except OSError:
+            fh.truncate(size)
+            raise
