@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.images import Scenario, build_scenario
+from tests.harness.openshift_scenario import openshift_store  # noqa: F401 - a shared fixture
 from tests.harness.registry import Registry, running_registry
 
 
