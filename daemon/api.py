@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from daemon import logs
+from daemon.auth import Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.prune import CHECK, DELETE, RunOptions, Summary
@@ -239,8 +240,18 @@ def make_app(
     manager: RunManager,
     metrics_: Metrics,
     log: structlog.typing.FilteringBoundLogger,
+    auth: Authenticator | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[errors_and_access_log])
+    middlewares: list[Any] = [errors_and_access_log]
+    if auth is not None:
+        # inside the access log, so refused requests are logged with their status
+
+        def run_mode(run_id: str) -> str | None:
+            run = manager.get(run_id)
+            return run.mode if run is not None else None
+
+        middlewares.append(auth.middleware(run_mode))
+    app = web.Application(middlewares=middlewares)
     app[SETTINGS], app[STORAGE], app[MANAGER], app[METRICS], app[LOG] = (
         settings,
         storage,
@@ -261,7 +272,9 @@ def make_app(
 
 
 async def build(
-    settings: Settings, log: structlog.typing.FilteringBoundLogger
+    settings: Settings,
+    log: structlog.typing.FilteringBoundLogger,
+    auth: Authenticator | None = None,
 ) -> tuple[web.Application, RunManager, Storage]:
     """The app with its storage and run manager, history loaded."""
     storage = open_storage(settings.storage, settings.workers)
@@ -280,11 +293,13 @@ async def build(
     )
     holder["m"] = Metrics(lambda: manager.active)
     await manager.load()
-    app = make_app(settings, storage, manager, holder["m"], log)
+    app = make_app(settings, storage, manager, holder["m"], log, auth)
 
     async def on_shutdown(_app: web.Application) -> None:
         await manager.shutdown()
         await storage.close()
+        if auth is not None:
+            await auth.close()
 
     app.on_shutdown.append(on_shutdown)
     return app, manager, storage
@@ -302,17 +317,39 @@ def serve(settings: Settings) -> int:
     log = logs.make_logger(settings.log_level, settings.log_format)
     try:
         host, port = split_listen(settings.listen)
+        use_auth = auth_enabled(settings, host)
     except ConfigError as exc:
         log.error(str(exc))
         return 2
+    if not use_auth and not is_loopback(host):
+        log.warning(
+            "listening beyond loopback WITHOUT authentication (--insecure-no-auth): anyone "
+            "who can reach this port can start delete runs",
+            address=settings.listen,
+        )
 
-    async def main() -> None:
-        app, _manager, _storage = await build(settings, log)
+    async def main() -> int:
+        auth = None
+        if use_auth:
+            try:
+                reviewer = await create_reviewer(settings.kubeconfig)
+            except ConfigError as exc:
+                log.error(str(exc))
+                return 2
+            auth = Authenticator.from_settings(settings, reviewer, log)
+        app, _manager, _storage = await build(settings, log, auth)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
-        log.info("listening", address=f"{host}:{port}", store=settings.storage.describe())
+        log.info(
+            "listening",
+            address=f"{host}:{port}",
+            store=settings.storage.describe(),
+            auth=f"on ({auth.check} to read and check, {auth.delete} to delete)"
+            if auth is not None
+            else "off",
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -320,7 +357,8 @@ def serve(settings: Settings) -> int:
         await stop.wait()
         log.info("shutting down")
         await runner.cleanup()
+        return 0
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        return asyncio.run(main())
     return 0
