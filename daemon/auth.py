@@ -16,12 +16,11 @@ from typing import Any, Protocol
 
 import aiohttp
 import structlog
-import yaml
 from aiohttp import web
-from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+from kubernetes_asyncio.client import ApiClient
 
 from daemon.config import ConfigError, Settings
+from daemon.kube import KubeConfigError, api_client
 
 AUTH_MODES = ("auto", "on", "off")
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -239,24 +238,14 @@ class KubeReviewer:
 
 async def create_reviewer(kubeconfig: str | None, review_timeout: float = 10.0) -> KubeReviewer:
     """A reviewer on the pod's service account, or on ``kubeconfig`` when given."""
-    # our own Configuration: the library's global default stays untouched
-    configuration = Configuration()
     try:
-        if kubeconfig:
-            await load_kube_config(
-                config_file=kubeconfig,
-                client_configuration=configuration,
-                persist_config=False,
-            )
-        else:
-            load_incluster_config(client_configuration=configuration)
-    except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
-        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
+        client = await api_client(kubeconfig)
+    except KubeConfigError as exc:
         raise ConfigError(
-            f"auth is on but the cluster cannot be reached to review tokens: cannot load "
-            f"{where}: {exc}. Give --kubeconfig, run in a pod, or listen on 127.0.0.1"
+            f"auth is on but the cluster cannot be reached to review tokens: {exc}. "
+            "Give --kubeconfig, run in a pod, or listen on 127.0.0.1"
         ) from None
-    return KubeReviewer(ApiClient(configuration), review_timeout)
+    return KubeReviewer(client, review_timeout)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:

@@ -15,12 +15,11 @@ from typing import Any
 
 import aiohttp
 import structlog
-import yaml
-from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+from kubernetes_asyncio.client import ApiClient
 
 from daemon import layout
 from daemon.inventory import Inventory
+from daemon.kube import KubeConfigError, api_client
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
 from daemon.storage.base import Storage
@@ -563,22 +562,12 @@ async def create(
     log: structlog.typing.FilteringBoundLogger | None = None,
 ) -> OpenShiftSource:
     """An OpenShiftSource on the pod's service account, or on ``kubeconfig`` when given."""
-    configuration = Configuration()
     try:
-        if kubeconfig:
-            await load_kube_config(
-                config_file=kubeconfig,
-                context=context,
-                client_configuration=configuration,
-                persist_config=False,
-            )
-        else:
-            load_incluster_config(client_configuration=configuration)
-    except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
-        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
-        raise SourceError(f"openshift: cannot load {where}: {exc}") from None
+        client = await api_client(kubeconfig, context)
+    except KubeConfigError as exc:
+        raise SourceError(f"openshift: {exc}") from None
     return OpenShiftSource(
-        ApiClient(configuration),
+        client,
         page_size=page_size,
         list_restarts=list_restarts,
         request_timeout=request_timeout,

@@ -1,0 +1,30 @@
+"""A kubernetes-asyncio ApiClient of our own, from a kubeconfig or the pod's service account."""
+
+from __future__ import annotations
+
+import yaml
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+
+
+class KubeConfigError(Exception):
+    """The cluster's credentials cannot be loaded; the message says from where."""
+
+
+async def api_client(kubeconfig: str | None, context: str | None = None) -> ApiClient:
+    """Our own Configuration: the library's global default stays untouched."""
+    configuration = Configuration()
+    try:
+        if kubeconfig:
+            await load_kube_config(
+                config_file=kubeconfig,
+                context=context,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+        else:
+            load_incluster_config(client_configuration=configuration)
+    except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
+        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
+        raise KubeConfigError(f"cannot load {where}: {exc}") from None
+    return ApiClient(configuration)
