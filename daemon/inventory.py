@@ -1,10 +1,27 @@
-"""What the repositories/ tree holds: one walk of the store, grouped per repository."""
+"""What the repositories/ tree holds: one walk of the store, grouped per repository.
+
+Also the compact set of in-use digests the mark phase fills and the sweep reads.
+"""
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, MutableSet
 from dataclasses import dataclass, field
 
 from daemon import layout
+
+_PREFIX = len(layout.REPOSITORIES)
+_HEX_AT = re.compile(r"[0-9a-f]{64}")  # fullmatch(key, start, end): no slice to make
+# names the fast path may take as they are: no empty, dot-led or "_" component (those could be
+# a section name or climb out of the tree: layout.classify_repo_key decides them)
+_PLAIN_NAME = re.compile(r"[^/_.][^/_]*(?:/[^/_.][^/_]*)*")
+_MERGES_PER_FLUSH = 8
+_RECORDS = re.compile(rb".{32}", re.DOTALL)  # 32-byte records, split in C
+_LAYER_TAIL = "/_layers/sha256/"  # then <hex>/link
+_REVISION_TAIL = "/_manifests/revisions/sha256/"  # then <hex>/link
+_TAG_TAIL = "/_manifests/tags/"  # then <tag>/current/link
 
 
 @dataclass(slots=True)
@@ -12,9 +29,17 @@ class Repository:
     name: str
     revisions: set[str] = field(default_factory=set)  # hex of revisions whose link exists
     tags: set[str] = field(default_factory=set)
-    layers: set[str] = field(default_factory=set)  # hex of _layers links
+    #: raw 32-byte digests of _layers links, concatenated (only when the inventory keeps them):
+    #: 32 bytes a link where a set of hex strings took about 160
+    layers: bytearray = field(default_factory=bytearray)
     uploads: set[str] = field(default_factory=set)  # upload uuids
     uploads_started: set[str] = field(default_factory=set)  # uuids that have a startedat file
+
+    def layer_digests(self) -> Iterator[bytes]:
+        """The raw digests of this repository's _layers links."""
+        view = memoryview(self.layers)
+        for i in range(0, len(view), 32):
+            yield bytes(view[i : i + 32])
 
 
 @dataclass(slots=True)
@@ -22,6 +47,8 @@ class Inventory:
     repositories: dict[str, Repository] = field(default_factory=dict)
     #: keys under repositories/ that the scheme does not name (reported, never deleted)
     unknown: int = 0
+    #: _layers links are only needed to unlink deleted blobs; a check does not hold them
+    keep_layers: bool = True
 
     def repo(self, name: str) -> Repository:
         found = self.repositories.get(name)
@@ -30,6 +57,59 @@ class Inventory:
         return found
 
     def add_key(self, key: str) -> None:
+        self.add_keys((key,))
+
+    def add_keys(self, keys: Iterable[str]) -> None:
+        """Classify keys under repositories/ into the inventory."""
+        # the common link shapes are recognised by their fixed tails, inline: the general
+        # classifier was most of the scan phase's time in profiles (a key per link)
+        hexmatch = _HEX_AT.fullmatch
+        plain = _PLAIN_NAME.fullmatch
+        repos = self.repositories
+        keep_layers = self.keep_layers
+        # keys come a repository at a time: its name is checked once, not once a key
+        last_name, last_repo = "", None
+        for key in keys:
+            end = len(key)
+            if key[-5:] == "/link" and key[:_PREFIX] == layout.REPOSITORIES:
+                if key[-85:-69] == _LAYER_TAIL:
+                    name = key[_PREFIX:-85]
+                    if name == last_name and last_repo is not None:
+                        repo = last_repo
+                    elif plain(name):
+                        repo = last_repo = repos.get(name) or self.repo(name)
+                        last_name = name
+                    else:
+                        repo = None
+                    if repo is not None and hexmatch(key, end - 69, end - 5):
+                        if keep_layers:
+                            repo.layers += bytes.fromhex(key[-69:-5])
+                        continue
+                elif key[-98:-69] == _REVISION_TAIL:
+                    name = key[_PREFIX:-98]
+                    if name == last_name and last_repo is not None:
+                        repo = last_repo
+                    elif plain(name):
+                        repo = last_repo = repos.get(name) or self.repo(name)
+                        last_name = name
+                    else:
+                        repo = None
+                    if repo is not None and hexmatch(key, end - 69, end - 5):
+                        repo.revisions.add(key[-69:-5])
+                        continue
+                elif key[-13:] == "/current/link":
+                    head, _, tag = key[:-13].rpartition("/")
+                    if (
+                        head[-16:] == _TAG_TAIL[:-1]
+                        and tag
+                        and plain(head, _PREFIX, len(head) - 16)
+                    ):
+                        name = head[_PREFIX:-16]
+                        (repos.get(name) or self.repo(name)).tags.add(tag)
+                        continue
+            self._add_general(key)
+
+    def _add_general(self, key: str) -> None:
         kind = layout.classify_repo_key(key)
         if kind is None:
             self.unknown += 1
@@ -39,7 +119,8 @@ class Inventory:
             case "revision":
                 repo.revisions.add(kind.digest_hex)
             case "layer":
-                repo.layers.add(kind.digest_hex)
+                if self.keep_layers:
+                    repo.layers += bytes.fromhex(kind.digest_hex)
             case "tag_current" | "tag_index":
                 repo.tags.add(kind.tag)
             case "upload_startedat":
@@ -47,3 +128,125 @@ class Inventory:
                 repo.uploads_started.add(kind.upload)
             case "upload_other":
                 repo.uploads.add(kind.upload)
+
+
+class DigestSet(MutableSet[bytes]):
+    """A set of 32-byte sha256 digests in about 32-64 bytes each (a ``set[bytes]``: ~110).
+
+    New digests gather in a small plain set (duplicates, a base layer named by every
+    manifest, vanish there at C speed); full, it is spread over 256 shards by first byte
+    (the blob store's own shards) as concatenated 32-byte records, deduplicated when a
+    shard's unmerged part outgrows its merged part. Membership builds a plain set for one
+    shard at a time and keeps a few: the sweep asks shard by shard. Exact, not probabilistic.
+    """
+
+    _FLUSH = 1 << 13  # the plain set's peak: ~110 bytes an entry
+    _CACHED = 24  # the sweep's workers (16 on S3) each hold one shard
+
+    def __init__(self, items: Iterable[bytes] = ()) -> None:
+        self._pending: set[bytes] = set()
+        self._runs: list[bytes] = [b""] * 256  # merged: each digest once
+        self._tails: list[bytearray] = [bytearray() for _ in range(256)]  # not yet merged
+        self._limits: list[int] = [64 * 32] * 256
+        self._cache: OrderedDict[int, frozenset[bytes]] = OrderedDict()
+        self._merged = 0  # digests in the runs
+        self._cursor = 0  # where the next flush starts looking for shards to merge
+        self.update(items)
+
+    def add(self, value: bytes) -> None:
+        self._pending.add(value)
+        if len(self._pending) >= self._FLUSH:
+            self._flush()
+
+    def update(self, values: Iterable[bytes]) -> None:
+        self._pending.update(values)
+        if len(self._pending) >= self._FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, set()
+        if not pending:
+            return
+        # one short record would shift every later one in its shard: refuse it outright
+        if set(map(type, pending)) != {bytes} or set(map(len, pending)) != {32}:
+            raise ValueError("a DigestSet holds 32-byte digests")
+        tails, cache, limits = self._tails, self._cache, self._limits
+        for value in pending:
+            tails[value[0]] += value
+        if cache:
+            for shard in {value[0] for value in pending}:
+                cache.pop(shard, None)
+        # shards fill alike and would all come due in one flush: merging 256 at once held
+        # the event loop for a few hundred ms (status p99); a few per flush, round robin
+        merges = 0
+        for _ in range(256):
+            shard = self._cursor = (self._cursor + 1) % 256
+            if len(tails[shard]) > limits[shard]:
+                self._merge(shard)
+                merges += 1
+                if merges == _MERGES_PER_FLUSH:
+                    break
+
+    def _merge(self, shard: int) -> None:
+        tail = self._tails[shard]
+        if not tail:
+            return
+        records = set(_RECORDS.findall(self._runs[shard]))
+        before = len(records)
+        records.update(_RECORDS.findall(tail))
+        self._merged += len(records) - before
+        run = self._runs[shard] = b"".join(records)
+        self._tails[shard] = bytearray()
+        # amortised: the unmerged part may grow as large as the merged one
+        self._limits[shard] = max(64 * 32, len(run))
+
+    def _settle(self) -> None:
+        for _ in self.settle_steps():
+            pass
+
+    def settle_steps(self) -> Iterator[int]:
+        """Merge everything, a shard a step: an async caller yields to its loop in between."""
+        self._flush()
+        for shard in range(256):
+            self._merge(shard)
+            yield shard
+
+    def _members(self, shard: int) -> frozenset[bytes]:
+        found = self._cache.get(shard)
+        if found is None:
+            self._merge(shard)
+            found = self._cache[shard] = frozenset(_RECORDS.findall(self._runs[shard]))
+            while len(self._cache) > self._CACHED:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(shard)
+        return found
+
+    def shard(self, shard: int) -> frozenset[bytes]:
+        """Every digest whose first byte is ``shard``, as a plain set (for a sweep's batch)."""
+        self._flush()
+        return self._members(shard)
+
+    def discard(self, value: bytes) -> None:
+        if value not in self:
+            return
+        self._flush()
+        shard = value[0]
+        self._merge(shard)
+        self._runs[shard] = b"".join(self._members(shard) - {value})
+        self._cache.pop(shard, None)
+        self._merged -= 1
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, bytes) or len(value) != 32:
+            return False
+        return value in self._pending or value in self._members(value[0])
+
+    def __len__(self) -> int:
+        self._settle()
+        return self._merged
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._settle()
+        for run in self._runs:
+            yield from _RECORDS.findall(run)

@@ -28,6 +28,9 @@ def is_hex(value: str) -> bool:
 
 def parse_digest(text: str) -> bytes:
     """``sha256:<hex>`` -> 32 raw bytes; anything else raises InvalidDigest."""
+    # the exact canonical form first: once per layer reference, the mark phase's hot path
+    if len(text) == 71 and text.startswith("sha256:") and _HEX.fullmatch(text, 7):
+        return bytes.fromhex(text[7:])
     algo, sep, hexpart = text.strip().partition(":")
     if algo != "sha256" or not sep or not is_hex(hexpart):
         raise InvalidDigest(f"not a sha256 digest: {text[:100]!r}")

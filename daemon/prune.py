@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon import layout
-from daemon.inventory import Inventory
+from daemon.inventory import DigestSet, Inventory
 from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
+from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import DeleteFailure, Storage, StorageError
 
@@ -69,6 +70,7 @@ class RunOptions:
     grace: float = 3600.0
     upload_max_age: float = 86400.0
     online: bool = False
+    online_settle: float = 2.0  # seconds a racing push gets to register its image
     registry_read_only: bool = False  # from the registry's config, where the source cannot tell
 
 
@@ -94,10 +96,9 @@ class DryRun(Pruner):
 
 class Deleter(Pruner):
     async def remove(self, storage: Storage, prefixes: Sequence[str]) -> list[DeleteFailure]:
-        failures: list[DeleteFailure] = []
-        for prefix in prefixes:
-            failures += await storage.delete_tree(prefix)
-        return failures
+        # one call for the whole list: a driver lists and deletes them in parallel batches
+        # (on S3 one tree at a time cost two round trips per orphan's layer link)
+        return await storage.delete_trees(prefixes)
 
     async def remove_blobs(self, storage: Storage, hexes: Sequence[str]) -> list[DeleteFailure]:
         return await storage.delete_blobs(hexes)
@@ -112,6 +113,22 @@ def parse_started_at(text: str) -> float | None:
         return datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip())).timestamp()
     except ValueError:
         return None
+
+
+def _failed_prefixes(failures: Sequence[DeleteFailure]) -> set[str]:
+    """Each failed key and every directory above it.
+
+    A driver names a tree it could not delete by its prefix (filesystem) or by the key
+    inside it that stayed (S3): either way the tree counts as not deleted."""
+    out: set[str] = set()
+    for failure in failures:
+        key = failure.key
+        out.add(key)
+        slash = key.find("/")
+        while slash != -1:
+            out.add(key[: slash + 1])
+            slash = key.find("/", slash + 1)
+    return out
 
 
 class Engine:
@@ -152,6 +169,10 @@ class Engine:
             if self.options.mode == DELETE:
                 self.lease = Lease(self.storage, self.run_id)
                 await self.lease.acquire(self.dead_runs)
+                # blobs a dead online run left parked go back before anything is decided
+                recovered = await Quarantine(self.storage, self.run_id).recover()
+                if recovered:
+                    self.log.warning("put back blobs a stopped run had parked", blobs=recovered)
             # reading phases are cancelled outright on stop: nothing has been changed yet
             inventory = await self._stoppable(self.scan_repositories())
             marks = await self._stoppable(self.mark(inventory))
@@ -211,11 +232,11 @@ class Engine:
     async def scan_repositories(self) -> Inventory:
         """Phase 1: one walk of repositories/ into an inventory."""
         self.progress.enter("scan-repositories")
-        inventory = Inventory()
+        # _layers links only serve to unlink deleted blobs: a check does not keep them
+        inventory = Inventory(keep_layers=self.options.mode == DELETE)
         async for batch in self.storage.scan_repositories():
             for start in range(0, len(batch), 2000):
-                for key in batch[start : start + 2000]:
-                    inventory.add_key(key)
+                inventory.add_keys(batch[start : start + 2000])
                 await asyncio.sleep(0)  # status requests get their turn between slices
             self.progress.repositories = len(inventory.repositories)
             self._check_stop()
@@ -238,7 +259,10 @@ class Engine:
         return marks
 
     async def sweep(self, marks: Marks) -> list[Candidate]:
-        """Phase 3: every blob not in use is a candidate unless it is too young."""
+        """Phase 3: every blob not in use is a candidate unless it is too young.
+
+        Returns the candidates to delete; a check reports them on the way and returns none.
+        """
         self.progress.enter("sweep")
         candidates: list[Candidate] = []
         shards = iter(layout.SHARDS)
@@ -249,7 +273,11 @@ class Engine:
                 entries = await self.storage.list_blob_shard(shard)
                 self.progress.blobs_scanned += len(entries)
                 in_use = marks.in_use
-                orphans = [e for e in entries if bytes.fromhex(e.hex) not in in_use]
+                # a compact in-use set answers for one shard as a plain set: one lookup
+                # a blob at C speed instead of a method call
+                members = in_use.shard(int(shard, 16)) if isinstance(in_use, DigestSet) else in_use
+                orphans = [e for e in entries if bytes.fromhex(e.hex) not in members]
+                del entries, members
                 unknown = [e.hex for e in orphans if e.size is None or e.mtime is None]
                 stats = dict(
                     zip(
@@ -267,12 +295,13 @@ class Engine:
                     else:
                         self._consider(entry.hex, entry.size, entry.mtime, candidates)
                 self.progress.shards_done += 1
+                await asyncio.sleep(0)  # status requests get their turn between shards
 
         await asyncio.gather(*(worker() for _ in range(min(16, self.storage.concurrency))))
         self.log.info(
             "swept",
             blobs=self.progress.blobs_scanned,
-            candidates=len(candidates),
+            candidates=self.progress.candidates,
             too_young=self.summary.too_young,
         )
         return candidates
@@ -287,7 +316,9 @@ class Engine:
             self.progress.too_young += 1
             return
         candidate = Candidate(bytes.fromhex(hexdigest), size, self.storage.location(key))
-        out.append(candidate)
+        if self.options.mode == DELETE:
+            # a check reports each candidate as it is found and keeps none of them
+            out.append(candidate)
         self.progress.candidates += 1
         self.progress.candidate_bytes += size
         if self.options.mode == CHECK:
@@ -308,24 +339,27 @@ class Engine:
         layers: dict[bytes, list[str]] = {}
         doomed = {c.digest for c in candidates}
         for repo in inventory.repositories.values():
-            for hexdigest in repo.layers:
-                raw = bytes.fromhex(hexdigest)
+            for raw in repo.layer_digests():
                 if raw in doomed:
-                    layers.setdefault(raw, []).append(layout.layer_link_dir(repo.name, hexdigest))
+                    layers.setdefault(raw, []).append(layout.layer_link_dir(repo.name, raw.hex()))
         del doomed
         for start in range(0, len(candidates), BATCH):
             self._check_stop()
             if self.lease is not None and self.lease.lost.is_set():
                 raise RunFailed("this run lost the store's delete lease to another pruner")
-            batch = await self._recheck(candidates[start : start + BATCH])
+            batch = candidates[start : start + BATCH]
             links = [p for c in batch for p in layers.get(c.digest, ())]
             failures = await self.pruner.remove(self.storage, links)
-            failed_links = {f.key for f in failures}
+            failed_links = _failed_prefixes(failures).intersection(links)
             self.summary.layer_links += len(links) - len(failed_links)
             # a blob whose link could not be removed stays, so no link ever dangles
             batch = [c for c in batch if not failed_links.intersection(layers.get(c.digest, ()))]
             self._count_failures(failures)
-            failures = await self.pruner.remove_blobs(self.storage, [c.digest.hex() for c in batch])
+            if self.options.online:
+                batch, failures = await self._delete_online(batch, layers)
+            else:
+                hexes = [c.digest.hex() for c in batch]
+                failures = await self.pruner.remove_blobs(self.storage, hexes)
             failed = {f.key for f in failures}
             for candidate in batch:
                 if candidate.digest.hex() in failed or candidate.path in failed:
@@ -339,6 +373,8 @@ class Engine:
                 self.on_candidate(candidate)
                 self.log.info(f"Deleted blob: {layout.format_digest(candidate.digest)}")
             self._count_failures(failures)
+            if self.options.online:
+                await self._aftercheck(batch)
         if self.summary.failed:
             raise RunFailed(
                 f"{self.summary.failed} deletes failed (see the log); "
@@ -351,20 +387,49 @@ class Engine:
             self.progress.errors += 1
             self.log.error("delete failed", key=failure.key, reason=failure.reason)
 
-    async def _recheck(self, batch: list[Candidate]) -> list[Candidate]:
-        """Online mode: drop what became referenced or was rewritten since the sweep."""
-        if not self.options.online:
-            return batch
-        protected = await self.source.newly_in_use(c.digest for c in batch)
-        kept: list[Candidate] = []
-        for candidate in batch:
-            if candidate.digest in protected:
-                continue
-            entry = await self.storage.stat(layout.blob_data(candidate.digest.hex()))
-            if entry is None or (entry.mtime or 0) > self.cutoff:
-                continue
-            kept.append(candidate)
-        return kept
+    async def _delete_online(
+        self, batch: list[Candidate], layers: dict[bytes, list[str]]
+    ) -> tuple[list[Candidate], list[DeleteFailure]]:
+        """Online mode, once the batch's layer links are gone: park, settle, re-check, delete.
+
+        A push that looks for a parked blob uploads it again or fails; one that found it just
+        before registers its image within the settle time, and gets the blob and links back.
+        """
+        quarantine = Quarantine(self.storage, self.run_id)
+        parked = set(await quarantine.park([c.digest.hex() for c in batch]))
+        await asyncio.sleep(self.options.online_settle)
+        try:
+            protected = await self.source.newly_in_use(c.digest for c in batch)
+        except SourceError:
+            await quarantine.release(sorted(parked))  # unsure: everything goes back
+            raise
+        back = [c for c in batch if c.digest in protected]
+        await quarantine.release([c.digest.hex() for c in back if c.digest.hex() in parked])
+        for candidate in back:
+            for prefix in layers.get(candidate.digest, ()):
+                await self.storage.write(
+                    prefix + "link", f"sha256:{candidate.digest.hex()}".encode()
+                )
+                self.summary.layer_links -= 1
+            self.summary.too_young += 1
+            self.progress.too_young += 1
+            self.log.warning("kept: referenced during the run", digest=candidate.digest.hex())
+        doomed = [c for c in batch if c.digest not in protected and c.digest.hex() in parked]
+        failures = await quarantine.purge([c.digest.hex() for c in doomed])
+        return doomed, failures
+
+    async def _aftercheck(self, deleted: list[Candidate]) -> None:
+        """Online mode: an image that names a blob just deleted means a push won the race."""
+        late = list(await self.source.newly_in_use(c.digest for c in deleted))
+        # a push that found the blob parked uploaded it again: those are whole
+        stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in late])
+        late = [d for d, entry in zip(late, stats, strict=True) if entry is None]
+        if late:
+            names = ", ".join(layout.format_digest(d) for d in sorted(late)[:10])
+            raise RunFailed(
+                f"{len(late)} deleted blobs are referenced by images created during the run "
+                f"({names}); push those images again. Stopped before deleting more"
+            )
 
     async def _remove_repositories(self, marks: Marks) -> None:
         for name in marks.remove_repositories:

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 import structlog
 
 from daemon import layout, manifests
-from daemon.inventory import Inventory
+from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
 
 MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
 CHUNK = 128
+PARSE_SLICE = 8
 
 
 class StorageSource(ReferenceSource):
@@ -39,8 +40,10 @@ class StorageSource(ReferenceSource):
         self.log = log or structlog.get_logger()
 
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
-        marks = Marks()
-        seen: set[str] = set()
+        # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md)
+        in_use = DigestSet()
+        marks = Marks(in_use=in_use)  # type: ignore[arg-type]  # a MutableSet[bytes]
+        seen: set[bytes] = set()  # manifests read or being read (raw: 70 bytes less than hex)
         work = self._chunks(inventory)
 
         async def worker() -> None:
@@ -54,6 +57,10 @@ class StorageSource(ReferenceSource):
             for task in tasks:
                 task.cancel()
             raise
+        # the last merges a shard at a time, between status requests, not in one len()
+        for shard in in_use.settle_steps():
+            if shard % 16 == 15:
+                await asyncio.sleep(0)
         return marks
 
     @staticmethod
@@ -72,7 +79,7 @@ class StorageSource(ReferenceSource):
         self,
         storage: Storage,
         chunk: list[tuple[str, str]],
-        seen: set[str],
+        seen: set[bytes],
         marks: Marks,
         progress: Progress,
     ) -> None:
@@ -81,7 +88,7 @@ class StorageSource(ReferenceSource):
             contents = await storage.read_many(links, 1024)
         except StorageError as exc:
             raise SourceError(f"cannot read manifest links: {exc}") from exc
-        todo: list[tuple[str, str]] = []
+        todo: list[tuple[str, str, bytes]] = []
         for (repo, hexdigest), link, content in zip(chunk, links, contents, strict=True):
             if content is None:
                 continue  # removed since the scan: distribution would not see it either
@@ -95,20 +102,24 @@ class StorageSource(ReferenceSource):
             if raw.hex() != hexdigest:
                 marks.notes.append(f"{repo}: link {link} names {text.strip()[:80]}; skipped")
                 continue
-            if hexdigest not in seen:
-                seen.add(hexdigest)
-                todo.append((repo, hexdigest))
+            if raw not in seen:
+                seen.add(raw)
+                todo.append((repo, hexdigest, raw))
         if not todo:
             return
-        keys = [layout.blob_data(hexdigest) for _repo, hexdigest in todo]
+        keys = [layout.blob_data(hexdigest) for _repo, hexdigest, _raw in todo]
         try:
             datas = await storage.read_many(keys, MANIFEST_LIMIT)
         except StorageError as exc:
             raise SourceError(f"cannot read manifests: {exc}") from exc
-        for (repo, hexdigest), data in zip(todo, datas, strict=True):
+        for i, ((repo, hexdigest, raw), data) in enumerate(zip(todo, datas, strict=True)):
+            if i % PARSE_SLICE == PARSE_SLICE - 1:
+                # 16 workers' chunks come back together: parsed in one go they held the loop
+                # ~100 ms (status p99); a turn for other tasks every few manifests
+                await asyncio.sleep(0)
             if data is None:
                 # distribution's enumerator skips a revision whose blob is gone
-                seen.discard(hexdigest)
+                seen.discard(raw)
                 marks.notes.append(f"{repo}: revision sha256:{hexdigest} has no blob; skipped")
                 self.log.warning(
                     "revision without blob", repository=repo, digest=f"sha256:{hexdigest}"
@@ -120,7 +131,7 @@ class StorageSource(ReferenceSource):
                 raise SourceError(
                     f"manifest sha256:{hexdigest} of {repo} cannot be parsed: {exc}"
                 ) from None
-            marks.in_use.add(bytes.fromhex(hexdigest))
+            marks.in_use.add(raw)
             marks.in_use.update(refs.blobs)
             marks.in_use.update(refs.children)
             if refs.foreign:

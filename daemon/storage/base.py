@@ -92,6 +92,13 @@ class Storage(ABC):
     async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
         """Delete everything below ``prefix`` (ends with '/')."""
 
+    async def delete_trees(self, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        """``delete_tree`` of each prefix; drivers batch it (the delete phase's link removal)."""
+        failures: list[DeleteFailure] = []
+        for prefix in prefixes:
+            failures += await self.delete_tree(prefix)
+        return failures
+
     async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
         """``read`` of each key (None where missing); drivers batch it. Keep ``keys`` short."""
 
@@ -115,6 +122,13 @@ class Storage(ABC):
         """
         async for batch in self.walk("repositories/"):
             yield [entry.key for entry in batch]
+
+    async def move(self, src: str, dst: str) -> bool:
+        """Move one file/object; False when ``src`` does not exist."""
+        raise StorageError(f"{type(self).__name__} cannot move {src}")
+
+    async def remove_empty_dirs(self, prefixes: Sequence[str]) -> None:  # noqa: B027
+        """Remove these directories where they are empty; object stores have none."""
 
     def location(self, key: str) -> str:
         """Where ``key`` lives, for people: a file path or an s3:// URL."""

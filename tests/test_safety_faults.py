@@ -1,0 +1,201 @@
+"""Storage faults on the filesystem, a full state directory, and two daemons on one store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon import layout
+from daemon.logs import make_logger
+from daemon.progress import Progress
+from daemon.prune import Engine, RunOptions
+from daemon.sources.storage import StorageSource
+from daemon.storage.base import BlobEntry
+from daemon.storage.filesystem import FilesystemStorage
+from tests.harness.daemon import Daemon
+from tests.harness.images import Scenario
+from tests.harness.registry import Registry
+from tests.test_safety_crash import blobs_on_disk, plant_orphans
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_CAPS = ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--ambient-caps", "-all"]
+
+
+def pruned_without_privileges(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as root without CAP_DAC_*: file permissions apply to it as to anyone."""
+    return subprocess.run(
+        [*NO_CAPS, sys.executable, "-m", "daemon", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "blobs/sha256/{shard}",
+        "repositories/app/_manifests/revisions/sha256",
+        "repositories/team/sub/app/_layers/sha256",
+        "repositories/team",
+    ],
+)
+def test_unreadable_directory_fails_closed(fresh: tuple[Registry, Scenario], where: str) -> None:
+    registry, scenario = fresh
+    registry.restart(read_only=True)
+    orphan = sorted(scenario.expected_orphans)[0][7:]
+    target = registry.root / "docker/registry/v2" / where.format(shard=orphan[:2])
+    before = blobs_on_disk(registry)
+    os.chmod(target, 0)
+    try:
+        result = pruned_without_privileges(
+            "delete", "--registry-config", str(registry.config_path), "--grace", "0"
+        )
+    finally:
+        os.chmod(target, 0o755)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Permission denied" in result.stderr and str(target) in result.stderr
+    assert blobs_on_disk(registry) == before
+
+
+class Vanishing(FilesystemStorage):
+    """Removes each listed orphan's data right after listing its shard (a racing collector)."""
+
+    def __init__(self, root: str, doomed: set[str]) -> None:
+        super().__init__(root, 4)
+        self.doomed = doomed
+
+    async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
+        entries = await super().list_blob_shard(shard)
+        for entry in entries:
+            if entry.hex in self.doomed:
+                os.unlink(self.base / layout.blob_data(entry.hex))
+        return entries
+
+
+async def test_files_vanishing_between_list_and_use(fresh: tuple[Registry, Scenario]) -> None:
+    registry, scenario = fresh
+    doomed = {d[7:] for d in scenario.expected_orphans}
+    storage = Vanishing(str(registry.root), doomed)
+    log = make_logger("warning")
+    engine = Engine(storage, StorageSource(4, log), RunOptions(grace=0), Progress(), log=log)
+    summary = await engine.run()
+    # the blobs went away by themselves: none is a candidate, none is counted as freed
+    assert summary.blobs == 0 and summary.too_young == len(doomed)
+    await storage.close()
+
+
+@pytest.fixture
+def tiny_state(tmp_path: Path) -> Iterator[Path]:
+    state = tmp_path / "tiny"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(state)], check=True)
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def test_full_state_directory_fails_clearly_and_never_corrupts(
+    fresh: tuple[Registry, Scenario], tiny_state: Path
+) -> None:
+    registry, _scenario = fresh
+    plant_orphans(registry, 3000, seed=11)  # 3000 candidate lines do not fit in 48 KiB
+    daemon = Daemon(registry.config_path, tiny_state, "--grace", "0").start()
+    try:
+        status, doc = daemon.json("GET", "/prune?mode=check&wait=true")
+        assert status == 200 and doc["state"] == "failed", doc
+        assert "No space left on device" in doc["error"]
+        assert "state directory" in doc["error"]
+        assert daemon.json("GET", "/healthz")[0] == 200
+    finally:
+        daemon.stop()
+    runs = tiny_state / "runs"
+    for path in runs.iterdir():
+        assert not path.name.startswith("."), path  # no temporary file left behind
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            for line in path.read_text().splitlines():
+                json.loads(line)  # whole lines only
+
+
+def test_second_daemon_on_the_same_store_cannot_delete_while_the_first_does(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    registry, scenario = fresh
+    planted = plant_orphans(registry, 20_000, seed=12)
+    registry.restart(read_only=True)
+    first = Daemon(registry.config_path, tmp_path / "a", "--grace", "0").start()
+    second = Daemon(registry.config_path, tmp_path / "b", "--grace", "0").start()
+    try:
+        status, run = first.json("POST", "/prune?mode=delete")
+        assert status == 202
+        deadline = time.monotonic() + 30
+        while first.json("GET", f"/runs/{run['id']}")[1]["phase"] in ("starting", "guard"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status, refused = second.json("GET", "/prune?mode=check&wait=true")
+        assert refused["state"] == "succeeded"  # checks never need the lease
+        status, refused = second.json("POST", "/prune?mode=delete&wait=true")
+        assert refused["state"] == "failed", refused
+        assert "holds this store's delete lease" in refused["error"]
+        assert first.wait_done(run["id"])["state"] == "succeeded"
+        status, after = second.json("POST", "/prune?mode=delete&wait=true")
+        assert after["state"] == "succeeded"  # the lease was released
+    finally:
+        first.stop()
+        second.stop()
+    assert not planted & blobs_on_disk(registry)
+    assert scenario.in_use <= blobs_on_disk(registry)
+
+
+async def test_racing_leases_leave_one_holder(fresh: tuple[Registry, Scenario]) -> None:
+    from daemon.lease import Lease, LeaseHeld
+
+    registry, _scenario = fresh
+    stores = [FilesystemStorage(str(registry.root), 2) for _ in range(5)]
+    leases = [Lease(s, f"run{i}", settle=0.3) for i, s in enumerate(stores)]
+    results = await asyncio.gather(*(lease.acquire() for lease in leases), return_exceptions=True)
+    winners = [r for r in results if r is None]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, LeaseHeld) for r in results if r is not None)
+    for lease in leases:
+        await lease.release()
+    for s in stores:
+        await s.close()
+
+
+def test_blobs_parked_by_a_dead_online_run_go_back(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    """An online run killed between parking and deciding leaves blobs aside; none is lost."""
+    from tests.conftest import pruned
+    from tests.harness.images import skopeo_pull
+
+    registry, scenario = fresh
+    v2 = registry.root / "docker/registry/v2"
+    parked = sorted(scenario.in_use)[:5]
+    for digest in parked:
+        hexd = digest[7:]
+        target = v2 / "_registry-pruned/quarantine/dead-run" / hexd
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (v2 / layout.blob_data(hexd)).rename(target)
+    registry.restart(read_only=True)
+    result = pruned("delete", "--registry-config", registry.config_path, "--grace", "0")
+    assert result.returncode == 0, result.stderr
+    assert "put back blobs a stopped run had parked" in result.stderr
+    assert blobs_on_disk(registry) == scenario.in_use
+    assert not list((v2 / "_registry-pruned/quarantine").glob("*/*"))
+    registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")

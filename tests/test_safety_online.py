@@ -1,0 +1,118 @@
+"""Concurrent pushes during an online delete (openshift source): every push that succeeds pulls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+
+from tests.harness.fake_openshift import FakeOpenShift, make_image
+from tests.harness.images import (
+    Blob,
+    RegistryClient,
+    RegistryHTTPError,
+    config_blob,
+    docker_manifest,
+    random_layer,
+    skopeo_pull,
+)
+from tests.harness.openshift_scenario import (
+    Pushed,
+    cluster_for,
+    on_disk,
+    run_cli,
+)
+from tests.harness.registry import Registry
+from tests.test_safety_crash import plant_orphans
+
+OLD = time.time() - 7200
+
+
+def backdate(registry: Registry, blobs: list[Blob]) -> None:
+    base = registry.root / "docker/registry/v2/blobs/sha256"
+    for blob in blobs:
+        hexd = blob.digest[7:]
+        os.utime(base / hexd[:2] / hexd / "data", (OLD, OLD))
+
+
+async def test_pushes_reusing_orphan_layers_during_online_delete(
+    openshift_store: tuple[Registry, dict[str, Pushed]], tmp_path: Path
+) -> None:
+    registry, images = openshift_store
+    client = RegistryClient(registry.url)
+    rng = random.Random(21)
+    # old orphan layers still linked into ns1/web: a client pushing there sees them present
+    # and does not upload them again, the dangerous case
+    old_layers = [random_layer(rng, 1024) for _ in range(40)]
+    for blob in old_layers:
+        client.upload_blob("ns1/web", blob)
+    backdate(registry, old_layers)
+    plant_orphans(registry, 4000, seed=22)  # enough work for the run to take a while
+    cluster = cluster_for(images, skip=set())
+    cluster.read_only = False
+    stream = cluster.streams[("ns1", "web")]
+    succeeded: list[tuple[str, str, set[str]]] = []
+    failed: list[str] = []
+    reused: set[str] = set()
+    stop = asyncio.Event()
+
+    async def pusher(n: int) -> None:
+        local = random.Random(100 + n)
+        i = 0
+        while not stop.is_set() and i < 25:
+            i += 1
+            tag = f"p{n}-{i}"
+            layers = [*local.sample(old_layers, 2), random_layer(local, 512)]
+            cfg = config_blob(layers, label=tag)
+            manifest = docker_manifest(cfg, layers)
+            # OpenShift's registry creates the Image while it accepts the manifest
+            cluster.add_image(
+                make_image(
+                    manifest.digest,
+                    layers=manifest.layers,
+                    config=manifest.config,
+                    repository="ns1/web",
+                )
+            )
+            try:
+                await asyncio.to_thread(client.push_image, "ns1/web", tag, manifest, [*layers, cfg])
+            except RegistryHTTPError as exc:
+                cluster.delete_image(manifest.digest)
+                failed.append(f"{tag}: {exc.status}")
+                continue
+            stream["status"]["tags"].append(
+                {
+                    "tag": tag,
+                    "items": [
+                        {
+                            "image": manifest.digest,
+                            "created": "2024-05-01T10:00:00Z",
+                            "dockerImageReference": "x",
+                            "generation": 1,
+                        }
+                    ],
+                }
+            )
+            succeeded.append((tag, manifest.digest, {b.digest for b in [*layers, cfg]}))
+            reused.update(b.digest for b in layers[:2])
+            await asyncio.sleep(local.uniform(0.05, 0.4))  # spread over the whole run
+
+    async with FakeOpenShift(cluster) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        run = asyncio.create_task(
+            run_cli(registry, "delete", "--online", "--grace", "1h", kubeconfig=kubeconfig)
+        )
+        pushers = [asyncio.create_task(pusher(n)) for n in range(3)]
+        code, out, err = await run
+        stop.set()
+        await asyncio.gather(*pushers)
+    assert code == 0, out + err
+    print(f"pushes: {len(succeeded)} succeeded, {len(failed)} failed; reused {len(reused)} orphans")
+    assert succeeded, failed
+    assert reused, "no push reused an orphan candidate"
+    left = on_disk(registry)
+    for i, (tag, digest, blobs) in enumerate(succeeded):
+        assert blobs | {digest} <= left, tag
+        skopeo_pull(registry.url, "ns1/web", tag, tmp_path / f"pull{i}")
