@@ -35,7 +35,17 @@ class Plan:
     seed: int
 
 
-def _write(path: str, data: bytes) -> None:
+def _write(path: str, data: bytes, fresh_dir: bool = False) -> None:
+    """Write one file with an old mtime; ``fresh_dir``: its directory is new, parent exists."""
+    # the store is kernel-bound (mkdir/creat): one mkdir where the parent is known to exist
+    # saves makedirs' walk up and a failed open per file
+    if fresh_dir:
+        try:
+            os.mkdir(os.path.dirname(path))
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     except FileNotFoundError:
@@ -48,12 +58,12 @@ def _write(path: str, data: bytes) -> None:
 
 def _blob(v2: str, data: bytes) -> str:
     hexd = hashlib.sha256(data).hexdigest()
-    _write(f"{v2}/blobs/sha256/{hexd[:2]}/{hexd}/data", data)
+    _write(f"{v2}/blobs/sha256/{hexd[:2]}/{hexd}/data", data, fresh_dir=True)
     return hexd
 
 
 def _link(path: str, hexd: str) -> None:
-    _write(path, f"sha256:{hexd}".encode())
+    _write(path, f"sha256:{hexd}".encode(), fresh_dir=True)
 
 
 def _repo_name(i: int) -> str:
@@ -84,7 +94,8 @@ def build_repos(plan: Plan, first: int, last: int) -> tuple[int, int]:
                 pick = shared[rng.randrange(len(shared))]
                 layers.append((pick, 8 * len(f"shared-{plan.seed}-0")))
             config = json.dumps(
-                {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}, "n": r * m}
+                # unique per (repository, manifest): equal configs would be one blob
+                {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}, "n": [r, m]}
             ).encode()
             config_hex = _blob(v2, config)
             blobs += 1
@@ -134,7 +145,8 @@ def plan_for(root: Path, blobs: int, repos: int, layers: int, orphans: float, se
 
 def generate(plan: Plan, processes: int = 2) -> dict[str, int]:
     v2 = f"{plan.root}/docker/registry/v2"
-    os.makedirs(f"{v2}/blobs/sha256", exist_ok=True)
+    for shard in range(256):
+        os.makedirs(f"{v2}/blobs/sha256/{shard:02x}", exist_ok=True)
     for i in range(plan.shared):
         _blob(v2, _shared_layer(plan, i))
     step = max(1, plan.repos // (processes * 8))

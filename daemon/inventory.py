@@ -164,12 +164,14 @@ class DigestSet(MutableSet[bytes]):
             self._flush()
 
     def _flush(self) -> None:
-        pending, self._pending = self._pending, set()
+        pending = self._pending
         if not pending:
             return
         # one short record would shift every later one in its shard: refuse it outright
+        # (and keep what was pending: a caller that goes on must not lose digests)
         if set(map(type, pending)) != {bytes} or set(map(len, pending)) != {32}:
             raise ValueError("a DigestSet holds 32-byte digests")
+        self._pending = set()
         tails, cache, limits = self._tails, self._cache, self._limits
         for value in pending:
             tails[value[0]] += value

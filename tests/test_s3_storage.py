@@ -299,7 +299,8 @@ async def test_delete_blobs_in_batches(
     proxy.reset_counts()
     assert await storage.delete_blobs(doomed) == []
     posts = [seen for seen in proxy.seen if seen.method == "POST"]
-    assert len(posts) == 3
+    # split into parallel streams, never more than 1000 keys a request
+    assert len(posts) >= 3
     asked = {f"root/docker/registry/v2/{layout.blob_data(h)}" for h in doomed}
     sent: list[str] = []
     for seen in posts:
