@@ -397,3 +397,46 @@ def test_delete_under_faults_keeps_every_kept_blob_then_a_rerun_finishes(
     assert again.stdout.splitlines()[0] == f"Deleted {len(stuck)} blobs"
     assert store.blobs() == scenario.pushed - scenario.expected_orphans
     assert store.registry.garbage_collect(dry_run=True) == set()
+
+
+@pytest.mark.parametrize(("phase", "deleted"), [("mark", 0), ("delete", 1)])
+def test_sigkill_mid_delete_then_restart_finishes(
+    fresh: Store, tmp_path: Path, phase: str, deleted: int
+) -> None:
+    import hashlib
+    import random
+    import signal
+
+    from tests.harness.daemon import Daemon
+    from tests.test_safety_crash import wait_for
+
+    store, scenario = fresh, fresh.scenario
+    rng = random.Random(phase)
+    planted = {}
+    for _ in range(3000):
+        data = rng.randbytes(48)
+        hexd = hashlib.sha256(data).hexdigest()
+        planted[f"{store.root}/docker/registry/v2/{layout.blob_data(hexd)}"] = data
+    asyncio.run(store.weed.seed(store.bucket, planted))
+    store.registry.restart(read_only=True)
+    state = tmp_path / "state"
+    daemon = Daemon(store.registry.config_path, state, "--grace", "0").start()
+    try:
+        _status, run = daemon.json("POST", "/prune?mode=delete")
+        reached = wait_for(daemon, run["id"], phase, deleted)
+        daemon.terminate(signal.SIGKILL)
+    finally:
+        daemon.stop()
+    assert reached["state"] == "running", reached
+    assert scenario.in_use <= store.blobs()
+    again = Daemon(store.registry.config_path, state, "--grace", "0").start()
+    try:
+        assert again.json("GET", "/runs")[1][0]["state"] == "interrupted"
+        final = again.json("POST", "/prune?mode=delete&wait=true")[1]
+        assert final["state"] == "succeeded", final
+    finally:
+        again.stop()
+    assert store.blobs() == scenario.in_use
+    store.registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
