@@ -299,6 +299,7 @@ class RunManager:
             run.state, run.error = state, error
             self.active = None
             await self._save(run)
+            await self._prune_history()  # before waiters see the end: they may list files
             run.done.set()
             log.info(
                 "run ended",
@@ -308,7 +309,6 @@ class RunManager:
                 **run.summary.document(),
             )
             self.on_finish(run)
-            await self._prune_history()
 
     async def stop(self, run: Run) -> None:
         run.stop.set()

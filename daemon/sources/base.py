@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableSet
 from dataclasses import dataclass, field
 
 from daemon.inventory import Inventory
@@ -23,7 +23,7 @@ class ReadOnlyRefused(Exception):
 class Marks:
     """Outcome of the mark phase."""
 
-    in_use: set[bytes] = field(default_factory=set)  # 32-byte raw sha256 digests
+    in_use: MutableSet[bytes] = field(default_factory=set)  # 32-byte raw sha256 digests
     remove_repositories: list[str] = field(default_factory=list)
     remove_revisions: list[tuple[str, str]] = field(default_factory=list)  # (repository, hex)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why

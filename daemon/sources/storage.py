@@ -42,7 +42,7 @@ class StorageSource(ReferenceSource):
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
         # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md)
         in_use = DigestSet()
-        marks = Marks(in_use=in_use)  # type: ignore[arg-type]  # a MutableSet[bytes]
+        marks = Marks(in_use=in_use)
         seen: set[bytes] = set()  # manifests read or being read (raw: 70 bytes less than hex)
         work = self._chunks(inventory)
 
