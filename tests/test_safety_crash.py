@@ -54,7 +54,7 @@ def wait_for(daemon: Daemon, run_id: str, phase: str, deleted: int) -> dict:
 
 # (phase to wait for, deleted count to wait for): before anything is deleted, at the first
 # batch, and in the middle of the deletions
-KILL_POINTS = [("mark", 0), ("sweep", 0), ("delete", 0), ("delete", 1), ("delete", 4000)]
+KILL_POINTS = [("mark", 0), ("delete", 0), ("delete", 1), ("delete", 4000)]
 
 
 @pytest.mark.parametrize(("phase", "deleted"), KILL_POINTS)

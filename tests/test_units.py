@@ -146,3 +146,25 @@ def test_sizes_and_summary_words() -> None:
 def test_started_at_go_format() -> None:
     assert parse_started_at("2024-05-01T10:00:00.123456789Z") == pytest.approx(1714557600.123456)
     assert parse_started_at("garbage") is None
+
+
+def test_digest_set_behaves_like_a_set() -> None:
+    import random
+
+    from daemon.inventory import DigestSet
+
+    rng = random.Random(4)
+    values = [rng.randbytes(32) for _ in range(5000)]
+    ours, plain = DigestSet(values[:100]), set(values[:100])
+    for value in values[100:4000]:
+        ours.add(value)
+        plain.add(value)
+    ours.update(values[:50])  # duplicates
+    for value in values[3990:4010]:
+        ours.discard(value)
+        plain.discard(value)
+    assert len(ours) == len(plain)
+    assert all((v in ours) == (v in plain) for v in values)
+    assert set(ours) == plain
+    for shard in (0, 0x7F, 0xFF):
+        assert ours.shard(shard) == {v for v in plain if v[0] == shard}
