@@ -389,7 +389,7 @@ def main() -> None:
         ratios = {
             "candidates": candidates,
             "same_candidates": same,
-            "listed_keys": answers["floor_keys"],
+            "listed_keys": answers["floor"],
             "peer_over_ours_cli": round(peer_s / ours_cli, 1),
             "peer_over_ours_engine": round(peer_s / ours_engine, 1),
             "ours_cli_over_floor": round(ours_cli / median(runs["floor"]), 2),
