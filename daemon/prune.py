@@ -362,9 +362,9 @@ class Engine:
                 failures = await self.pruner.remove_blobs(self.storage, hexes)
             failed = {f.key for f in failures}
             for candidate in batch:
-                if candidate.digest.hex() in failed or candidate.path in failed:
-                    continue
-                if layout.blob_dir(candidate.digest.hex()) in failed:
+                hexd = candidate.digest.hex()
+                # drivers name a failed blob by its digest, its data key or its directory
+                if failed.intersection((hexd, layout.blob_data(hexd), layout.blob_dir(hexd))):
                     continue
                 self.summary.blobs += 1
                 self.summary.bytes += candidate.size

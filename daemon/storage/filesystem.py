@@ -361,6 +361,8 @@ class FilesystemStorage(Storage):
         failures = []
         for prefix in prefixes:
             try:
+                if not prefix.strip("/"):
+                    raise StorageError("refusing to delete the whole store")
                 path = self._path(prefix.rstrip("/"))
                 if os.path.islink(path):
                     raise StorageError(f"{path} is a symbolic link; not following it")
