@@ -425,6 +425,11 @@ class Engine:
         stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in late])
         late = [d for d, entry in zip(late, stats, strict=True) if entry is None]
         if late:
+            # the push may be uploading it again right now: give it the settle time too
+            await asyncio.sleep(self.options.online_settle)
+            stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in late])
+            late = [d for d, entry in zip(late, stats, strict=True) if entry is None]
+        if late:
             names = ", ".join(layout.format_digest(d) for d in sorted(late)[:10])
             raise RunFailed(
                 f"{len(late)} deleted blobs are referenced by images created during the run "
