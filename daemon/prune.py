@@ -10,7 +10,7 @@ import contextlib
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -113,22 +113,6 @@ def parse_started_at(text: str) -> float | None:
         return datetime.fromisoformat(_FRACTION.sub(r"\1", text.strip())).timestamp()
     except ValueError:
         return None
-
-
-def _failed_prefixes(failures: Sequence[DeleteFailure]) -> set[str]:
-    """Each failed key and every directory above it.
-
-    A driver names a tree it could not delete by its prefix (filesystem) or by the key
-    inside it that stayed (S3): either way the tree counts as not deleted."""
-    out: set[str] = set()
-    for failure in failures:
-        key = failure.key
-        out.add(key)
-        slash = key.find("/")
-        while slash != -1:
-            out.add(key[: slash + 1])
-            slash = key.find("/", slash + 1)
-    return out
 
 
 class Engine:
@@ -350,7 +334,7 @@ class Engine:
             batch = candidates[start : start + BATCH]
             links = [p for c in batch for p in layers.get(c.digest, ())]
             failures = await self.pruner.remove(self.storage, links)
-            failed_links = _failed_prefixes(failures).intersection(links)
+            failed_links = {f.key for f in failures}
             self.summary.layer_links += len(links) - len(failed_links)
             # a blob whose link could not be removed stays, so no link ever dangles
             batch = [c for c in batch if not failed_links.intersection(layers.get(c.digest, ()))]
@@ -360,11 +344,9 @@ class Engine:
             else:
                 hexes = [c.digest.hex() for c in batch]
                 failures = await self.pruner.remove_blobs(self.storage, hexes)
-            failed = {f.key for f in failures}
+            failed = {f.key for f in failures}  # hex digests
             for candidate in batch:
-                hexd = candidate.digest.hex()
-                # drivers name a failed blob by its digest, its data key or its directory
-                if failed.intersection((hexd, layout.blob_data(hexd), layout.blob_dir(hexd))):
+                if candidate.digest.hex() in failed:
                     continue
                 self.summary.blobs += 1
                 self.summary.bytes += candidate.size
@@ -420,21 +402,24 @@ class Engine:
 
     async def _aftercheck(self, deleted: list[Candidate]) -> None:
         """Online mode: an image that names a blob just deleted means a push won the race."""
-        late = list(await self.source.newly_in_use(c.digest for c in deleted))
         # a push that found the blob parked uploaded it again: those are whole
-        stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in late])
-        late = [d for d, entry in zip(late, stats, strict=True) if entry is None]
+        late = await self._missing(await self.source.newly_in_use(c.digest for c in deleted))
         if late:
             # the push may be uploading it again right now: give it the settle time too
             await asyncio.sleep(self.options.online_settle)
-            stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in late])
-            late = [d for d, entry in zip(late, stats, strict=True) if entry is None]
+            late = await self._missing(late)
         if late:
             names = ", ".join(layout.format_digest(d) for d in sorted(late)[:10])
             raise RunFailed(
                 f"{len(late)} deleted blobs are referenced by images created during the run "
                 f"({names}); push those images again. Stopped before deleting more"
             )
+
+    async def _missing(self, digests: Iterable[bytes]) -> list[bytes]:
+        """Those of ``digests`` whose blob data is not in the store."""
+        digests = list(digests)
+        stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in digests])
+        return [d for d, entry in zip(digests, stats, strict=True) if entry is None]
 
     async def _remove_repositories(self, marks: Marks) -> None:
         for name in marks.remove_repositories:

@@ -472,7 +472,7 @@ async def test_delete_under_faults(
     # a fault that outlasts the retries: every key of the batch reported, nothing deleted
     proxy.inject("slowdown", None, match=is_delete_objects)
     failures = await storage.delete_blobs(rest)
-    assert sorted(f.key for f in failures) == sorted(layout.blob_data(h) for h in rest)
+    assert sorted(f.key for f in failures) == sorted(rest)  # named by digest
     assert all("SlowDown" in f.reason for f in failures)
     proxy.clear()
     proxy.inject("delete_errors", None, code="AccessDenied")

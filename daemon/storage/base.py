@@ -82,7 +82,9 @@ class Storage(ABC):
 
     @abstractmethod
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
-        """Delete whole blobs (data and their directory); a missing blob is not a failure."""
+        """Delete whole blobs (data and their directory); a missing blob is not a failure.
+
+        A failure names the blob by its hex digest, whatever the driver deleted to remove it."""
 
     @abstractmethod
     async def delete_keys(self, keys: Sequence[str]) -> list[DeleteFailure]:
@@ -90,10 +92,10 @@ class Storage(ABC):
 
     @abstractmethod
     async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
-        """Delete everything below ``prefix`` (ends with '/')."""
+        """Delete everything below ``prefix`` (ends with '/'); a failure names ``prefix``."""
 
     async def delete_trees(self, prefixes: Sequence[str]) -> list[DeleteFailure]:
-        """``delete_tree`` of each prefix; drivers batch it (the delete phase's link removal)."""
+        """``delete_tree`` of each prefix; drivers batch it. One failure per prefix given."""
         failures: list[DeleteFailure] = []
         for prefix in prefixes:
             failures += await self.delete_tree(prefix)

@@ -305,7 +305,8 @@ class FilesystemStorage(Storage):
             raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
 
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
-        return await self.delete_trees([layout.blob_dir(h) for h in hexes])
+        failures = await self.delete_trees([layout.blob_dir(h) for h in hexes])
+        return [DeleteFailure(f.key.rstrip("/").rsplit("/", 1)[-1], f.reason) for f in failures]
 
     async def move(self, src: str, dst: str) -> bool:
         return await self._run(self._move, src, dst)

@@ -728,7 +728,11 @@ class S3Storage(Storage):
             DeleteFailure(h, "not a sha256 hex digest") for h in hexes if not layout.is_hex(h)
         ]
         keys = [layout.blob_data(h) for h in hexes if layout.is_hex(h)]
-        return failures + await self.delete_keys(keys)
+        # blobs/sha256/<xx>/<hex>/data -> <hex>
+        failures += [
+            DeleteFailure(f.key.rsplit("/", 2)[-2], f.reason) for f in await self.delete_keys(keys)
+        ]
+        return failures
 
     async def delete_keys(self, keys: Sequence[str]) -> list[DeleteFailure]:
         """DeleteObjects (Quiet), at most 1000 keys a request and several requests in flight;
@@ -783,24 +787,26 @@ class S3Storage(Storage):
         """Everything below each prefix, in shared DeleteObjects batches. Trees are listed
         concurrently, except layer link directories: their one key, ``link``, is deleted
         without a listing (one request per orphan's link would bound the delete rate)."""
-        keys: list[str] = []
+        owner: dict[str, str] = {}  # key -> the prefix it was deleted for
         listed: list[str] = []
         for prefix in prefixes:
             if not prefix.strip("/"):
                 raise ValueError("delete_trees needs non-empty prefixes")
             directory = _dir(prefix)
             if _LAYER_LINK_DIR.fullmatch(directory):
-                keys.append(directory + "link")
+                owner[directory + "link"] = prefix
             else:
-                listed.append(directory)
+                listed.append(prefix)
 
-        async def below(directory: str) -> list[str]:
-            full = self._key(directory)
+        async def below(prefix: str) -> list[str]:
+            full = self._key(_dir(prefix))
             return [e.key async for page in self._pages(full) for e in self._entries(page, full)]
 
-        for found in await asyncio.gather(*(below(d) for d in listed)):
-            keys.extend(found)
-        return await self.delete_keys(keys)
+        for prefix, found in zip(
+            listed, await asyncio.gather(*(below(p) for p in listed)), strict=True
+        ):
+            owner.update(dict.fromkeys(found, prefix))
+        return _by_prefix(await self.delete_keys(list(owner)), owner)
 
     async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
         """List everything below ``prefix`` and delete it page by page."""
@@ -820,7 +826,18 @@ class S3Storage(Storage):
             if isinstance(result, BaseException):
                 raise result
             failures.extend(result)
-        return failures
+        if not failures:
+            return []
+        return [DeleteFailure(prefix, failures[0].reason)]
+
+
+def _by_prefix(failures: list[DeleteFailure], owner: Mapping[str, str]) -> list[DeleteFailure]:
+    """One failure per prefix not wholly deleted, named by that prefix."""
+    out: dict[str, DeleteFailure] = {}
+    for failure in failures:
+        prefix = owner.get(failure.key, failure.key)
+        out.setdefault(prefix, DeleteFailure(prefix, failure.reason))
+    return list(out.values())
 
 
 def _dir(prefix: str) -> str:
