@@ -72,21 +72,15 @@ class Inventory:
         for key in keys:
             end = len(key)
             if key[-5:] == "/link" and key[:_PREFIX] == layout.REPOSITORIES:
+                # the tail's length says where the repository name ends
                 if key[-85:-69] == _LAYER_TAIL:
-                    name = key[_PREFIX:-85]
-                    if name == last_name and last_repo is not None:
-                        repo = last_repo
-                    elif plain(name):
-                        repo = last_repo = repos.get(name) or self.repo(name)
-                        last_name = name
-                    else:
-                        repo = None
-                    if repo is not None and hexmatch(key, end - 69, end - 5):
-                        if keep_layers:
-                            repo.layers += bytes.fromhex(key[-69:-5])
-                        continue
+                    cut = 85
                 elif key[-98:-69] == _REVISION_TAIL:
-                    name = key[_PREFIX:-98]
+                    cut = 98
+                else:
+                    cut = 0
+                if cut:
+                    name = key[_PREFIX:-cut]
                     if name == last_name and last_repo is not None:
                         repo = last_repo
                     elif plain(name):
@@ -95,7 +89,10 @@ class Inventory:
                     else:
                         repo = None
                     if repo is not None and hexmatch(key, end - 69, end - 5):
-                        repo.revisions.add(key[-69:-5])
+                        if cut == 98:
+                            repo.revisions.add(key[-69:-5])
+                        elif keep_layers:
+                            repo.layers += bytes.fromhex(key[-69:-5])
                         continue
                 elif key[-13:] == "/current/link":
                     head, _, tag = key[:-13].rpartition("/")

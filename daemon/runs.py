@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from daemon.atomic import atomic_write
 from daemon.progress import Progress
 from daemon.prune import Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
@@ -42,20 +43,6 @@ class Busy(Exception):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 @dataclass(slots=True)
@@ -174,7 +161,7 @@ class RunManager:
 
     async def _save_doc(self, doc: dict[str, Any]) -> None:
         data = json.dumps(doc, indent=1).encode()
-        await asyncio.to_thread(_atomic_write, self.dir / f"{doc['id']}.json", data)
+        await asyncio.to_thread(atomic_write, self.dir / f"{doc['id']}.json", data)
 
     async def _save(self, run: Run) -> None:
         try:

@@ -8,8 +8,6 @@ import os
 import re
 import shutil
 import stat as statmod
-import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon import layout
+from daemon.atomic import atomic_write
 from daemon.storage.base import (
     BlobEntry,
     DeleteFailure,
@@ -290,18 +289,10 @@ class FilesystemStorage(Storage):
 
     def _write(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # unique per writer: two leases racing in one process must not share a temp file
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, data)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
 
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
