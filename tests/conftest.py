@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,4 +41,33 @@ def pruned(
         timeout=120,
         env={**os.environ, **(env or {})},
         cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def would_delete(stderr: str) -> set[str]:
+    """The digests of a check's ``Would delete blob: ...`` log lines."""
+    return {
+        m.group(0)
+        for line in stderr.splitlines()
+        if "Would delete blob" in line
+        for m in [DIGEST.search(line)]
+        if m
+    }
+
+
+def check_logged(config: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """A check with grace 0 that logs one text line per candidate."""
+    return pruned(
+        "check",
+        "--registry-config",
+        config,
+        "--grace",
+        "0",
+        "--log-level",
+        "info",
+        "--log-format",
+        "text",
     )

@@ -19,11 +19,10 @@ from tests.harness.images import (
 from tests.harness.openshift_scenario import (
     Pushed,
     cluster_for,
-    on_disk,
     revisions,
     run_cli,
 )
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, blobs_on_disk
 
 
 async def test_images_decide_exact_removals_and_kept_images_pull(
@@ -32,14 +31,14 @@ async def test_images_decide_exact_removals_and_kept_images_pull(
     registry, images = openshift_store
     # app2 was deleted from the cluster (oc delete image): its unique blobs are orphans
     cluster = cluster_for(images, skip={"app2"})
-    before, links_before = on_disk(registry), revisions(registry)
+    before, links_before = blobs_on_disk(registry), revisions(registry)
     async with FakeOpenShift(cluster) as api:
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
         code, out, err = await run_cli(
             registry, "check", "--log-level", "info", "--log-format", "text", kubeconfig=kubeconfig
         )
         assert code == 0, err
-        assert on_disk(registry) == before and revisions(registry) == links_before
+        assert blobs_on_disk(registry) == before and revisions(registry) == links_before
         in_use = set().union(*(p.digests() for n, p in images.items() if n != "app2"))
         expected = before - in_use
         # app2's own layer, config and manifest: the shared base stays
@@ -50,7 +49,7 @@ async def test_images_decide_exact_removals_and_kept_images_pull(
         code, out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
         assert code == 0, err
     assert out.splitlines()[0] == f"Deleted {len(expected)} blobs"
-    assert on_disk(registry) == before - expected
+    assert blobs_on_disk(registry) == before - expected
     gone_links = links_before - revisions(registry)
     assert gone_links == {
         ("ns1/app", images["app2"].manifest.digest),
@@ -90,7 +89,7 @@ async def test_api_faults_fail_closed(
             cluster.malformed("imagestreams", page=1)
         case "401":
             cluster.tokens.clear()
-    before, links = on_disk(registry), revisions(registry)
+    before, links = blobs_on_disk(registry), revisions(registry)
     async with FakeOpenShift(cluster) as api:
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
         extra = ["--api-page-size", "2", "--api-timeout", "2s"]
@@ -99,7 +98,7 @@ async def test_api_faults_fail_closed(
     assert err.splitlines()[-1].startswith("error: ")
     if fault == "403":
         assert "list imagestreams.image.openshift.io" in err
-    assert on_disk(registry) == before and revisions(registry) == links
+    assert blobs_on_disk(registry) == before and revisions(registry) == links
 
 
 async def test_delete_refused_unless_read_only_or_online(
@@ -108,12 +107,12 @@ async def test_delete_refused_unless_read_only_or_online(
     registry, images = openshift_store
     cluster = cluster_for(images, skip={"app2"})
     cluster.read_only = False
-    before = on_disk(registry)
+    before = blobs_on_disk(registry)
     async with FakeOpenShift(cluster) as api:
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
         code, _out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
     assert code == 2 and "spec.readOnly" in err
-    assert on_disk(registry) == before
+    assert blobs_on_disk(registry) == before
 
 
 async def test_image_created_during_online_delete_keeps_its_blobs(
@@ -156,7 +155,7 @@ async def test_image_created_during_online_delete_keeps_its_blobs(
         )
         code, _out, err = await run
     assert code == 0, err
-    left = on_disk(registry)
+    left = blobs_on_disk(registry)
     assert {late.digest, late_cfg.digest, late_layers[0].digest} <= left
     assert not images["app2"].digests() - {images["app2"].blobs[0].digest} & left
     skopeo_pull(registry.url, "ns1/web", "late", tmp_path / "late")

@@ -10,26 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import pruned
+from tests.conftest import check_logged, pruned, would_delete
 from tests.harness.images import RegistryClient, Scenario, skopeo_pull
-from tests.harness.registry import Registry, RegistryError
-
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def would_delete(stderr: str) -> set[str]:
-    return {
-        m.group(0)
-        for line in stderr.splitlines()
-        if "Would delete blob" in line
-        for m in [DIGEST.search(line)]
-        if m
-    }
-
-
-def blobs_on_disk(registry: Registry) -> set[str]:
-    base = registry.root / "docker/registry/v2/blobs/sha256"
-    return {"sha256:" + p.parent.name for p in base.glob("*/*/data")}
+from tests.harness.registry import Registry, RegistryError, blobs_on_disk
 
 
 def test_check_matches_garbage_collect_digest_for_digest(
@@ -37,17 +20,7 @@ def test_check_matches_garbage_collect_digest_for_digest(
 ) -> None:
     registry, scenario = shared
     before = blobs_on_disk(registry)
-    result = pruned(
-        "check",
-        "--registry-config",
-        registry.config_path,
-        "--grace",
-        "0",
-        "--log-level",
-        "info",
-        "--log-format",
-        "text",
-    )
+    result = check_logged(registry.config_path)
     assert result.returncode == 0, result.stderr
     ours = would_delete(result.stderr)
     peer = registry.garbage_collect(dry_run=True)
@@ -171,17 +144,7 @@ def test_missing_blob_behind_revision_is_skipped_like_distribution(
     registry, scenario = fresh
     link = _revision(registry, scenario) / "link"
     shutil.rmtree(_blob(registry, link.read_text()).parent)
-    result = pruned(
-        "check",
-        "--registry-config",
-        registry.config_path,
-        "--grace",
-        "0",
-        "--log-level",
-        "info",
-        "--log-format",
-        "text",
-    )
+    result = check_logged(registry.config_path)
     assert result.returncode == 0, result.stderr
     assert "has no blob" in result.stderr
     assert would_delete(result.stderr) == registry.garbage_collect(dry_run=True)

@@ -17,7 +17,7 @@ import yaml
 from aiohttp import web
 
 from daemon import layout
-from tests.conftest import pruned
+from tests.conftest import check_logged, pruned, would_delete
 from tests.harness.faultproxy import (
     FaultProxy,
     delete_request_keys,
@@ -29,22 +29,11 @@ from tests.harness.images import Scenario, build_scenario, skopeo_pull
 from tests.harness.registry import Registry
 from tests.harness.seaweed import SeaweedFS
 
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 BLOB_KEY = re.compile(r"blobs/sha256/[0-9a-f]{2}/([0-9a-f]{64})/data$")
 PREFIXED = "pre/fix"
 # S3 answers HEAD on a blob with a 307 to a presigned GET URL by default; a HEAD that
 # follows it fails the signature check, so the registry serves blobs itself here
 NO_REDIRECT = {"REGISTRY_STORAGE_REDIRECT_DISABLE": "true"}
-
-
-def would_delete(stderr: str) -> set[str]:
-    return {
-        m.group(0)
-        for line in stderr.splitlines()
-        if "Would delete blob" in line
-        for m in [DIGEST.search(line)]
-        if m
-    }
 
 
 @dataclass
@@ -232,17 +221,7 @@ def faults(proxy: BodyProxy) -> Iterator[BodyProxy]:
 
 def check(config: Path) -> tuple[int, set[str], str, str]:
     """A check with grace 0 and per-candidate logging: (exit, candidates, stdout, stderr)."""
-    result = pruned(
-        "check",
-        "--registry-config",
-        config,
-        "--grace",
-        "0",
-        "--log-level",
-        "info",
-        "--log-format",
-        "text",
-    )
+    result = check_logged(config)
     return result.returncode, would_delete(result.stderr), result.stdout, result.stderr
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.harness.daemon import Daemon
 from tests.harness.images import Scenario, skopeo_pull
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, blobs_on_disk
 
 OLD = time.time() - 7200
 
@@ -32,11 +32,6 @@ def plant_orphans(registry: Registry, count: int, seed: int) -> set[str]:
         os.utime(path, (OLD, OLD))
         out.add("sha256:" + hexd)
     return out
-
-
-def blobs_on_disk(registry: Registry) -> set[str]:
-    base = registry.root / "docker/registry/v2/blobs/sha256"
-    return {"sha256:" + p.parent.name for p in base.glob("*/*/data")}
 
 
 PHASES = ["guard", "scan-repositories", "mark", "sweep", "delete"]

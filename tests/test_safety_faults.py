@@ -22,8 +22,8 @@ from daemon.storage.base import BlobEntry
 from daemon.storage.filesystem import FilesystemStorage
 from tests.harness.daemon import Daemon
 from tests.harness.images import Scenario
-from tests.harness.registry import Registry
-from tests.test_safety_crash import blobs_on_disk, plant_orphans
+from tests.harness.registry import Registry, blobs_on_disk
+from tests.test_safety_crash import plant_orphans
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_CAPS = ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--ambient-caps", "-all"]

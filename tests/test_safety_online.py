@@ -21,10 +21,9 @@ from tests.harness.images import (
 from tests.harness.openshift_scenario import (
     Pushed,
     cluster_for,
-    on_disk,
     run_cli,
 )
-from tests.harness.registry import Registry
+from tests.harness.registry import Registry, blobs_on_disk
 from tests.test_safety_crash import plant_orphans
 
 OLD = time.time() - 7200
@@ -114,7 +113,7 @@ async def test_pushes_reusing_orphan_layers_during_online_delete(
     print(f"pushes: {len(succeeded)} succeeded, {len(failed)} failed; reused {len(reused)} orphans")
     assert succeeded, failed
     assert reused, "no push reused an orphan candidate"
-    left = on_disk(registry)
+    left = blobs_on_disk(registry)
     for i, (tag, digest, blobs) in enumerate(succeeded):
         assert blobs | {digest} <= left, tag
         skopeo_pull(registry.url, "ns1/web", tag, tmp_path / f"pull{i}")

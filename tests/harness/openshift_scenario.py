@@ -169,11 +169,6 @@ async def run_cli(registry: Registry, *args: str, kubeconfig: Path) -> tuple[int
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-def on_disk(registry: Registry) -> set[str]:
-    base = registry.root / "docker/registry/v2/blobs/sha256"
-    return {"sha256:" + p.parent.name for p in base.glob("*/*/data")}
-
-
 def revisions(registry: Registry) -> set[tuple[str, str]]:
     base = registry.root / "docker/registry/v2/repositories"
     return {

@@ -289,3 +289,9 @@ def running_registry(
         yield registry
     finally:
         registry.cleanup()
+
+
+def blobs_on_disk(registry: Registry) -> set[str]:
+    """Digests of every blob with data in a filesystem registry's store."""
+    base = registry.root / "docker/registry/v2/blobs/sha256"
+    return {"sha256:" + p.parent.name for p in base.glob("*/*/data")}
