@@ -423,8 +423,6 @@ class Engine:
 
     async def _remove_repositories(self, marks: Marks) -> None:
         for name in marks.remove_repositories:
-            if not layout.is_repository_name(name) and "/" in name.strip("/"):
-                self.log.warning("repository name is not valid", repository=name)
             prefixes = [
                 layout.repository_root(name) + section
                 for section in ("_manifests/", "_layers/", "_uploads/")
