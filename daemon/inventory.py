@@ -125,6 +125,8 @@ class Inventory:
                 repo.uploads_started.add(kind.upload)
             case "upload_other":
                 repo.uploads.add(kind.upload)
+            case "layers_unlisted":
+                pass  # the repository exists; its links were not asked for
 
 
 class DigestSet(MutableSet[bytes]):

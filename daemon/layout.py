@@ -76,7 +76,9 @@ def upload_dir(name: str, uuid: str) -> str:
 class RepoKey:
     """What a key under ``repositories/`` is."""
 
-    kind: str  # revision | tag_current | tag_index | layer | upload_startedat | upload_other
+    #: revision | tag_current | tag_index | layer | layers_unlisted | upload_startedat |
+    #: upload_other
+    kind: str
     repository: str
     digest_hex: str = ""  # revision, tag_index, layer
     tag: str = ""  # tag_current, tag_index
@@ -97,6 +99,9 @@ def classify_repo_key(key: str) -> RepoKey | None:
         return None
     section, rest = parts[i], parts[i + 1 :]
     if section == "_layers":
+        if rest == [""]:
+            # the directory itself: a scan asked not to list layer links names it instead
+            return RepoKey("layers_unlisted", repo)
         if len(rest) == 3 and rest[0] == "sha256" and rest[2] == "link" and is_hex(rest[1]):
             return RepoKey("layer", repo, digest_hex=rest[1])
         return None

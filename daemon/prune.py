@@ -216,9 +216,11 @@ class Engine:
     async def scan_repositories(self) -> Inventory:
         """Phase 1: one walk of repositories/ into an inventory."""
         self.progress.enter("scan-repositories")
-        # _layers links only serve to unlink deleted blobs: a check does not keep them
-        inventory = Inventory(keep_layers=self.options.mode == DELETE)
-        async for batch in self.storage.scan_repositories():
+        # _layers links only serve to unlink deleted blobs: a check neither lists nor keeps
+        # them (they are most of the keys under repositories/)
+        deleting = self.options.mode == DELETE
+        inventory = Inventory(keep_layers=deleting)
+        async for batch in self.storage.scan_repositories(layers=deleting):
             for start in range(0, len(batch), 2000):
                 inventory.add_keys(batch[start : start + 2000])
                 await asyncio.sleep(0)  # status requests get their turn between slices

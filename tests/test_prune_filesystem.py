@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from daemon.inventory import Inventory
+from daemon.storage.filesystem import FilesystemStorage
 from tests.conftest import check_logged, pruned, would_delete
 from tests.harness.images import RegistryClient, Scenario, skopeo_pull
 from tests.harness.registry import Registry, RegistryError, blobs_on_disk
@@ -32,6 +35,34 @@ def test_check_matches_garbage_collect_digest_for_digest(
     assert lines[-1] == "Use mode=delete to actually delete the data"
     assert "Would delete 1 stale uploads" not in result.stdout  # the upload is minutes old
     assert blobs_on_disk(registry) == before  # check never changes anything
+
+
+def test_check_scan_names_layer_directories_instead_of_listing_them(
+    shared: tuple[Registry, Scenario],
+) -> None:
+    registry, _scenario = shared
+
+    async def scan(layers: bool) -> tuple[list[str], Inventory]:
+        storage = FilesystemStorage(str(registry.root), 2)
+        inventory = Inventory(keep_layers=layers)
+        keys = [k async for batch in storage.scan_repositories(layers=layers) for k in batch]
+        inventory.add_keys(keys)
+        await storage.close()
+        return keys, inventory
+
+    full, everything = asyncio.run(scan(True))
+    short, check = asyncio.run(scan(False))
+    layer_links = [k for k in full if "/_layers/sha256/" in k]
+    assert layer_links and not [k for k in short if "/_layers/sha256/" in k]
+    markers = {k.split("/_layers/")[0] + "/_layers/" for k in layer_links}
+    assert sorted(short) == sorted([k for k in full if k not in layer_links] + list(markers))
+    assert everything.repositories.keys() == check.repositories.keys()
+    for name, repo in everything.repositories.items():
+        assert (repo.revisions, repo.tags) == (
+            check.repositories[name].revisions,
+            check.repositories[name].tags,
+        )
+    assert everything.unknown == check.unknown == 0
 
 
 def test_grace_period_keeps_young_blobs(shared: tuple[Registry, Scenario]) -> None:

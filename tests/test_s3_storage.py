@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from urllib.parse import unquote
 
 import pytest
 import pytest_asyncio
@@ -19,6 +20,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClient
 
 from daemon import layout
 from daemon.config import S3Settings, StorageSettings
+from daemon.inventory import Inventory
 from daemon.storage.base import Entry, NotFound, StorageError, TooLarge
 from daemon.storage.s3 import BATCH, RetryPolicy, S3Storage, _endpoint_url, create, is_transient
 from tests.harness.faultproxy import (
@@ -280,6 +282,32 @@ async def test_seeded_listing(seeded: Seeded, make_storage: MakeStorage, proxy: 
         async for batch in batches:
             assert batch
             break
+
+
+@session_loop
+async def test_scan_lists_layer_links_only_when_asked(
+    seeded: Seeded, make_storage: MakeStorage, proxy: FaultProxy
+) -> None:
+    counted = make_storage(seeded.bucket, seeded.root, endpoint=proxy.url)
+
+    async def scan(layers: bool) -> list[str]:
+        proxy.reset_counts()
+        return [k async for batch in counted.scan_repositories(layers=layers) for k in batch]
+
+    assert sorted(await scan(True)) == sorted(seeded.repo_keys)
+    without = await scan(False)
+    repos = {f"repositories/ns{n % 5}/app{n}/" for n in range(24)}
+    expected = {k for k in seeded.repo_keys if "/_layers/" not in k}
+    assert sorted(without) == sorted(expected | {f"{repo}_layers/" for repo in repos})
+    listed = [unquote(s.path_qs) for s in proxy.seen]
+    assert not [path for path in listed if "/_layers/sha256" in path or path.endswith("_layers/")]
+    # repositories/, 5 namespaces, 24 repositories by delimiter; then each _manifests/ flat
+    assert proxy.requests == 1 + 5 + 24 + 24
+    # the inventory still knows a repository whose only section went unlisted
+    inventory = Inventory(keep_layers=False)
+    inventory.add_keys([*without, "repositories/only-layers/_layers/"])
+    assert set(inventory.repositories) == {r[13:-1] for r in repos} | {"only-layers"}
+    assert inventory.unknown == 1  # repositories/stray-file
 
 
 # -- deletes ----------------------------------------------------------------------------

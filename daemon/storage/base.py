@@ -116,11 +116,13 @@ class Storage(ABC):
         """``stat`` of each key; drivers batch it. Keep ``keys`` short."""
         return list(await asyncio.gather(*(self.stat(key) for key in keys)))
 
-    async def scan_repositories(self) -> AsyncIterator[list[str]]:
+    async def scan_repositories(self, layers: bool = True) -> AsyncIterator[list[str]]:
         """Keys under repositories/ as the layout names them, in batches.
 
         A driver may name a link without confirming it exists (readers of links handle
-        NotFound), so that a filesystem need not open a directory per link.
+        NotFound), so that a filesystem need not open a directory per link. With
+        ``layers`` False a driver may name a repository's ``_layers/`` directory (that
+        key, ending in '/') instead of listing the links in it: most of the keys.
         """
         async for batch in self.walk("repositories/"):
             yield [entry.key for entry in batch]

@@ -145,7 +145,7 @@ class FilesystemStorage(Storage):
                 raise StorageError(f"cannot list {self.location(current)}: {exc.strerror}") from exc
         return out
 
-    async def scan_repositories(self) -> AsyncIterator[list[str]]:
+    async def scan_repositories(self, layers: bool = True) -> AsyncIterator[list[str]]:
         _files, dirs = await self.list_dir(layout.REPOSITORIES)
         # Two kinds of thread jobs share a sliding window: "find" walks the directories above
         # repositories, "scan" lists one repository's sections. A batch is one repository's
@@ -164,7 +164,9 @@ class FilesystemStorage(Storage):
                     if kind == "find":
                         job = loop.run_in_executor(self._pool, self._find_repositories, prefix)
                     else:
-                        job = loop.run_in_executor(self._pool, self._scan_repo, prefix, sections)
+                        job = loop.run_in_executor(
+                            self._pool, self._scan_repo, prefix, sections, layers
+                        )
                     kinds[job] = kind
                 done, _ = await asyncio.wait(kinds, return_when=asyncio.FIRST_COMPLETED)
                 for job in done:
@@ -194,7 +196,7 @@ class FilesystemStorage(Storage):
     def _names(self, prefix: str) -> list[str]:
         return self._list_dir(prefix)[1]
 
-    def _scan_repo(self, current: str, sections: frozenset[str]) -> list[str]:
+    def _scan_repo(self, current: str, sections: frozenset[str], layers: bool) -> list[str]:
         # one directory listing per section instead of one per link: the links' own
         # directories are only named here; readers handle a link that is not there
         out: list[str] = []
@@ -202,7 +204,10 @@ class FilesystemStorage(Storage):
             out += self._keys(f"{current}_manifests/revisions/sha256/", "/link")
             out += self._keys(f"{current}_manifests/tags/", "/current/link")
         if "_layers" in sections:
-            out += self._keys(f"{current}_layers/sha256/", "/link")
+            if layers:
+                out += self._keys(f"{current}_layers/sha256/", "/link")
+            else:
+                out.append(f"{current}_layers/")
         if "_uploads" in sections:
             out += self._keys(f"{current}_uploads/", "/startedat")
         return out

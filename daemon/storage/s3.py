@@ -510,14 +510,16 @@ class S3Storage(Storage):
 
     async def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
         """Every object below ``prefix``: flat listings of its subtrees, run concurrently."""
-        async for batch in self._walk(prefix, prove=False):
+        async for batch in self._walk(prefix, prove=False, layers=None):
             yield batch
 
-    async def scan_repositories(self) -> AsyncIterator[list[str]]:
-        """Keys under repositories/. The listing's ETags prove most revision links' content,
-        so that the mark reads them from memory instead of one GET each (half its requests)."""
+    async def scan_repositories(self, layers: bool = True) -> AsyncIterator[list[str]]:
+        """Keys under repositories/, each section of each repository a flat listing of its own
+        (without ``layers``, ``_layers/`` is named, not listed). The listing's ETags prove most
+        revision links' content, so that the mark reads them from memory instead of one GET
+        each (half its requests)."""
         self._proven.clear()
-        async for batch in self._walk(layout.REPOSITORIES, prove=True):
+        async for batch in self._walk(layout.REPOSITORIES, prove=True, layers=layers):
             yield [entry.key for entry in batch]
 
     async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
@@ -538,11 +540,16 @@ class S3Storage(Storage):
                 out[i] = data
         return out
 
-    async def _walk(self, prefix: str, prove: bool) -> AsyncIterator[list[Entry]]:
+    async def _walk(
+        self, prefix: str, prove: bool, layers: bool | None
+    ) -> AsyncIterator[list[Entry]]:
+        """Every object below ``prefix``. ``layers`` None: split by depth. Else ``prefix`` is
+        repositories/: split down to the repositories' sections, ``_layers/`` listed only when
+        ``layers`` is True."""
         queue: asyncio.Queue[list[Entry] | BaseException | None] = asyncio.Queue(
             maxsize=2 * self.concurrency
         )
-        producer = asyncio.create_task(self._walk_into(_dir(prefix), queue, prove))
+        producer = asyncio.create_task(self._walk_into(_dir(prefix), queue, prove, layers))
         try:
             while True:
                 item = await queue.get()
@@ -557,7 +564,11 @@ class S3Storage(Storage):
                 await producer
 
     async def _walk_into(
-        self, prefix: str, queue: asyncio.Queue[list[Entry] | BaseException | None], prove: bool
+        self,
+        prefix: str,
+        queue: asyncio.Queue[list[Entry] | BaseException | None],
+        prove: bool,
+        layers: bool | None,
     ) -> None:
         flat_slots = asyncio.Semaphore(self.concurrency)
 
@@ -570,9 +581,10 @@ class S3Storage(Storage):
                         await queue.put(entries)
 
         async def split(relative: str, group: asyncio.TaskGroup) -> None:
-            # only the upper levels (repositories/<ns>/<name>/, blobs/sha256/<xx>/) are split:
-            # deeper down a delimiter listing would cost one request per tiny directory
-            if relative.count("/") >= _SPLIT_DEPTH:
+            # only the upper levels are split: deeper down a delimiter listing would cost one
+            # request per tiny directory. By depth (blobs/sha256/<xx>/), or for repositories/
+            # down to each repository's sections: no name component starts with "_"
+            if layers is None and relative.count("/") >= _SPLIT_DEPTH:
                 await flat(relative)
                 return
             full = self._key(relative)
@@ -581,7 +593,13 @@ class S3Storage(Storage):
                 if entries:
                     await queue.put(entries)
                 for common in page.get("CommonPrefixes") or ():
-                    group.create_task(split(self._relative(common["Prefix"]), group))
+                    child = self._relative(common["Prefix"])
+                    if layers is None or not child[:-1].rpartition("/")[2].startswith("_"):
+                        group.create_task(split(child, group))
+                    elif not layers and child.endswith("/_layers/"):
+                        await queue.put([Entry(child)])
+                    else:
+                        group.create_task(flat(child))
 
         try:
             async with asyncio.TaskGroup() as group:
