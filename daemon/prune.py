@@ -329,41 +329,63 @@ class Engine:
                 if raw in doomed:
                     layers.setdefault(raw, []).append(layout.layer_link_dir(repo.name, raw.hex()))
         del doomed
-        for start in range(0, len(candidates), BATCH):
-            self._check_stop()
-            if self.lease is not None and self.lease.lost.is_set():
-                raise RunFailed("this run lost the store's delete lease to another pruner")
-            batch = candidates[start : start + BATCH]
-            links = [p for c in batch for p in layers.get(c.digest, ())]
-            failures = await self.pruner.remove(self.storage, links)
-            failed_links = {f.key for f in failures}
-            self.summary.layer_links += len(links) - len(failed_links)
-            # a blob whose link could not be removed stays, so no link ever dangles
-            batch = [c for c in batch if not failed_links.intersection(layers.get(c.digest, ()))]
-            self._count_failures(failures)
-            if self.options.online:
-                batch, failures = await self._delete_online(batch, layers)
-            else:
-                hexes = [c.digest.hex() for c in batch]
-                failures = await self.pruner.remove_blobs(self.storage, hexes)
-            failed = {f.key for f in failures}  # hex digests
-            for candidate in batch:
-                if candidate.digest.hex() in failed:
-                    continue
-                self.summary.blobs += 1
-                self.summary.bytes += candidate.size
-                self.progress.deleted += 1
-                self.progress.deleted_bytes += candidate.size
-                self.on_candidate(candidate)
-                self.log.info(f"Deleted blob: {layout.format_digest(candidate.digest)}")
-            self._count_failures(failures)
-            if self.options.online:
-                await self._aftercheck(batch)
+        # two batches in flight: one's links go while the other's blobs go, so the store is
+        # not idle while the slowest request of a batch finishes. Online runs wait on the
+        # source between steps and keep one batch at a time
+        window = 1 if self.options.online else 2
+        running: set[asyncio.Task[None]] = set()
+        try:
+            for start in range(0, len(candidates), BATCH):
+                while len(running) >= window:
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    errors = [task.exception() for task in done]  # each one retrieved
+                    first = next((e for e in errors if e is not None), None)
+                    if first is not None:
+                        raise first
+                self._check_stop()
+                if self.lease is not None and self.lease.lost.is_set():
+                    raise RunFailed("this run lost the store's delete lease to another pruner")
+                batch = candidates[start : start + BATCH]
+                running.add(asyncio.create_task(self._delete_batch(batch, layers)))
+        finally:
+            # what is in flight finishes and is counted, whatever ended the loop
+            results = await asyncio.gather(*running, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         if self.summary.failed:
             raise RunFailed(
                 f"{self.summary.failed} deletes failed (see the log); "
                 f"{self.summary.blobs} blobs were deleted; run again to finish"
             )
+
+    async def _delete_batch(self, batch: list[Candidate], layers: dict[bytes, list[str]]) -> None:
+        """One batch: its blobs' layer links first, then the blobs whose links all went."""
+        links = [p for c in batch for p in layers.get(c.digest, ())]
+        failures = await self.pruner.remove(self.storage, links)
+        failed_links = {f.key for f in failures}
+        self.summary.layer_links += len(links) - len(failed_links)
+        # a blob whose link could not be removed stays, so no link ever dangles
+        batch = [c for c in batch if not failed_links.intersection(layers.get(c.digest, ()))]
+        self._count_failures(failures)
+        if self.options.online:
+            batch, failures = await self._delete_online(batch, layers)
+        else:
+            hexes = [c.digest.hex() for c in batch]
+            failures = await self.pruner.remove_blobs(self.storage, hexes)
+        failed = {f.key for f in failures}  # hex digests
+        for candidate in batch:
+            if candidate.digest.hex() in failed:
+                continue
+            self.summary.blobs += 1
+            self.summary.bytes += candidate.size
+            self.progress.deleted += 1
+            self.progress.deleted_bytes += candidate.size
+            self.on_candidate(candidate)
+            self.log.info(f"Deleted blob: {layout.format_digest(candidate.digest)}")
+        self._count_failures(failures)
+        if self.options.online:
+            await self._aftercheck(batch)
 
     def _count_failures(self, failures: list[DeleteFailure]) -> None:
         for failure in failures:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,9 @@ import pytest
 from daemon import layout
 from daemon.logs import make_logger
 from daemon.progress import Progress
-from daemon.prune import Engine, RunOptions
+from daemon.prune import DELETE, Engine, RunFailed, RunOptions
 from daemon.sources.storage import StorageSource
-from daemon.storage.base import BlobEntry
+from daemon.storage.base import BlobEntry, DeleteFailure
 from daemon.storage.filesystem import FilesystemStorage
 from tests.harness.daemon import Daemon
 from tests.harness.images import Scenario
@@ -92,6 +92,80 @@ async def test_files_vanishing_between_list_and_use(fresh: tuple[Registry, Scena
     # the blobs went away by themselves: none is a candidate, none is counted as freed
     assert summary.blobs == 0 and summary.too_young == len(doomed)
     await storage.close()
+
+
+class Recording(FilesystemStorage):
+    """Logs when each layer link is gone and when each blob's deletion starts; refuses to
+    delete the layer links of ``refused``."""
+
+    def __init__(self, root: str, refused: str) -> None:
+        super().__init__(root, 4)
+        self.refused = refused
+        self.events: list[tuple[str, str]] = []
+        self.inflight = self.peak = 0
+
+    async def delete_trees(self, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        if all(p.startswith(layout.BLOBS) for p in prefixes):
+            return await super().delete_trees(prefixes)  # delete_blobs' own work
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        try:
+            await asyncio.sleep(0.02)  # a slow store: the other batch gets its turn
+            kept = [p for p in prefixes if self.refused in p]
+            failures = [DeleteFailure(p, "refused by the test") for p in kept]
+            gone = [p for p in prefixes if p not in kept]
+            failures += await super().delete_trees(gone)
+            self.events += [("link", p.rstrip("/").rsplit("/", 1)[-1]) for p in gone]
+            return failures
+        finally:
+            self.inflight -= 1
+
+    async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        self.events += [("blob", h) for h in hexes]
+        try:
+            await asyncio.sleep(0.02)
+            return await super().delete_blobs(hexes)
+        finally:
+            self.inflight -= 1
+
+
+async def test_batches_overlap_but_each_blob_goes_after_its_links(
+    fresh: tuple[Registry, Scenario],
+) -> None:
+    registry, scenario = fresh
+    kept = blobs_on_disk(registry) - scenario.expected_orphans
+    planted = sorted(plant_orphans(registry, 2600, seed=5))  # three batches of up to 1000
+    linked = [d[7:] for d in planted[::7]]
+    for hexd in linked:
+        for repo in ("app", "team/sub/app"):
+            link = registry.root / "docker/registry/v2" / layout.layer_link_dir(repo, hexd)
+            link.mkdir(parents=True)
+            (link / "link").write_text("sha256:" + hexd)
+    refused = linked[len(linked) // 2]
+    storage = Recording(str(registry.root), refused)
+    log = make_logger("warning")
+    options = RunOptions(mode=DELETE, grace=0, registry_read_only=True)
+    engine = Engine(storage, StorageSource(4, log), options, Progress(), log=log)
+    with pytest.raises(RunFailed, match="2 deletes failed"):
+        await engine.run()
+    await storage.close()
+    assert storage.peak == 2  # one batch's links went while another's blobs did
+    order = {event: i for i, event in enumerate(storage.events)}
+    for hexd in linked:
+        if hexd != refused:
+            assert order[("link", hexd)] < order[("blob", hexd)]
+    # the blob whose links could not all go stays, with its surviving links: none dangles
+    assert ("blob", refused) not in order
+    assert blobs_on_disk(registry) == kept | {"sha256:" + refused}
+    summary = engine.summary
+    assert summary.blobs == len(planted) + len(scenario.expected_orphans) - 1
+    assert summary.failed == 2
+    v2 = registry.root / "docker/registry/v2"
+    for hexd in linked:
+        on_disk = [(v2 / layout.layer_link_dir(r, hexd)).exists() for r in ("app", "team/sub/app")]
+        assert on_disk == [hexd == refused] * 2
 
 
 @pytest.fixture
