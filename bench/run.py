@@ -5,7 +5,7 @@
     python bench/run.py rss [--blobs 100000 --blobs 1000000]  peak RSS of a check, bytes a blob
     python bench/run.py delete [--blobs 50000]                orphans deleted a second
     python bench/run.py status [--blobs 500000]               GET /runs/latest p50/p99 in a run
-    python bench/run.py s3 [ARGS...]                          bench/s3_check.py (SeaweedFS)
+    python bench/run.py s3 [--blobs 50000] [ARGS...]          bench/s3_check.py (SeaweedFS)
 
 Stores are made by bench/synth.py under ``--work`` (default /tmp/pruned-bench) and kept
 there for the next run (a ``bench.json`` beside each says what it holds). Every figure is a
@@ -423,8 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="repeat the whole command")
     args, rest = parser.parse_known_args(argv)
     if args.command == "s3":
-        # the S3 figures (check vs garbage-collect on SeaweedFS, delete rate) are that script's
-        return subprocess.call([sys.executable, str(ROOT / "bench/s3_check.py"), *rest])
+        # the S3 figures (check vs garbage-collect on SeaweedFS, delete rate) are that
+        # script's, on the same stores
+        script = [sys.executable, str(ROOT / "bench/s3_check.py"), "--work", str(args.work)]
+        for n in args.blobs or (50_000,):
+            code = subprocess.call([*script, "--blobs", str(n), *rest])
+            if code:
+                return code
+        return 0
     if rest:
         parser.error(f"unknown arguments: {rest}")
     args.work.mkdir(parents=True, exist_ok=True)

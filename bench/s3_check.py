@@ -1,17 +1,20 @@
-"""S3 check and delete speed against distribution's garbage-collect, on a local SeaweedFS.
+"""S3 benchmarks on a local SeaweedFS, against distribution's garbage-collect, in one run.
 
-    python bench/s3_check.py [--blobs 48000] [--repos 200] [--repeats 3] [--workdir DIR]
+    python bench/s3_check.py [--blobs 50000] [--repeats 3] [--work DIR] [--no-delete]
 
-One run measures, on one bucket: the daemon's check (CLI wall time and the engine in
-process), ``docker-registry garbage-collect --dry-run`` on the same bucket (both must find
-the same candidates), the floor (one flat ListObjectsV2 of the whole bucket), then the
-deletion rate of the orphans (at least 10,000) with the registry config read-only.
+One run measures, on one bucket: the daemon's check (CLI wall time and peak RSS, the API of a
+``serve`` process, the engine in process for its phases), ``docker-registry garbage-collect
+--dry-run`` on the same bucket (all must find the same candidates) and the floor (one flat
+ListObjectsV2 of the whole bucket); then the deletion rate of the orphans with the registry
+config read-only.
 
-Orphans come two ways, as in a real registry: blobs never referenced (bench/synth.py's
-orphans) and images deleted through the API (revision link and tags gone, their blobs and
-layer links left behind). The synthetic store and SeaweedFS's data stay in ``--workdir``;
-the next run uploads again only what the last delete removed. Figures go to stdout as JSON
-lines.
+The store is bench/run.py's (the same ``--work`` directory and ``store-<blobs>``), so the
+filesystem and S3 figures come from the same images. Orphans come two ways, as in a real
+registry: blobs never referenced (bench/synth.py's orphans) and images deleted through the
+API (revision link and tags gone, their blobs and layer links left behind). SeaweedFS keeps
+its data in ``<work>/weed``, one bucket per store size; a bucket known complete is not
+listed again, and the next run uploads again only what the last delete removed. Figures go
+to stdout as JSON lines.
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,18 +37,24 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.synth import generate, plan_for  # noqa: E402
+from bench.run import (  # noqa: E402
+    ELIGIBLE,
+    PEER_CHECK,
+    ours_cmd,
+    peer_env,
+    run_child,
+    store,
+    would_delete,
+)
 from daemon import layout, logs  # noqa: E402
 from daemon.config import load_settings  # noqa: E402
 from daemon.progress import Progress  # noqa: E402
 from daemon.prune import CHECK, Candidate, Engine, RunOptions  # noqa: E402
 from daemon.sources.storage import StorageSource  # noqa: E402
 from daemon.storage import open_storage  # noqa: E402
+from tests.harness.daemon import Daemon  # noqa: E402
 from tests.harness.seaweed import SeaweedFS  # noqa: E402
 
-BUCKET = "bench"
-ELIGIBLE = re.compile(rb"^blob eligible for deletion: (sha256:[0-9a-f]{64})", re.MULTILINE)
-WOULD = re.compile(r"^Would delete (\d+) blobs$", re.MULTILINE)
 #: manifests whose digest starts with one of these are deleted through the API (about 3/16)
 DELETED_IMAGES = ("0", "1", "2")
 GOAL_RATIO = 10.0
@@ -94,37 +101,40 @@ def _tag_dir(key: str) -> str | None:
     return f"{head}/_manifests/tags/{rest.split('/', 1)[0]}/" if found else None
 
 
+def bucket_for(blobs: int) -> str:
+    return f"bench-{blobs}"
+
+
 def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
     """The synthetic store (generated once), SeaweedFS started, the bucket made complete."""
-    workdir: Path = args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    store = workdir / f"store-{args.blobs}-{args.repos}-{args.orphans}"
-    marker = store / "counts.json"
-    if not marker.exists():
-        started = time.monotonic()
-        plan = plan_for(store, args.blobs, args.repos, 5, args.orphans, 1)
-        counts = generate(plan, os.cpu_count() or 2)
-        counts["seconds"] = round(time.monotonic() - started, 1)
-        marker.write_text(json.dumps(counts))
-    counts = json.loads(marker.read_text())
-    objects = load_store(store)
-    weed = SeaweedFS(workdir=workdir / "weed").start()
-    weed.create_bucket(BUCKET)
-    present = set(weed.keys(BUCKET))
-    missing = {key: data for key, data in objects.items() if key not in present}
-    extra = present - objects.keys()
+    root, counts = store(args.work, args.blobs)
+    objects = load_store(root)
+    weed = SeaweedFS(workdir=args.work / "weed").start()
+    bucket = bucket_for(args.blobs)
+    weed.create_bucket(bucket)
+    complete = args.work / "weed" / f"{bucket}.complete"
     started = time.monotonic()
+    missing: dict[str, bytes] = {}
+    extra: set[str] = set()
+    if not complete.exists():
+        # a million keys take minutes to list: done only when the last run may have changed
+        # the bucket (a delete, or an interrupted upload)
+        present = set(weed.keys(bucket))
+        missing = {key: data for key, data in objects.items() if key not in present}
+        extra = present - objects.keys()
     if missing:
-        asyncio.run(weed.seed(BUCKET, missing, concurrency=32))
+        asyncio.run(weed.seed(bucket, missing, concurrency=32))
     if extra:
         client = weed.client()
         ordered = sorted(extra)
         for i in range(0, len(ordered), 1000):
             chunk = [{"Key": key} for key in ordered[i : i + 1000]]
-            client.delete_objects(Bucket=BUCKET, Delete={"Objects": chunk, "Quiet": True})
+            client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
+    complete.touch()
     blobs = sum(1 for key in objects if key.endswith("/data") and "/blobs/" in key)
     info = {
         "synthetic": counts,
+        "bucket": bucket,
         "objects": len(objects),
         "blobs": blobs,
         "uploaded": len(missing),
@@ -134,11 +144,11 @@ def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
     return weed, info
 
 
-def registry_config(weed: SeaweedFS, path: Path, read_only: bool) -> Path:
-    """A distribution config with the S3 driver on the bench bucket (the daemon reads it too)."""
+def registry_config(weed: SeaweedFS, bucket: str, path: Path, read_only: bool) -> Path:
+    """A distribution config with the S3 driver on ``bucket`` (the daemon reads it too)."""
     storage: dict[str, Any] = {
         "s3": {
-            "bucket": BUCKET,
+            "bucket": bucket,
             "region": weed.region,
             "regionendpoint": weed.endpoint,
             "accesskey": weed.access_key,
@@ -157,93 +167,64 @@ def registry_config(weed: SeaweedFS, path: Path, read_only: bool) -> Path:
     return path
 
 
-def child_env(registry: bool) -> dict[str, str]:
-    """The environment without overrides that would make the config file lie."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "PRUNER_"))}
-    if registry:
-        # the Go AWS SDK in docker-registry panics with a CA bundle and a plain-http endpoint
-        env.pop("AWS_CA_BUNDLE", None)
-    return env
+def _cpu_of(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
-
-
-def _cpu(pid: int | None) -> tuple[float, float]:
-    """(CPU seconds of this process and its waited-for children, of the process ``pid``)."""
+def _cpu(daemon: int | None, store_pid: int | None) -> tuple[float, float]:
+    """(CPU seconds of this process, its waited-for children and the daemon, of SeaweedFS)."""
     own = sum(
         usage.ru_utime + usage.ru_stime
         for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     )
-    store = 0.0
-    if pid is not None:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        store = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own, store
+    return own + _cpu_of(daemon), _cpu_of(store_pid)
 
 
-def metered(fn: Callable[[], Any], pid: int | None) -> tuple[float, float, float, Any]:
+def metered(
+    fn: Callable[[], Any], daemon: int | None, store_pid: int | None
+) -> tuple[float, float, float, Any]:
     """(wall seconds, client CPU seconds, store CPU seconds, result) of ``fn()``: the CPU
     figures say how much work each tool made, whatever else loads the machine."""
-    own, store = _cpu(pid)
-    seconds, result = timed(fn)
-    own_after, store_after = _cpu(pid)
-    return seconds, own_after - own, store_after - store, result
+    own, weed = _cpu(daemon, store_pid)
+    started = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - started
+    own_after, weed_after = _cpu(daemon, store_pid)
+    return seconds, own_after - own, weed_after - weed, result
 
 
-def floor(weed: SeaweedFS) -> int:
+def floor(weed: SeaweedFS, bucket: str) -> int:
     """One flat, sequential ListObjectsV2 of the whole bucket: the least any tool must do."""
     count = 0
     paginator = weed.client().get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=BUCKET, PaginationConfig={"PageSize": 1000}):
+    for page in paginator.paginate(Bucket=bucket, PaginationConfig={"PageSize": 1000}):
         count += len(page.get("Contents", []))
     return count
 
 
-def peer(config: Path) -> set[str]:
-    proc = subprocess.run(
-        ["docker-registry", "garbage-collect", "--dry-run", str(config)],
-        capture_output=True,
-        env=child_env(registry=True),
-        timeout=1800,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"garbage-collect failed: {proc.stderr.decode()[-2000:]}")
-    return {m.decode() for m in ELIGIBLE.findall(proc.stdout + proc.stderr)}
+def peer(config: Path) -> tuple[set[str], int]:
+    """garbage-collect --dry-run: its candidates and its peak RSS (KiB)."""
+    child = run_child([*PEER_CHECK, str(config)], peer_env())
+    return {m.decode() for m in ELIGIBLE.findall(child.stdout)}, child.max_rss_kb
 
 
-def cli(mode: str, config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "daemon",
-            mode,
-            "--registry-config",
-            str(config),
-            "--grace",
-            "0",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env(registry=False),
-        cwd=ROOT,
-        timeout=1800,
-        check=False,
-    )
+def cli_check(config: Path, state: Path) -> tuple[int, int]:
+    """``python -m daemon check``: its candidate count and its peak RSS (KiB)."""
+    child = run_child(ours_cmd("check", config, state))
+    return would_delete(child.stdout), child.max_rss_kb
 
 
-def cli_check(config: Path) -> int:
-    result = cli("check", config)
-    found = WOULD.search(result.stdout)
-    if result.returncode != 0 or found is None:
-        raise SystemExit(f"check failed ({result.returncode}): {result.stderr[-2000:]}")
-    return int(found.group(1))
+def api_check(daemon: Daemon) -> set[str]:
+    """POST /prune?mode=check&wait=true to a serve process, then its candidates."""
+    status, _h, body = daemon.request("POST", "/prune?mode=check&wait=true", timeout=7200)
+    doc = json.loads(body)
+    if status >= 300 or doc.get("state") != "succeeded":
+        raise SystemExit(f"API check: {status} {body[:500]!r}")
+    status, _h, body = daemon.request("GET", f"/runs/{doc['id']}/candidates", timeout=600)
+    return {json.loads(line)["digest"] for line in body.splitlines() if line}
 
 
 async def engine_check(config: Path) -> tuple[set[str], dict[str, float]]:
@@ -294,12 +275,12 @@ def _ts(line: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
-def delete_run(config: Path) -> dict[str, Any]:
+def delete_run(config: Path, state: Path) -> dict[str, Any]:
     """The CLI's delete; the rate from the log: sweep's end to the last blob deleted."""
-    seconds, result = timed(lambda: cli("delete", config, "--log-level", "info"))
-    if result.returncode != 0:
-        raise SystemExit(f"delete failed ({result.returncode}): {result.stderr[-2000:]}")
-    lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    command = ours_cmd("delete", config, state)
+    command[command.index("--log-level") + 1] = "info"
+    child = run_child(command)
+    lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith(b"{")]
     swept = next(line for line in lines if line.get("event") == "swept")
     deleted = [line for line in lines if str(line.get("event", "")).startswith("Deleted blob: ")]
     span = _ts(deleted[-1]) - _ts(swept)
@@ -308,33 +289,41 @@ def delete_run(config: Path) -> dict[str, Any]:
         "candidates": swept["candidates"],
         "delete_phase_seconds": round(span, 3),
         "blobs_per_s": round(len(deleted) / span) if span > 0 else None,
-        "cli_seconds": round(seconds, 2),
-        "summary": result.stdout.splitlines()[:2],
+        "cli_seconds": round(child.seconds, 2),
+        "summary": [
+            line.decode() for line in child.stdout.splitlines() if line.startswith((b"Del", b"Fre"))
+        ],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blobs", type=int, default=48_000)
-    parser.add_argument("--repos", type=int, default=200)
-    parser.add_argument("--orphans", type=float, default=0.1, help="never-referenced fraction")
+    parser.add_argument("--blobs", type=int, default=50_000, help="store size (bench/run.py's)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/pruned-bench-s3"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pruned-bench"))
     parser.add_argument("--no-delete", action="store_true", help="measure the check only")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    args.work.mkdir(parents=True, exist_ok=True)
 
     weed, info = prepare(args)
+    bucket = info["bucket"]
+    state = args.work / "state-s3"
+    daemon: Daemon | None = None
     try:
         emit(store=info, loadavg=[round(x, 2) for x in os.getloadavg()])
-        config = registry_config(weed, args.workdir / "config.yml", read_only=False)
-        read_only = registry_config(weed, args.workdir / "config-ro.yml", read_only=True)
+        config = registry_config(weed, bucket, args.work / f"{bucket}.yml", read_only=False)
+        read_only = registry_config(weed, bucket, args.work / f"{bucket}-ro.yml", read_only=True)
+        api_state = args.work / "state-s3-api"
+        daemon = Daemon(config, api_state, "--log-level", "warning", "--grace", "0").start()
 
-        pid = weed.process.pid if weed.process is not None else None
+        weed_pid = weed.process.pid if weed.process is not None else None
+        api_pid = daemon.proc.pid if daemon.proc is not None else None
         tools: dict[str, Callable[[], Any]] = {
-            "floor": lambda: floor(weed),
-            "ours_cli": lambda: cli_check(config),
+            "floor": lambda: floor(weed, bucket),
+            "ours_cli": lambda: cli_check(config, state),
+            "ours_api": lambda: api_check(daemon),
             "ours_engine": lambda: asyncio.run(engine_check(config)),
             "peer": lambda: peer(config),
         }
@@ -342,12 +331,18 @@ def main() -> None:
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
         answers: dict[str, Any] = {}
         phases: list[dict[str, float]] = []
+        rss: dict[str, list[int]] = {"ours_cli": [], "peer": []}
         for _ in range(args.repeats):
+            # round robin: load from other work on the machine falls on every contender alike
             for name, tool in tools.items():
-                seconds, client_cpu, store_cpu, answers[name] = metered(tool, pid)
+                daemon_pid = api_pid if name == "ours_api" else None
+                seconds, client_cpu, store_cpu, answers[name] = metered(tool, daemon_pid, weed_pid)
                 runs[name].append(seconds)
                 cpu[name].append((client_cpu, store_cpu))
             answers["ours_engine"], phase = answers["ours_engine"]
+            for name in rss:
+                answers[name], peak_kb = answers[name]
+                rss[name].append(peak_kb)
             phases.append(phase)
             emit(
                 round={k: round(v[-1], 3) for k, v in runs.items()},
@@ -356,55 +351,68 @@ def main() -> None:
                 loadavg=[round(x, 2) for x in os.getloadavg()],
             )
 
-        same = answers["ours_engine"] == answers["peer"]
-        candidates = len(answers["peer"])
+        theirs = answers["peer"]
+        candidates = len(theirs)
+        same = answers["ours_engine"] == theirs and answers["ours_api"] == theirs
         if not same or answers["ours_cli"] != candidates:
             raise SystemExit(
                 f"answers differ: peer {candidates}, engine {len(answers['ours_engine'])}, "
-                f"cli {answers['ours_cli']}, "
-                f"only ours {len(answers['ours_engine'] - answers['peer'])}, "
-                f"only peer {len(answers['peer'] - answers['ours_engine'])}"
+                f"api {len(answers['ours_api'])}, cli {answers['ours_cli']}, "
+                f"only ours {len(answers['ours_engine'] - theirs)}, "
+                f"only peer {len(theirs - answers['ours_engine'])}"
             )
         work: dict[str, float] = {}
         for name, values in runs.items():
             client = median([c for c, _s in cpu[name]])
-            store = median([s for _c, s in cpu[name]])
-            work[name] = client + store
+            weed_cpu = median([s for _c, s in cpu[name]])
+            work[name] = client + weed_cpu
             emit(
                 measure=name,
                 seconds=[round(v, 3) for v in values],
                 median=median(values),
                 client_cpu_median=client,
-                store_cpu_median=store,
+                store_cpu_median=weed_cpu,
             )
         emit(
             measure="engine_phases_median",
             **{k: median([p.get(k, 0.0) for p in phases]) for k in phases[0]},
         )
-        ours_cli, ours_engine, peer_s = (
-            median(runs["ours_cli"]),
-            median(runs["ours_engine"]),
-            median(runs["peer"]),
+        ours_rss = statistics.median(rss["ours_cli"]) * 1024
+        emit(
+            measure="peak_rss",
+            blobs=info["blobs"],
+            ours_cli_mb=round(ours_rss / 2**20, 1),
+            ours_bytes_per_blob=round(ours_rss / info["blobs"], 1),
+            peer_mb=round(statistics.median(rss["peer"]) / 1024, 1),
         )
-        ratios = {
-            "candidates": candidates,
-            "same_candidates": same,
-            "listed_keys": answers["floor"],
-            "peer_over_ours_cli": round(peer_s / ours_cli, 1),
-            "peer_over_ours_engine": round(peer_s / ours_engine, 1),
-            "ours_cli_over_floor": round(ours_cli / median(runs["floor"]), 2),
-            "ours_engine_over_floor": round(ours_engine / median(runs["floor"]), 2),
-            # CPU seconds (client + SeaweedFS) the peer needs for each one of ours
-            "peer_over_ours_cli_cpu": round(work["peer"] / work["ours_cli"], 1),
-            "goal_ratio": GOAL_RATIO,
-            "check_goal_met": peer_s / ours_cli >= GOAL_RATIO,
-        }
-        emit(ratios=ratios)
+        peer_s = median(runs["peer"])
+        ratio = {name: peer_s / median(runs[name]) for name in ("ours_cli", "ours_api")}
+        emit(
+            ratios={
+                "candidates": candidates,
+                "same_candidates": same,
+                "listed_keys": answers["floor"],
+                "peer_over_ours_cli": round(ratio["ours_cli"], 1),
+                "peer_over_ours_api": round(ratio["ours_api"], 1),
+                "peer_over_ours_engine": round(peer_s / median(runs["ours_engine"]), 1),
+                "ours_cli_over_floor": round(median(runs["ours_cli"]) / median(runs["floor"]), 2),
+                "ours_api_over_floor": round(median(runs["ours_api"]) / median(runs["floor"]), 2),
+                # CPU seconds (client + SeaweedFS) the peer needs for each one of ours
+                "peer_over_ours_cli_cpu": round(work["peer"] / work["ours_cli"], 1),
+                "peer_over_ours_api_cpu": round(work["peer"] / work["ours_api"], 1),
+                "goal_ratio": GOAL_RATIO,
+                "check_goal_met": min(ratio.values()) >= GOAL_RATIO,
+            }
+        )
+        daemon.stop()
+        daemon = None
 
         if not args.no_delete:
             if candidates < 10_000:
                 emit(warning=f"only {candidates} orphans; the goal is measured on 10,000")
-            result = delete_run(read_only)
+            # the bucket changes from here on: the next run lists it and uploads what went
+            (args.work / "weed" / f"{bucket}.complete").unlink(missing_ok=True)
+            result = delete_run(read_only, state)
             result["goal_blobs_per_s"] = GOAL_DELETE_RATE
             result["delete_goal_met"] = (result["blobs_per_s"] or 0) >= GOAL_DELETE_RATE
             emit(measure="delete", **result)
@@ -412,6 +420,8 @@ def main() -> None:
             emit(measure="after_delete", candidates_left=len(left))
         emit(loadavg_end=[round(x, 2) for x in os.getloadavg()])
     finally:
+        if daemon is not None:
+            daemon.stop()
         weed.stop()
 
 
