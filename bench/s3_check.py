@@ -277,9 +277,7 @@ def _ts(line: dict[str, Any]) -> float:
 
 def delete_run(config: Path, state: Path) -> dict[str, Any]:
     """The CLI's delete; the rate from the log: sweep's end to the last blob deleted."""
-    command = ours_cmd("delete", config, state)
-    command[command.index("--log-level") + 1] = "info"
-    child = run_child(command)
+    child = run_child(ours_cmd("delete", config, state, "--log-level", "info"))  # last wins
     lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith(b"{")]
     swept = next(line for line in lines if line.get("event") == "swept")
     deleted = [line for line in lines if str(line.get("event", "")).startswith("Deleted blob: ")]

@@ -355,7 +355,7 @@ async def test_delete_tree(weed: SeaweedFS, make_storage: MakeStorage) -> None:
     items = {f"repositories/ns/app/_uploads/u{n}/data": b"u" for n in range(1500)}
     items |= {f"repositories/ns/app/_layers/sha256/{h}/link": b"l" for h in hexes(5)}
     items |= {"repositories/ns/apple/_layers/sha256/x/link": b"k", "repositories/ns/f": b"k"}
-    # more than one listing page: deleting page by page must not upset the continuation
+    # more than one listing page: the keys of every page go
     await weed.seed(bucket, {storage.prefix + key: value for key, value in items.items()})
     assert await storage.delete_tree("repositories/ns/app/") == []
     left = sorted(e.key for e in await walk_keys(storage, "repositories/"))

@@ -827,26 +827,8 @@ class S3Storage(Storage):
         return _by_prefix(await self.delete_keys(list(owner)), owner)
 
     async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
-        """List everything below ``prefix`` and delete it page by page."""
-        if not prefix.strip("/"):
-            raise ValueError("delete_tree needs a non-empty prefix")
-        full = self._key(_dir(prefix))
-        tasks: list[asyncio.Task[list[DeleteFailure]]] = []
-        try:
-            async for page in self._pages(full):
-                keys = [entry.key for entry in self._entries(page, full)]
-                if keys:
-                    tasks.append(asyncio.create_task(self._delete_batch(keys)))
-        finally:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        failures: list[DeleteFailure] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            failures.extend(result)
-        if not failures:
-            return []
-        return [DeleteFailure(prefix, failures[0].reason)]
+        """List everything below ``prefix`` and delete it in DeleteObjects batches."""
+        return await self.delete_trees([prefix])
 
 
 def _by_prefix(failures: list[DeleteFailure], owner: Mapping[str, str]) -> list[DeleteFailure]:
