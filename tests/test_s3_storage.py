@@ -11,15 +11,17 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 import pytest_asyncio
+import yaml
 from aiohttp import web
 from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError
 
 from daemon import layout
-from daemon.config import S3Settings, StorageSettings
+from daemon.config import S3Settings, StorageSettings, load_settings
 from daemon.inventory import Inventory
 from daemon.storage.base import Entry, NotFound, StorageError, TooLarge
 from daemon.storage.s3 import BATCH, RetryPolicy, S3Storage, _endpoint_url, create, is_transient
@@ -308,6 +310,51 @@ async def test_scan_lists_layer_links_only_when_asked(
     inventory.add_keys([*without, "repositories/only-layers/_layers/"])
     assert set(inventory.repositories) == {r[13:-1] for r in repos} | {"only-layers"}
     assert inventory.unknown == 1  # repositories/stray-file
+
+
+@pytest.fixture(scope="module")
+def tls_weed() -> Iterator[SeaweedFS]:
+    with SeaweedFS(tls=True) as server:
+        yield server
+
+
+@session_loop
+async def test_https_with_cabundle_and_the_default_credential_chain(
+    tls_weed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = new_bucket(tls_weed)
+    # as a registry config would say it: no keys (the environment has them), a CA bundle
+    config = tmp_path / "config.yml"
+    s3 = {"bucket": bucket, "region": tls_weed.region}
+    s3 |= {"regionendpoint": tls_weed.https_endpoint, "forcepathstyle": True}
+    trusted = {**s3, "cabundle": str(tls_weed.ca_bundle)}
+    config.write_text(yaml.safe_dump({"storage": {"s3": trusted}}))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", tls_weed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", tls_weed.secret_key)
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)  # only cabundle can make it trusted
+    settings = load_settings(config, env={})
+    assert settings.storage.s3 is not None and settings.storage.s3.accesskey is None
+    storage = S3Storage(settings.storage, 4, FAST)
+    try:
+        blob = layout.blob_data("ab" * 32)
+        await storage.write(blob, b"over tls")
+        await storage.probe()
+        assert await storage.read(blob, 100) == b"over tls"  # our own signed GET
+        assert [b.hex for b in await storage.list_blob_shard("ab")] == ["ab" * 32]
+        assert await storage.delete_blobs(["ab" * 32]) == []
+        assert await storage.stat(blob) is None
+    finally:
+        await storage.close()
+    # the same server without the bundle: a clear certificate error, at once (not retried)
+    config.write_text(yaml.safe_dump({"storage": {"s3": s3}}))
+    untrusted = S3Storage(load_settings(config, env={}).storage, 4, FAST)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match=r"(?i)certificate verify failed"):
+            await untrusted.probe()
+    finally:
+        await untrusted.close()
+    assert time.monotonic() - started < 5
 
 
 # -- deletes ----------------------------------------------------------------------------

@@ -84,8 +84,13 @@ class SeaweedFS:
     Use ``with SeaweedFS() as weed:`` or ``start()``/``stop()`` (e.g. in a session fixture).
     """
 
-    def __init__(self, workdir: Path | None = None, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self, workdir: Path | None = None, startup_timeout: float = 60.0, tls: bool = False
+    ) -> None:
+        """``tls``: also serve S3 over HTTPS with a certificate from a CA of its own
+        (``ca_bundle``), for clients that must verify it."""
         self._own_workdir = workdir is None
+        self.tls = tls
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="seaweed-"))
         self.startup_timeout = startup_timeout
         self.access_key = ACCESS_KEY
@@ -99,6 +104,30 @@ class SeaweedFS:
     def endpoint(self) -> str:
         """The S3 endpoint, e.g. ``http://127.0.0.1:40123``."""
         return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def https_endpoint(self) -> str:
+        """The HTTPS S3 endpoint (``tls`` only); its certificate names 127.0.0.1."""
+        return f"https://127.0.0.1:{self.ports['s3.port.https']}"
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.workdir / "tls" / "ca.pem"
+
+    def _make_certificate(self) -> list[str]:
+        """A CA and a server certificate for 127.0.0.1 signed by it; the weed flags."""
+        tls = self.ca_bundle.parent
+        tls.mkdir(parents=True, exist_ok=True)
+        (tls / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        for cmd in (
+            "req -x509 -newkey rsa:2048 -nodes -days 2 -keyout ca.key -out ca.pem"
+            " -subj /CN=registry-pruned-test-ca",
+            "req -newkey rsa:2048 -nodes -keyout s3.key -out s3.csr -subj /CN=127.0.0.1",
+            "x509 -req -days 2 -in s3.csr -CA ca.pem -CAkey ca.key -CAcreateserial"
+            " -out s3.pem -extfile san.ext",
+        ):
+            subprocess.run(["openssl", *cmd.split()], cwd=tls, check=True, capture_output=True)
+        return [f"-s3.cert.file={tls / 's3.pem'}", f"-s3.key.file={tls / 's3.key'}"]
 
     @property
     def log_path(self) -> Path:
@@ -121,7 +150,9 @@ class SeaweedFS:
             "actions": ["Read", "List"],
         }
         config.write_text(json.dumps({"identities": [identity, reader]}))
-        self.ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES)), strict=True))
+        names = (*_PORT_NAMES, "s3.port.https") if self.tls else _PORT_NAMES
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        tls_args = self._make_certificate() if self.tls else []
         args = [
             str(binary),
             "server",
@@ -139,6 +170,7 @@ class SeaweedFS:
             "-master.volumeSizeLimitMB=64",
             "-volume.max=0",
             *(f"-{name}={port}" for name, port in self.ports.items()),
+            *tls_args,
         ]
         env = dict(os.environ)
         # one volume per collection instead of seven: bucket creation stays fast
