@@ -1,3 +1,4 @@
 from daemon.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # reader processes import this module again (multiprocessing spawn)
+    raise SystemExit(main())

@@ -162,6 +162,12 @@ class DigestSet(MutableSet[bytes]):
         if len(self._pending) >= self._FLUSH:
             self._flush()
 
+    def update_packed(self, packed: bytes) -> None:
+        """Add the 32-byte digests concatenated in ``packed``."""
+        if len(packed) % 32:
+            raise ValueError("a DigestSet holds 32-byte digests")
+        self.update(_RECORDS.findall(packed))
+
     def _flush(self) -> None:
         pending = self._pending
         if not pending:

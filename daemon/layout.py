@@ -37,6 +37,11 @@ def parse_digest(text: str) -> bytes:
     return bytes.fromhex(hexpart)
 
 
+def link_digest(content: bytes) -> bytes:
+    """A link file's content -> the raw digest it names; InvalidDigest if it names none."""
+    return parse_digest(content.decode("ascii", "replace"))
+
+
 def format_digest(raw: bytes) -> str:
     return "sha256:" + raw.hex()
 

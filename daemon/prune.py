@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon import layout
-from daemon.inventory import DigestSet, Inventory
+from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
 from daemon.quarantine import Quarantine
@@ -195,6 +195,7 @@ class Engine:
     async def _guard(self) -> None:
         self.progress.enter("guard")
         await self.storage.probe()
+        self.storage.warm_up()
         if self.options.mode != DELETE:
             return
         if self.options.online:
@@ -256,30 +257,14 @@ class Engine:
         async def worker() -> None:
             for shard in shards:
                 self._check_stop()
-                entries = await self.storage.list_blob_shard(shard)
-                self.progress.blobs_scanned += len(entries)
-                in_use = marks.in_use
-                # a compact in-use set answers for one shard as a plain set: one lookup
-                # a blob at C speed instead of a method call
-                members = in_use.shard(int(shard, 16)) if isinstance(in_use, DigestSet) else in_use
-                orphans = [e for e in entries if bytes.fromhex(e.hex) not in members]
-                del entries, members
-                unknown = [e.hex for e in orphans if e.size is None or e.mtime is None]
-                stats = dict(
-                    zip(
-                        unknown,
-                        await self.storage.stat_many([layout.blob_data(h) for h in unknown]),
-                        strict=True,
-                    )
-                )
-                for entry in orphans:
-                    if entry.hex in stats:
-                        found = stats[entry.hex]
-                        self._consider(
-                            entry.hex, found and found.size, found and found.mtime, candidates
-                        )
-                    else:
-                        self._consider(entry.hex, entry.size, entry.mtime, candidates)
+                # one shard of the in-use set as a plain set: lookups at C speed, and small
+                # enough to hand to a driver that filters in another process
+                members = marks.in_use.shard(int(shard, 16))
+                count, outside = await self.storage.blobs_outside(shard, members)
+                del members
+                self.progress.blobs_scanned += count
+                for entry in outside:
+                    self._consider(entry.hex, entry.size, entry.mtime, candidates)
                 self.progress.shards_done += 1
                 await asyncio.sleep(0)  # status requests get their turn between shards
 
@@ -311,7 +296,8 @@ class Engine:
             self.summary.blobs += 1
             self.summary.bytes += size
             self.on_candidate(candidate)
-            self.log.info(f"Would delete blob: {layout.format_digest(candidate.digest)}")
+            # %-style: the line is only formatted when info is logged (once per candidate)
+            self.log.info("Would delete blob: sha256:%s", hexdigest)
 
     async def delete(self, inventory: Inventory, marks: Marks, candidates: list[Candidate]) -> None:
         """Phase 4: repositories and manifest links, stale uploads, then blobs in batches."""
@@ -382,7 +368,7 @@ class Engine:
             self.progress.deleted += 1
             self.progress.deleted_bytes += candidate.size
             self.on_candidate(candidate)
-            self.log.info(f"Deleted blob: {layout.format_digest(candidate.digest)}")
+            self.log.info("Deleted blob: sha256:%s", candidate.digest.hex())
         self._count_failures(failures)
         if self.options.online:
             await self._aftercheck(batch)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
@@ -68,18 +69,20 @@ def test_unreadable_directory_fails_closed(fresh: tuple[Registry, Scenario], whe
 
 
 class Vanishing(FilesystemStorage):
-    """Removes each listed orphan's data right after listing its shard (a racing collector)."""
+    """Removes each listed orphan's data as its shard is swept (a racing collector)."""
 
     def __init__(self, root: str, doomed: set[str]) -> None:
         super().__init__(root, 4)
         self.doomed = doomed
 
-    async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
-        entries = await super().list_blob_shard(shard)
-        for entry in entries:
+    async def blobs_outside(
+        self, shard: str, members: AbstractSet[bytes]
+    ) -> tuple[int, list[BlobEntry]]:
+        # the blob directories stay listed; their data is gone before the driver stats it
+        for entry in await self.list_blob_shard(shard):
             if entry.hex in self.doomed:
                 os.unlink(self.base / layout.blob_data(entry.hex))
-        return entries
+        return await super().blobs_outside(shard, members)
 
 
 async def test_files_vanishing_between_list_and_use(fresh: tuple[Registry, Scenario]) -> None:

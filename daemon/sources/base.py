@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, MutableSet
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from daemon.inventory import Inventory
+from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
 
@@ -23,7 +23,7 @@ class ReadOnlyRefused(Exception):
 class Marks:
     """Outcome of the mark phase."""
 
-    in_use: MutableSet[bytes] = field(default_factory=set)  # 32-byte raw sha256 digests
+    in_use: DigestSet = field(default_factory=DigestSet)  # 32-byte raw sha256 digests
     remove_repositories: list[str] = field(default_factory=list)
     remove_revisions: list[tuple[str, str]] = field(default_factory=list)  # (repository, hex)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why

@@ -18,7 +18,7 @@ import structlog
 from kubernetes_asyncio.client import ApiClient
 
 from daemon import layout
-from daemon.inventory import Inventory
+from daemon.inventory import DigestSet, Inventory
 from daemon.kube import KubeConfigError, api_client
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
@@ -64,7 +64,7 @@ class _Retryable(Exception):
 class ImageIndex:
     """What the images listing leaves behind: digests only."""
 
-    in_use: set[bytes] = field(default_factory=set)
+    in_use: DigestSet = field(default_factory=DigestSet)
     names: set[bytes] = field(default_factory=set)
     # manifest list digest -> its children's digests concatenated (32 bytes each)
     children: dict[bytes, bytes] = field(default_factory=dict)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from daemon.config import StorageSettings
+from typing import TYPE_CHECKING
+
 from daemon.storage.base import Storage
+
+if TYPE_CHECKING:  # reader processes import this package: keep it light
+    from daemon.config import StorageSettings
 
 
 def open_storage(settings: StorageSettings, concurrency: int) -> Storage:

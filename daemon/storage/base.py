@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import TypeVar
+
+from daemon import layout
+
+P = TypeVar("P")
+#: contents parsed between two turns of the event loop (status requests wait for a turn)
+PARSE_SLICE = 8
 
 
 class StorageError(Exception):
@@ -56,9 +64,29 @@ class Storage(ABC):
     async def probe(self) -> None:
         """Raise StorageError with a clear message unless the root is a reachable registry store."""
 
+    def warm_up(self) -> None:  # noqa: B027 - optional hook
+        """A run is starting: a driver may start its helpers now, in the background."""
+
     @abstractmethod
     async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
         """Every blob under ``blobs/sha256/<shard>/`` (size/mtime where the listing has them)."""
+
+    async def blobs_outside(
+        self, shard: str, members: AbstractSet[bytes]
+    ) -> tuple[int, list[BlobEntry]]:
+        """How many blobs ``shard`` holds, and those whose raw digest is not in ``members``,
+        with size and mtime (None where the blob has no data)."""
+        entries = await self.list_blob_shard(shard)
+        outside = [e for e in entries if bytes.fromhex(e.hex) not in members]
+        unknown = [e.hex for e in outside if e.size is None or e.mtime is None]
+        if unknown:
+            found = await self.stat_many([layout.blob_data(h) for h in unknown])
+            stats = dict(zip(unknown, found, strict=True))
+            outside = [
+                e if e.hex not in stats else BlobEntry(e.hex, *_size_mtime(stats[e.hex]))
+                for e in outside
+            ]
+        return len(entries), outside
 
     @abstractmethod
     async def stat(self, key: str) -> Entry | None:
@@ -112,6 +140,18 @@ class Storage(ABC):
 
         return list(await asyncio.gather(*(one(key) for key in keys)))
 
+    async def read_parsed(
+        self, keys: Sequence[str], limit: int, parse: Callable[[bytes], P]
+    ) -> list[P | ValueError | None]:
+        """``read_many``, each content through ``parse``: None where missing, the ValueError
+        where ``parse`` raised one. ``parse`` is module-level: a driver may run it elsewhere."""
+        datas = await self.read_many(keys, limit)
+        out: list[P | ValueError | None] = []
+        for start in range(0, len(datas), PARSE_SLICE):
+            out += parse_each(datas[start : start + PARSE_SLICE], parse)
+            await asyncio.sleep(0)
+        return out
+
     async def stat_many(self, keys: Sequence[str]) -> list[Entry | None]:
         """``stat`` of each key; drivers batch it. Keep ``keys`` short."""
         return list(await asyncio.gather(*(self.stat(key) for key in keys)))
@@ -140,3 +180,23 @@ class Storage(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
+
+
+def parse_each(
+    datas: Sequence[bytes | None], parse: Callable[[bytes], P]
+) -> list[P | ValueError | None]:
+    """``parse`` of each content; None stays None, a ValueError raised takes the result's place."""
+    out: list[P | ValueError | None] = []
+    for data in datas:
+        if data is None:
+            out.append(None)
+            continue
+        try:
+            out.append(parse(data))
+        except ValueError as exc:
+            out.append(exc)
+    return out
+
+
+def _size_mtime(entry: Entry | None) -> tuple[int | None, float | None]:
+    return (None, None) if entry is None else (entry.size, entry.mtime)

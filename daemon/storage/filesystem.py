@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import os
 import re
 import shutil
 import stat as statmod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Set as AbstractSet
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,10 +27,13 @@ from daemon.storage.base import (
     Storage,
     StorageError,
     TooLarge,
+    parse_each,
 )
 
 T = TypeVar("T")
+P = TypeVar("P")
 _BATCH = 256
+_PROCESS_IDLE = 10.0  # seconds before idle reader processes are stopped
 _HEX = re.compile(r"[0-9a-f]{64}").fullmatch
 _SECTIONS = frozenset(("_manifests", "_layers", "_uploads"))
 
@@ -44,17 +50,18 @@ class FilesystemStorage(Storage):
         self.concurrency = max(1, min(concurrency, 2 * (os.cpu_count() or 1)))
         self.description = f"filesystem:{self.rootdirectory}"
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fs")
+        self._processes: ProcessPoolExecutor | None = None
+        # past one reader per core, a warm page cache gains nothing and memory grows
+        self._reader_count = min(self.concurrency, os.cpu_count() or 1)
+        self._in_flight = 0  # calls in the reader processes
+        self._idle: asyncio.TimerHandle | None = None
 
     def location(self, key: str) -> str:
         # plain string joins: pathlib showed in the sweep's profile, once per candidate
         return f"{self._base}/{key}"
 
     def _path(self, key: str) -> str:
-        # keys come from the layout module; refuse anything that could climb out of the root
-        # the split only when ".." is there at all: this runs once per file read
-        if key.startswith("/") or (".." in key and ".." in key.split("/")):
-            raise StorageError(f"refusing key outside the store: {key!r}")
-        return f"{self._base}/{key}"
+        return _file_path(self._base, key)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -226,13 +233,67 @@ class FilesystemStorage(Storage):
         return await self._run(self._read_many, keys, limit)
 
     def _read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for key in keys:
-            try:
-                out.append(self._read(key, limit))
-            except NotFound:
-                out.append(None)
-        return out
+        return _read_files(self._base, keys, limit)
+
+    async def read_parsed(
+        self, keys: Sequence[str], limit: int, parse: Callable[[bytes], P]
+    ) -> list[P | ValueError | None]:
+        return await self._in_process(_read_parsed, self._base, list(keys), limit, parse)
+
+    async def blobs_outside(
+        self, shard: str, members: AbstractSet[bytes]
+    ) -> tuple[int, list[BlobEntry]]:
+        # the listing, the digests and the stats stay in the reader process: only the
+        # blobs outside come back (most of a sweep's time, on the loop's thread, before)
+        path = self._path(layout.BLOBS + shard)
+        return await self._in_process(_shard_outside, path, frozenset(members))
+
+    def warm_up(self) -> None:
+        # the reader processes take a few hundred ms to start: they do it during the scan
+        pool = self._readers()
+        for _ in range(self._reader_count):
+            pool.submit(int)  # a no-op: each submit with no idle reader starts one
+        self._idle_soon(asyncio.get_running_loop())
+
+    def _readers(self) -> ProcessPoolExecutor:
+        # reading and parsing in worker processes: threads share one core through the GIL
+        # (the check was bound by it, and more threads only added contention); processes
+        # use every core on a warm page cache and overlap the reads on a cold one
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if self._processes is None:
+            # spawn, not fork: this process has threads (the pool above, the event loop's)
+            context = multiprocessing.get_context("spawn")
+            self._processes = ProcessPoolExecutor(self._reader_count, mp_context=context)
+        return self._processes
+
+    async def _in_process(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        pool = self._readers()
+        self._in_flight += 1
+        try:
+            return await loop.run_in_executor(pool, fn, *args)
+        except BrokenProcessPool as exc:
+            if self._processes is pool:
+                self._processes = None
+            raise StorageError(
+                f"a reader process ended unexpectedly ({exc}); out of memory? run again"
+            ) from exc
+        finally:
+            self._in_flight -= 1
+            self._idle_soon(loop)
+
+    def _idle_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._in_flight and self._processes is not None and self._idle is None:
+            # a daemon between runs holds no idle processes
+            self._idle = loop.call_later(_PROCESS_IDLE, self._stop_processes)
+
+    def _stop_processes(self) -> None:
+        self._idle = None
+        if self._processes is not None and not self._in_flight:
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes = None
 
     async def stat_many(self, keys: Sequence[str]) -> list[Entry | None]:
         return await self._run(lambda: [self._stat(key) for key in keys])
@@ -260,34 +321,7 @@ class FilesystemStorage(Storage):
         return await self._run(self._read, key, limit)
 
     def _read(self, key: str, limit: int) -> bytes:
-        try:
-            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise NotFound(f"{self.location(key)} does not exist") from None
-        except OSError as exc:
-            raise StorageError(f"cannot open {self.location(key)}: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-            if not statmod.S_ISREG(st.st_mode):
-                raise StorageError(f"{self.location(key)} is not a regular file")
-            if st.st_size > limit:
-                raise TooLarge(f"{self.location(key)} is {st.st_size} bytes, over {limit}")
-            # raw reads sized by fstat: a buffered read(limit + 1) allocated (and the kernel
-            # zeroed) a 4 MiB buffer per manifest, most of the mark phase's time in profiles
-            chunks: list[bytes] = []
-            total = 0
-            while total <= limit:
-                want = min(limit + 1 - total, max(st.st_size + 1 - total, 4096))
-                chunk = os.read(fd, want)
-                chunks.append(chunk)
-                total += len(chunk)
-                if len(chunk) < want:
-                    break  # a short read of a regular file is its end
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.location(key)}: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
+        return _read_file(self._base, key, limit)
 
     async def write(self, key: str, data: bytes) -> None:
         await self._run(self._write, key, data)
@@ -372,3 +406,84 @@ class FilesystemStorage(Storage):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        pool, self._processes = self._processes, None
+        if pool is not None:
+            # waited for: an interpreter exiting under a pool still shutting down complains
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+
+def _file_path(base: str, key: str) -> str:
+    # keys come from the layout module; refuse anything that could climb out of the root
+    # the split only when ".." is there at all: this runs once per file read
+    if key.startswith("/") or (".." in key and ".." in key.split("/")):
+        raise StorageError(f"refusing key outside the store: {key!r}")
+    return f"{base}/{key}"
+
+
+def _read_file(base: str, key: str, limit: int) -> bytes:
+    try:
+        fd = os.open(_file_path(base, key), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise NotFound(f"{base}/{key} does not exist") from None
+    except OSError as exc:
+        raise StorageError(f"cannot open {base}/{key}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not statmod.S_ISREG(st.st_mode):
+            raise StorageError(f"{base}/{key} is not a regular file")
+        if st.st_size > limit:
+            raise TooLarge(f"{base}/{key} is {st.st_size} bytes, over {limit}")
+        # raw reads sized by fstat: a buffered read(limit + 1) allocated (and the kernel
+        # zeroed) a 4 MiB buffer per manifest, most of the mark phase's time in profiles
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:
+            want = min(limit + 1 - total, max(st.st_size + 1 - total, 4096))
+            chunk = os.read(fd, want)
+            chunks.append(chunk)
+            total += len(chunk)
+            if len(chunk) < want:
+                break  # a short read of a regular file is its end
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except OSError as exc:
+        raise StorageError(f"cannot read {base}/{key}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def _read_files(base: str, keys: Sequence[str], limit: int) -> list[bytes | None]:
+    out: list[bytes | None] = []
+    for key in keys:
+        try:
+            out.append(_read_file(base, key, limit))
+        except NotFound:
+            out.append(None)
+    return out
+
+
+def _read_parsed(
+    base: str, keys: Sequence[str], limit: int, parse: Callable[[bytes], P]
+) -> list[P | ValueError | None]:
+    """In a reader process: read each key and parse it there."""
+    return parse_each(_read_files(base, keys, limit), parse)
+
+
+def _shard_outside(path: str, members: AbstractSet[bytes]) -> tuple[int, list[BlobEntry]]:
+    """In a reader process: a blob shard's size, and its blobs not in ``members``, stat'ed."""
+    names = [entry.hex for entry in FilesystemStorage._list_shard(path)]
+    outside: list[BlobEntry] = []
+    for name in names:
+        if bytes.fromhex(name) in members:
+            continue
+        try:
+            st = os.stat(f"{path}/{name}/data", follow_symlinks=False)
+        except FileNotFoundError:
+            outside.append(BlobEntry(name))  # a blob being written: no size, never a candidate
+            continue
+        except OSError as exc:
+            raise StorageError(f"cannot stat {path}/{name}/data: {exc.strerror}") from exc
+        outside.append(BlobEntry(name, st.st_size, st.st_mtime))
+    return len(names), outside
