@@ -274,7 +274,8 @@ class S3Storage(Storage):
         self._route: tuple[str, Any] | None = None
         self._rng = random.Random()
         #: revision links whose content the last repository scan proved (see _proven_link)
-        self._proven: set[str] = set()
+        #: by revisions directory, the raw digests (a set of whole keys took ~220 bytes a link)
+        self._proven: dict[str, set[bytes]] = {}
         # never structlog's global default: it prints to stdout, where the CLI's summary goes
         log = log or logs.make_logger("warning", "json", sys.stderr)
         self._log = log.bind(storage=self.description)
@@ -468,7 +469,8 @@ class S3Storage(Storage):
                 )
             )
             if prove and _proven_link(key, item):
-                self._proven.add(relative)
+                head, tail = relative[:-_LINK_TAIL], relative[-_LINK_TAIL:-5]
+                self._proven.setdefault(head, set()).add(bytes.fromhex(tail))
         return entries
 
     # -- Storage interface ------------------------------------------------------------
@@ -529,11 +531,15 @@ class S3Storage(Storage):
         out: list[bytes | None] = [None] * len(keys)
         fetch: list[int] = []
         for i, key in enumerate(keys):
-            if limit >= _LINK_SIZE and key in self._proven:
-                self._proven.discard(key)
-                out[i] = b"sha256:" + key[-_LINK_TAIL:-5].encode()
-            else:
-                fetch.append(i)
+            proven = self._proven.get(key[:-_LINK_TAIL]) if limit >= _LINK_SIZE else None
+            tail = key[-_LINK_TAIL:]
+            if proven and tail.endswith("/link") and layout.is_hex(tail[:-5]):
+                raw = bytes.fromhex(tail[:-5])
+                if raw in proven:
+                    proven.discard(raw)
+                    out[i] = b"sha256:" + tail[:-5].encode()
+                    continue
+            fetch.append(i)
         if fetch:
             found = await super().read_many([keys[i] for i in fetch], limit)
             for i, data in zip(fetch, found, strict=True):
