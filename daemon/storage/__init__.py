@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from daemon.storage.base import Storage
-
-if TYPE_CHECKING:  # reader processes import this package: keep it light
+if TYPE_CHECKING:  # reader processes import this package: keep it light (no asyncio)
     from daemon.config import StorageSettings
+    from daemon.storage.base import Storage
 
 
 def open_storage(settings: StorageSettings, concurrency: int) -> Storage:

@@ -6,50 +6,25 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from typing import TypeVar
 
 from daemon import layout
+from daemon.storage.model import BlobEntry, DeleteFailure, Entry, NotFound, StorageError, TooLarge
+from daemon.storage.reading import parse_each
+
+__all__ = [
+    "BlobEntry",
+    "DeleteFailure",
+    "Entry",
+    "NotFound",
+    "Storage",
+    "StorageError",
+    "TooLarge",
+]
 
 P = TypeVar("P")
 #: contents parsed between two turns of the event loop (status requests wait for a turn)
 PARSE_SLICE = 8
-
-
-class StorageError(Exception):
-    """A storage operation failed (after the driver's own retries)."""
-
-
-class NotFound(StorageError):
-    """The key does not exist."""
-
-
-class TooLarge(StorageError):
-    """An object is larger than the caller's read limit."""
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A file/object. Size and mtime are None when the listing did not provide them."""
-
-    key: str
-    size: int | None = None
-    mtime: float | None = None  # seconds since the epoch (file mtime, S3 LastModified)
-
-
-@dataclass(frozen=True, slots=True)
-class BlobEntry:
-    """A blob found in one ``blobs/sha256/<xx>/`` shard."""
-
-    hex: str
-    size: int | None = None
-    mtime: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteFailure:
-    key: str
-    reason: str
 
 
 class Storage(ABC):
@@ -180,22 +155,6 @@ class Storage(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
-
-
-def parse_each(
-    datas: Sequence[bytes | None], parse: Callable[[bytes], P]
-) -> list[P | ValueError | None]:
-    """``parse`` of each content; None stays None, a ValueError raised takes the result's place."""
-    out: list[P | ValueError | None] = []
-    for data in datas:
-        if data is None:
-            out.append(None)
-            continue
-        try:
-            out.append(parse(data))
-        except ValueError as exc:
-            out.append(exc)
-    return out
 
 
 def _size_mtime(entry: Entry | None) -> tuple[int | None, float | None]:
