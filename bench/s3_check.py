@@ -300,6 +300,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/pruned-bench"))
     parser.add_argument("--no-delete", action="store_true", help="measure the check only")
+    parser.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="only the CLI check: time and peak RSS (a million blobs: the peer takes ~40 min)",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -325,11 +330,13 @@ def main() -> None:
             "ours_engine": lambda: asyncio.run(engine_check(config)),
             "peer": lambda: peer(config),
         }
+        if args.ours_only:
+            tools = {"ours_cli": tools["ours_cli"]}
         runs: dict[str, list[float]] = {name: [] for name in tools}
         cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
         answers: dict[str, Any] = {}
         phases: list[dict[str, float]] = []
-        rss: dict[str, list[int]] = {"ours_cli": [], "peer": []}
+        rss: dict[str, list[int]] = {name: [] for name in ("ours_cli", "peer") if name in tools}
         for _ in range(args.repeats):
             # round robin: load from other work on the machine falls on every contender alike
             for name, tool in tools.items():
@@ -337,17 +344,29 @@ def main() -> None:
                 seconds, client_cpu, store_cpu, answers[name] = metered(tool, daemon_pid, weed_pid)
                 runs[name].append(seconds)
                 cpu[name].append((client_cpu, store_cpu))
-            answers["ours_engine"], phase = answers["ours_engine"]
+            if "ours_engine" in answers:
+                answers["ours_engine"], phase = answers["ours_engine"]
+                phases.append(phase)
             for name in rss:
                 answers[name], peak_kb = answers[name]
                 rss[name].append(peak_kb)
-            phases.append(phase)
             emit(
                 round={k: round(v[-1], 3) for k, v in runs.items()},
                 cpu={k: [round(x, 2) for x in v[-1]] for k, v in cpu.items()},
-                phases=phase,
+                phases=phases[-1] if phases else {},
                 loadavg=[round(x, 2) for x in os.getloadavg()],
             )
+        if args.ours_only:
+            ours_rss = statistics.median(rss["ours_cli"]) * 1024
+            emit(
+                measure="peak_rss",
+                blobs=info["blobs"],
+                candidates=answers["ours_cli"],
+                seconds=[round(v, 2) for v in runs["ours_cli"]],
+                ours_cli_mb=round(ours_rss / 2**20, 1),
+                ours_bytes_per_blob=round(ours_rss / info["blobs"], 1),
+            )
+            return
 
         theirs = answers["peer"]
         candidates = len(theirs)
