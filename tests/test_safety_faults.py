@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,6 +27,8 @@ from tests.harness.daemon import Daemon
 from tests.harness.images import Scenario
 from tests.harness.registry import Registry, blobs_on_disk
 from tests.test_safety_crash import plant_orphans
+
+P = TypeVar("P")
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_CAPS = ["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", "--ambient-caps", "-all"]
@@ -95,6 +99,48 @@ async def test_files_vanishing_between_list_and_use(fresh: tuple[Registry, Scena
     # the blobs went away by themselves: none is a candidate, none is counted as freed
     assert summary.blobs == 0 and summary.too_young == len(doomed)
     await storage.close()
+
+
+class ReaderKiller(FilesystemStorage):
+    """SIGKILLs a reader process (the OOM killer, say) when the mark starts reading."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 4)
+        self.reads = 0
+        self.killed: list[int] = []
+
+    async def read_parsed(
+        self, keys: Sequence[str], limit: int, parse: Callable[[bytes], P]
+    ) -> list[P | ValueError | None]:
+        self.reads += 1
+        if self.reads == 1 and self._processes is not None:
+            pid = next(iter(self._processes._processes))  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+            self.killed.append(pid)
+        return await super().read_parsed(keys, limit, parse)
+
+
+async def test_a_reader_process_killed_mid_mark_fails_the_run_and_deletes_nothing(
+    fresh: tuple[Registry, Scenario],
+) -> None:
+    registry, scenario = fresh
+    before = blobs_on_disk(registry)
+    storage = ReaderKiller(str(registry.root))
+    log = make_logger("warning")
+    options = RunOptions(mode=DELETE, grace=0, registry_read_only=True)
+    try:
+        engine = Engine(storage, StorageSource(4, log), options, Progress(), log=log)
+        with pytest.raises(RunFailed, match="reader process ended unexpectedly"):
+            await engine.run()
+        assert storage.killed and blobs_on_disk(registry) == before
+        # the same driver starts new readers: the next run deletes what it should
+        engine = Engine(storage, StorageSource(4, log), options, Progress(), log=log)
+        summary = await engine.run()
+    finally:
+        await storage.close()
+    assert len(storage.killed) == 1
+    assert summary.blobs == len(scenario.expected_orphans)
+    assert blobs_on_disk(registry) == before - scenario.expected_orphans
 
 
 class Recording(FilesystemStorage):
