@@ -1,4 +1,5 @@
-"""Filesystem driver: scandir in a bounded pool of worker threads, never following symlinks."""
+"""Filesystem driver: scandir in a bounded pool of threads, manifest reads and shard sweeps in
+reader processes (one per core), never following symlinks."""
 
 from __future__ import annotations
 
@@ -231,9 +232,16 @@ class FilesystemStorage(Storage):
 
     def warm_up(self) -> None:
         # the reader processes take a few hundred ms to start: they do it during the scan
-        pool = self._readers()
-        for _ in range(self._reader_count):
-            pool.submit(int)  # a no-op: each submit with no idle reader starts one
+        for _attempt in range(2):
+            pool = self._readers()
+            try:
+                for _ in range(self._reader_count):
+                    pool.submit(int)  # a no-op: each submit with no idle reader starts one
+                break
+            except BrokenProcessPool:
+                # a reader died between runs (nothing of a run was lost): start afresh
+                self._processes = None
+                pool.shutdown(wait=False)
         self._idle_soon(asyncio.get_running_loop())
 
     def _readers(self) -> ProcessPoolExecutor:
