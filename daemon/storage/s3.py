@@ -531,12 +531,14 @@ class S3Storage(Storage):
         out: list[bytes | None] = [None] * len(keys)
         fetch: list[int] = []
         for i, key in enumerate(keys):
-            proven = self._proven.get(key[:-_LINK_TAIL]) if limit >= _LINK_SIZE else None
-            tail = key[-_LINK_TAIL:]
+            head, tail = key[:-_LINK_TAIL], key[-_LINK_TAIL:]
+            proven = self._proven.get(head) if limit >= _LINK_SIZE else None
             if proven and tail.endswith("/link") and layout.is_hex(tail[:-5]):
                 raw = bytes.fromhex(tail[:-5])
                 if raw in proven:
                     proven.discard(raw)
+                    if not proven:
+                        del self._proven[head]  # an emptied set keeps its table (4 MB at 500k)
                     out[i] = b"sha256:" + tail[:-5].encode()
                     continue
             fetch.append(i)
