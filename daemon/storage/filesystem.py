@@ -1,5 +1,5 @@
 """Filesystem driver: scandir in a bounded pool of threads, manifest reads and shard sweeps in
-reader processes (one per core), never following symlinks."""
+reader processes (one per core, at most 4), never following symlinks."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ T = TypeVar("T")
 P = TypeVar("P")
 _BATCH = 256
 _PROCESS_IDLE = 10.0  # seconds before idle reader processes are stopped
+_MAX_READERS = 4
 _SECTIONS = frozenset(("_manifests", "_layers", "_uploads"))
 
 
@@ -48,8 +49,9 @@ class FilesystemStorage(Storage):
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fs")
         self._processes: ProcessPoolExecutor | None = None
         # past one reader per core, a warm page cache gains nothing and memory grows
-        # (one reader: 8.0 s for a 500k check where two took 6.6)
-        self._reader_count = min(self.concurrency, os.cpu_count() or 1)
+        # (one reader: 8.0 s for a 500k check where two took 6.6); a sidecar on a big node
+        # sees all its cores but may be limited to one, and each reader is ~20 MB
+        self._reader_count = min(self.concurrency, os.cpu_count() or 1, _MAX_READERS)
         self._in_flight = 0  # calls in the reader processes
         self._idle: asyncio.TimerHandle | None = None
 
