@@ -58,7 +58,7 @@ class Storage(ABC):
             found = await self.stat_many([layout.blob_data(h) for h in unknown])
             stats = dict(zip(unknown, found, strict=True))
             outside = [
-                e if e.hex not in stats else BlobEntry(e.hex, *_size_mtime(stats[e.hex]))
+                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex])
                 for e in outside
             ]
         return len(entries), outside
@@ -155,7 +155,3 @@ class Storage(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
-
-
-def _size_mtime(entry: Entry | None) -> tuple[int | None, float | None]:
-    return (None, None) if entry is None else (entry.size, entry.mtime)

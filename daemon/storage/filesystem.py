@@ -86,16 +86,7 @@ class FilesystemStorage(Storage):
         return await self._run(reading.list_shard, self._path(layout.BLOBS + shard))
 
     async def stat(self, key: str) -> Entry | None:
-        return await self._run(self._stat, key)
-
-    def _stat(self, key: str) -> Entry | None:
-        try:
-            st = os.stat(self._path(key), follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StorageError(f"cannot stat {self.location(key)}: {exc.strerror}") from exc
-        return Entry(key, st.st_size, st.st_mtime)
+        return await self._run(reading.stat_file, self._base, key)
 
     async def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
         files, dirs = await self.list_dir(prefix)
@@ -214,10 +205,7 @@ class FilesystemStorage(Storage):
             raise StorageError(f"cannot list {self.location(prefix)}: {exc.strerror}") from exc
 
     async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
-        return await self._run(self._read_many, keys, limit)
-
-    def _read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
-        return reading.read_files(self._base, keys, limit)
+        return await self._run(reading.read_files, self._base, keys, limit)
 
     async def read_parsed(
         self, keys: Sequence[str], limit: int, parse: Callable[[bytes], P]
@@ -229,8 +217,7 @@ class FilesystemStorage(Storage):
     ) -> tuple[int, list[BlobEntry]]:
         # the listing, the digests and the stats stay in the reader process: only the
         # blobs outside come back (most of a sweep's time, on the loop's thread, before)
-        path = self._path(layout.BLOBS + shard)
-        return await self._in_process(reading.shard_outside, path, frozenset(members))
+        return await self._in_process(reading.shard_outside, self._base, shard, frozenset(members))
 
     def warm_up(self) -> None:
         # the reader processes take a few hundred ms to start: they do it during the scan
@@ -287,7 +274,7 @@ class FilesystemStorage(Storage):
             self._processes = None
 
     async def stat_many(self, keys: Sequence[str]) -> list[Entry | None]:
-        return await self._run(lambda: [self._stat(key) for key in keys])
+        return await self._run(lambda: [reading.stat_file(self._base, key) for key in keys])
 
     async def list_dir(self, prefix: str) -> tuple[list[str], list[str]]:
         return await self._run(self._list_dir, prefix)
@@ -309,10 +296,7 @@ class FilesystemStorage(Storage):
         return files, dirs
 
     async def read(self, key: str, limit: int) -> bytes:
-        return await self._run(self._read, key, limit)
-
-    def _read(self, key: str, limit: int) -> bytes:
-        return reading.read_file(self._base, key, limit)
+        return await self._run(reading.read_file, self._base, key, limit)
 
     async def write(self, key: str, data: bytes) -> None:
         await self._run(self._write, key, data)

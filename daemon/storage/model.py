@@ -35,6 +35,11 @@ class BlobEntry:
     size: int | None = None
     mtime: float | None = None
 
+    @classmethod
+    def with_data(cls, hexdigest: str, data: Entry | None) -> BlobEntry:
+        """The blob with its data's size and mtime; none where it has no data (being written)."""
+        return cls(hexdigest) if data is None else cls(hexdigest, data.size, data.mtime)
+
 
 @dataclass(frozen=True, slots=True)
 class DeleteFailure:

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import TypeVar
 
-from daemon.storage.model import BlobEntry, NotFound, StorageError, TooLarge
+from daemon import layout
+from daemon.storage.model import BlobEntry, Entry, NotFound, StorageError, TooLarge
 
 P = TypeVar("P")
 _HEX = re.compile(r"[0-9a-f]{64}").fullmatch
@@ -35,20 +36,21 @@ def parse_each(
     return out
 
 
-def list_shard(path: str) -> list[BlobEntry]:
+def blob_names(path: str) -> list[str]:
     """The blob directories of one shard directory (none if it does not exist)."""
     try:
         with os.scandir(path) as it:
             # the pattern inline, no helper call: this runs once per blob in the store
-            return [
-                BlobEntry(name)
-                for e in it
-                if _HEX(name := e.name) and e.is_dir(follow_symlinks=False)
-            ]
+            return [name for e in it if _HEX(name := e.name) and e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
+
+
+def list_shard(path: str) -> list[BlobEntry]:
+    """``blob_names`` as entries without size or mtime."""
+    return [BlobEntry(name) for name in blob_names(path)]
 
 
 def file_path(base: str, key: str) -> str:
@@ -110,19 +112,25 @@ def read_parsed(
     return parse_each(read_files(base, keys, limit), parse)
 
 
-def shard_outside(path: str, members: AbstractSet[bytes]) -> tuple[int, list[BlobEntry]]:
+def stat_file(base: str, key: str) -> Entry | None:
+    """Size and mtime of ``key``, never following a symlink; None where it does not exist."""
+    try:
+        st = os.stat(file_path(base, key), follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot stat {base}/{key}: {exc.strerror}") from exc
+    return Entry(key, st.st_size, st.st_mtime)
+
+
+def shard_outside(
+    base: str, shard: str, members: AbstractSet[bytes]
+) -> tuple[int, list[BlobEntry]]:
     """In a reader process: a blob shard's size, and its blobs not in ``members``, stat'ed."""
-    names = [entry.hex for entry in list_shard(path)]
+    names = blob_names(file_path(base, layout.BLOBS + shard))
     outside: list[BlobEntry] = []
     for name in names:
         if bytes.fromhex(name) in members:
             continue
-        try:
-            st = os.stat(f"{path}/{name}/data", follow_symlinks=False)
-        except FileNotFoundError:
-            outside.append(BlobEntry(name))  # a blob being written: no size, never a candidate
-            continue
-        except OSError as exc:
-            raise StorageError(f"cannot stat {path}/{name}/data: {exc.strerror}") from exc
-        outside.append(BlobEntry(name, st.st_size, st.st_mtime))
+        outside.append(BlobEntry.with_data(name, stat_file(base, layout.blob_data(name))))
     return len(names), outside
