@@ -362,15 +362,21 @@ def main() -> None:
                 phases=phases[-1] if phases else {},
                 loadavg=[round(x, 2) for x in os.getloadavg()],
             )
-        if args.ours_only:
-            ours_rss = statistics.median(rss["ours_cli"]) * 1024
+        ours_rss = statistics.median(rss["ours_cli"]) * 1024
+
+        def emit_peak_rss(**more: Any) -> None:
             emit(
                 measure="peak_rss",
                 blobs=info["blobs"],
-                candidates=answers["ours_cli"],
-                seconds=[round(v, 2) for v in runs["ours_cli"]],
                 ours_cli_mb=round(ours_rss / 2**20, 1),
                 ours_bytes_per_blob=round(ours_rss / info["blobs"], 1),
+                **more,
+            )
+
+        if args.ours_only:
+            emit_peak_rss(
+                candidates=answers["ours_cli"],
+                seconds=[round(v, 2) for v in runs["ours_cli"]],
             )
             return
 
@@ -400,14 +406,7 @@ def main() -> None:
             measure="engine_phases_median",
             **{k: median([p.get(k, 0.0) for p in phases]) for k in phases[0]},
         )
-        ours_rss = statistics.median(rss["ours_cli"]) * 1024
-        emit(
-            measure="peak_rss",
-            blobs=info["blobs"],
-            ours_cli_mb=round(ours_rss / 2**20, 1),
-            ours_bytes_per_blob=round(ours_rss / info["blobs"], 1),
-            peer_mb=round(statistics.median(rss["peer"]) / 1024, 1),
-        )
+        emit_peak_rss(peer_mb=round(statistics.median(rss["peer"]) / 1024, 1))
         peer_s = median(runs["peer"])
         ratio = {name: peer_s / median(runs[name]) for name in ("ours_cli", "ours_api")}
         emit(
