@@ -150,6 +150,7 @@ class Engine:
         """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
         try:
             await self._guard()
+            self.storage.warm_up()  # after the guard: a refused run starts no helpers
             if self.options.mode == DELETE:
                 self.lease = Lease(self.storage, self.run_id)
                 await self.lease.acquire(self.dead_runs)
@@ -195,7 +196,6 @@ class Engine:
     async def _guard(self) -> None:
         self.progress.enter("guard")
         await self.storage.probe()
-        self.storage.warm_up()
         if self.options.mode != DELETE:
             return
         if self.options.online:
