@@ -506,7 +506,7 @@ def test_containerfile_agrees_with_the_package() -> None:
     spec = containerfile()
     assert spec["STAGES"] == 2  # the wheel is built in a builder stage
     (script,) = spec["ENTRYPOINT"]
-    assert PROJECT["scripts"][script] == "daemon.cli:main"
+    assert PROJECT["scripts"][script] == "daemon.__main__:run"
     assert spec["CMD"] == ["serve"]
     user = spec["USER"]
     assert user not in ("root", "0") and int(user) > 0

@@ -6,6 +6,8 @@ import asyncio
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,8 +219,6 @@ def test_python_m_and_console_script_agree(shared: tuple[Registry, Scenario]) ->
     script = shutil.which("registry-pruned")
     if script is None:
         pytest.fail("the console script registry-pruned is not installed (pip install -e .)")
-    import subprocess
-
     out = subprocess.run(
         [script, "check", "--registry-config", str(registry.config_path), "--grace", "0"],
         capture_output=True,
@@ -232,3 +232,19 @@ def test_python_m_and_console_script_agree(shared: tuple[Registry, Scenario]) ->
     )
     client = RegistryClient(registry.url)
     assert client.catalog()  # the registry still serves
+
+
+def test_reader_processes_do_not_import_the_cli_again() -> None:
+    """A spawned reader runs the script that started the daemon again, as ``__mp_main__``:
+    the console script must not pull in the CLI (it cost each reader ~10 MB and 0.2 s)."""
+    script = Path(sys.executable).with_name("registry-pruned")
+    assert script.exists(), f"{script}: the console script is not installed (pip install -e .)"
+    # what multiprocessing.spawn does with the parent's __main__ when it is a script
+    probe = (
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+        "print(sorted(m for m in ('daemon.cli', 'daemon.prune', 'aiohttp') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(script)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
