@@ -8,13 +8,13 @@ One run measures, on one bucket: the daemon's check (CLI wall time and peak RSS,
 ListObjectsV2 of the whole bucket); then the deletion rate of the orphans with the registry
 config read-only.
 
-The store is bench/run.py's (the same ``--work`` directory and ``store-<blobs>``), so the
-filesystem and S3 figures come from the same images. Orphans come two ways, as in a real
-registry: blobs never referenced (bench/synth.py's orphans) and images deleted through the
-API (revision link and tags gone, their blobs and layer links left behind). SeaweedFS keeps
-its data in ``<work>/weed``, one bucket per store size; a bucket known complete is not
-listed again, and the next run uploads again only what the last delete removed. Figures go
-to stdout as JSON lines.
+The store is bench/run.py's, made in memory from the same plan and uploaded straight to the
+bucket, so the filesystem and S3 figures come from the same images. Orphans come two ways,
+as in a real registry: blobs never referenced (bench/synth.py's orphans) and images deleted
+through the API (revision link and tags gone, their blobs and layer links left behind).
+SeaweedFS keeps its data in ``<work>/weed``, one bucket per store size; a bucket known
+complete is not listed again, and the next run uploads again only what the last delete
+removed. Figures go to stdout as JSON lines.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,11 @@ from bench.run import (  # noqa: E402
     PEER_CHECK,
     ours_cmd,
     peer_env,
+    repos_for,
     run_child,
-    store,
     would_delete,
 )
+from bench.synth import in_memory, jobs, plan_for, shared_objects  # noqa: E402
 from daemon import layout, logs  # noqa: E402
 from daemon.config import load_settings  # noqa: E402
 from daemon.progress import Progress  # noqa: E402
@@ -69,16 +71,16 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
-def load_store(store: Path) -> dict[str, bytes]:
-    """Every object key (relative to the bucket root) of the filesystem store, with content;
-    the images chosen as deleted lose their revision link and their tags."""
-    v2 = store / layout.V2_ROOT
-    objects: dict[str, bytes] = {}
-    for directory, _dirs, files in os.walk(v2):
-        for name in files:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as handle:
-                objects[f"{layout.V2_ROOT}/{os.path.relpath(path, v2)}"] = handle.read()
+def store_objects(blobs: int) -> tuple[dict[str, bytes], dict[str, int]]:
+    """bench/run.py's store of about ``blobs`` blobs, made in memory as bucket keys, with the
+    images chosen as deleted gone as the registry's API deletes them; and its counts."""
+    plan = plan_for(Path("."), blobs, repos_for(blobs), 5, 0.1, 1)
+    processes = os.cpu_count() or 2  # bench/run.py's cut, so the same content as its store
+    objects = in_memory(shared_objects, plan)
+    with ProcessPoolExecutor(processes) as pool:
+        parts = [pool.submit(in_memory, make, plan, a, b) for make, a, b in jobs(plan, processes)]
+        for part in parts:
+            objects.update(part.result())
     revisions = [key for key in objects if "/_manifests/revisions/sha256/" in key]
     deleted = {key.split("/")[-2] for key in revisions if key.split("/")[-2][0] in DELETED_IMAGES}
     # what DELETE /v2/<name>/manifests/<digest> removes: the revision link, every tag naming it
@@ -88,11 +90,19 @@ def load_store(store: Path) -> dict[str, bytes]:
         for key, data in objects.items()
         if key.endswith("/current/link") and data.decode().removeprefix("sha256:") in deleted
     }
-    return {
+    counts = {
+        "repositories": plan.repos,
+        "manifests": len(revisions),
+        "deleted_images": len(deleted),
+        "blobs": sum(key.endswith("/data") for key in objects),
+        "orphans": plan.orphans,
+    }
+    kept = {
         key: data
         for key, data in objects.items()
         if key not in gone and _tag_dir(key) not in gone_tags
     }
+    return kept, counts
 
 
 def _tag_dir(key: str) -> str | None:
@@ -106,19 +116,21 @@ def bucket_for(blobs: int) -> str:
 
 
 def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
-    """The synthetic store (generated once), SeaweedFS started, the bucket made complete."""
-    root, counts = store(args.work, args.blobs)
+    """SeaweedFS started, and the bucket of the synthetic store made complete."""
     weed = SeaweedFS(workdir=args.work / "weed").start()
     bucket = bucket_for(args.blobs)
     weed.create_bucket(bucket)
     complete = args.work / "weed" / f"{bucket}.complete"
+    meta = args.work / "weed" / f"{bucket}.json"
     started = time.monotonic()
     missing: dict[str, bytes] = {}
     extra: set[str] = set()
     objects: dict[str, bytes] = {}
+    if not complete.exists() or not meta.exists():
+        # the whole store in memory (~1 GB at a million blobs): only when the bucket needs it
+        objects, counts = store_objects(args.blobs)
+        meta.write_text(json.dumps(counts))
     if not complete.exists():
-        # the whole store in memory (2.3 GB at 500k blobs): only when the bucket needs it
-        objects = load_store(root)
         # a million keys take minutes to list: done only when the last run may have changed
         # the bucket (a delete, or an interrupted upload)
         present = set(weed.keys(bucket))
@@ -133,16 +145,15 @@ def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
             chunk = [{"Key": key} for key in ordered[i : i + 1000]]
             client.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
     complete.touch()
+    counts = json.loads(meta.read_text())
     loaded, uploaded = len(objects), len(missing)
     objects.clear()  # gigabytes at a million blobs, while the contenders run
     missing.clear()
-    shards = root / layout.V2_ROOT / layout.BLOBS
-    blobs = sum(len(os.listdir(shard)) for shard in shards.iterdir())
     info = {
         "synthetic": counts,
         "bucket": bucket,
-        "objects": loaded or "not loaded: the bucket was complete",
-        "blobs": blobs,
+        "objects": loaded or "not made: the bucket was complete",
+        "blobs": counts["blobs"],
         "uploaded": uploaded,
         "removed": len(extra),
         "upload_seconds": round(time.monotonic() - started, 1),

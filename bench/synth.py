@@ -14,6 +14,8 @@ import json
 import os
 import random
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ class Plan:
     shared: int
     orphans: int
     seed: int
+
+
+V2 = "docker/registry/v2"
 
 
 def _write(path: str, data: bytes, fresh_dir: bool = False) -> None:
@@ -56,14 +61,13 @@ def _write(path: str, data: bytes, fresh_dir: bool = False) -> None:
     os.close(fd)
 
 
-def _blob(v2: str, data: bytes) -> str:
+def _blob(data: bytes) -> tuple[str, str, bytes]:
     hexd = hashlib.sha256(data).hexdigest()
-    _write(f"{v2}/blobs/sha256/{hexd[:2]}/{hexd}/data", data, fresh_dir=True)
-    return hexd
+    return hexd, f"blobs/sha256/{hexd[:2]}/{hexd}/data", data
 
 
-def _link(path: str, hexd: str) -> None:
-    _write(path, f"sha256:{hexd}".encode(), fresh_dir=True)
+def _link(path: str, hexd: str) -> tuple[str, bytes]:
+    return path, f"sha256:{hexd}".encode()
 
 
 def _repo_name(i: int) -> str:
@@ -75,63 +79,101 @@ def _shared_layer(plan: Plan, i: int) -> bytes:
     return f"shared-{plan.seed}-{i}".encode() * 8
 
 
-def build_repos(plan: Plan, first: int, last: int) -> tuple[int, int]:
-    """Repositories [first, last): their manifests, configs and layers; (blobs, manifests)."""
-    v2 = f"{plan.root}/docker/registry/v2"
+def repo_objects(plan: Plan, first: int, last: int) -> Iterator[tuple[str, bytes]]:
+    """Repositories [first, last): their manifests, configs, layers and links, as
+    (path below ``docker/registry/v2/``, content); the same for the same plan and range."""
     rng = random.Random(plan.seed * 1_000_003 + first)
     shared = [hashlib.sha256(_shared_layer(plan, i)).hexdigest() for i in range(plan.shared)]
-    blobs = manifests = 0
     for r in range(first, last):
-        name = _repo_name(r)
-        repo = f"{v2}/repositories/{name}"
+        repo = f"repositories/{_repo_name(r)}"
         for m in range(plan.manifests_per_repo):
             layers = []
             for _ in range(plan.layers - 1):
-                data = rng.randbytes(rng.randint(64, 256))
-                layers.append((_blob(v2, data), len(data)))
-                blobs += 1
+                hexd, path, data = _blob(rng.randbytes(rng.randint(64, 256)))
+                yield path, data
+                layers.append((hexd, len(data)))
             if shared:
                 pick = shared[rng.randrange(len(shared))]
                 layers.append((pick, 8 * len(f"shared-{plan.seed}-0")))
-            config = json.dumps(
-                # unique per (repository, manifest): equal configs would be one blob
-                {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}, "n": [r, m]}
-            ).encode()
-            config_hex = _blob(v2, config)
-            blobs += 1
-            manifest = json.dumps(
-                {
-                    "schemaVersion": 2,
-                    "mediaType": DOCKER_V2,
-                    "config": {
-                        "mediaType": CONFIG,
-                        "size": len(config),
-                        "digest": f"sha256:{config_hex}",
-                    },
-                    "layers": [
-                        {"mediaType": LAYER, "size": size, "digest": f"sha256:{h}"}
-                        for h, size in layers
-                    ],
+            config_hex, path, config = _blob(
+                json.dumps(
+                    # unique per (repository, manifest): equal configs would be one blob
+                    {
+                        "architecture": "amd64",
+                        "os": "linux",
+                        "rootfs": {"type": "layers"},
+                        "n": [r, m],
+                    }
+                ).encode()
+            )
+            yield path, config
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": DOCKER_V2,
+                "config": {
+                    "mediaType": CONFIG,
+                    "size": len(config),
+                    "digest": f"sha256:{config_hex}",
                 },
-                indent=3,
-            ).encode()
-            mhex = _blob(v2, manifest)
-            blobs += 1
-            manifests += 1
-            _link(f"{repo}/_manifests/revisions/sha256/{mhex}/link", mhex)
-            _link(f"{repo}/_manifests/tags/v{m}/current/link", mhex)
-            _link(f"{repo}/_manifests/tags/v{m}/index/sha256/{mhex}/link", mhex)
+                "layers": [
+                    {"mediaType": LAYER, "size": size, "digest": f"sha256:{h}"}
+                    for h, size in layers
+                ],
+            }
+            mhex, path, data = _blob(json.dumps(manifest, indent=3).encode())
+            yield path, data
+            yield _link(f"{repo}/_manifests/revisions/sha256/{mhex}/link", mhex)
+            yield _link(f"{repo}/_manifests/tags/v{m}/current/link", mhex)
+            yield _link(f"{repo}/_manifests/tags/v{m}/index/sha256/{mhex}/link", mhex)
             for h in [config_hex, *(h for h, _ in layers)]:
-                _link(f"{repo}/_layers/sha256/{h}/link", h)
-    return blobs, manifests
+                yield _link(f"{repo}/_layers/sha256/{h}/link", h)
 
 
-def build_orphans(plan: Plan, first: int, last: int) -> int:
-    v2 = f"{plan.root}/docker/registry/v2"
+def orphan_objects(plan: Plan, first: int, last: int) -> Iterator[tuple[str, bytes]]:
+    """Orphans [first, last): blobs that nothing references."""
     rng = random.Random(plan.seed * 7_000_003 + first)
     for _ in range(first, last):
-        _blob(v2, rng.randbytes(rng.randint(64, 256)))
-    return last - first
+        yield _blob(rng.randbytes(rng.randint(64, 256)))[1:]
+
+
+def shared_objects(plan: Plan) -> Iterator[tuple[str, bytes]]:
+    """The layers a quarter of the repositories share."""
+    for i in range(plan.shared):
+        yield _blob(_shared_layer(plan, i))[1:]
+
+
+def jobs(
+    plan: Plan, processes: int
+) -> list[tuple[Callable[..., Iterator[tuple[str, bytes]]], int, int]]:
+    """The store cut into ranges for ``processes`` workers; the cut decides the content."""
+    step = max(1, plan.repos // (processes * 8))
+    ostep = max(1, plan.orphans // (processes * 8))
+    return [
+        *((repo_objects, a, min(a + step, plan.repos)) for a in range(0, plan.repos, step)),
+        *((orphan_objects, a, min(a + ostep, plan.orphans)) for a in range(0, plan.orphans, ostep)),
+    ]
+
+
+def _count(paths: Iterable[str]) -> Counter[str]:
+    return Counter(
+        "blobs" if p.startswith("blobs/") else "manifests" if "/revisions/" in p else "links"
+        for p in paths
+    )
+
+
+def _to_disk(
+    v2: str, make: Callable[..., Iterator[tuple[str, bytes]]], *args: object
+) -> Counter[str]:
+    written = []
+    for path, data in make(*args):
+        _write(f"{v2}/{path}", data, fresh_dir=True)
+        written.append(path)
+    return _count(written)
+
+
+def in_memory(make: Callable[..., Iterator[tuple[str, bytes]]], *args: object) -> dict[str, bytes]:
+    """One job's objects, keyed as in a bucket (``docker/registry/v2/...``)."""
+    return {f"{V2}/{path}": data for path, data in make(*args)}
 
 
 def plan_for(root: Path, blobs: int, repos: int, layers: int, orphans: float, seed: int) -> Plan:
@@ -144,32 +186,21 @@ def plan_for(root: Path, blobs: int, repos: int, layers: int, orphans: float, se
 
 
 def generate(plan: Plan, processes: int = 2) -> dict[str, int]:
-    v2 = f"{plan.root}/docker/registry/v2"
+    """Write the store below ``plan.root``; its counts."""
+    v2 = f"{plan.root}/{V2}"
     for shard in range(256):
         os.makedirs(f"{v2}/blobs/sha256/{shard:02x}", exist_ok=True)
-    for i in range(plan.shared):
-        _blob(v2, _shared_layer(plan, i))
-    step = max(1, plan.repos // (processes * 8))
-    ostep = max(1, plan.orphans // (processes * 8))
+    counts = _to_disk(v2, shared_objects, plan)
     with ProcessPoolExecutor(processes) as pool:
-        repo_jobs = [
-            pool.submit(build_repos, plan, a, min(a + step, plan.repos))
-            for a in range(0, plan.repos, step)
-        ]
-        orphan_jobs = [
-            pool.submit(build_orphans, plan, a, min(a + ostep, plan.orphans))
-            for a in range(0, plan.orphans, ostep)
-        ]
-        blobs = manifests = 0
-        for job in repo_jobs:
-            b, m = job.result()
-            blobs, manifests = blobs + b, manifests + m
-        orphans = sum(job.result() for job in orphan_jobs)
+        for job in [
+            pool.submit(_to_disk, v2, make, plan, a, b) for make, a, b in jobs(plan, processes)
+        ]:
+            counts += job.result()
     return {
         "repositories": plan.repos,
-        "manifests": manifests,
-        "blobs": blobs + plan.shared + orphans,
-        "orphans": orphans,
+        "manifests": counts["manifests"],
+        "blobs": counts["blobs"],
+        "orphans": plan.orphans,
     }
 
 

@@ -259,17 +259,23 @@ class SeaweedFS:
 
         They list, read and delete through S3 like any object; for bulk test data only."""
         filer = f"http://127.0.0.1:{self.ports['filer.port']}/buckets/{quote(bucket)}/"
-        limit = asyncio.Semaphore(concurrency)
         connector = aiohttp.TCPConnector(limit=concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
 
             async def put(key: str, data: bytes) -> None:
-                async with limit, session.put(filer + quote(key, safe="/"), data=data) as answer:
+                async with session.put(filer + quote(key, safe="/"), data=data) as answer:
                     if answer.status >= 300:
                         text = await answer.text()
                         raise SeaweedError(f"filer PUT {key}: {answer.status} {text}")
 
-            await asyncio.gather(*(put(key, data) for key, data in objects.items()))
+            # a fixed set of workers: millions of objects would be millions of tasks at once
+            items = iter(objects.items())
+
+            async def worker() -> None:
+                for key, data in items:
+                    await put(key, data)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
 
     def delete_bucket(self, name: str) -> None:
         """Empty and remove ``name``."""
