@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import pytest
 
 from daemon import layout, manifests
 from daemon.config import ConfigError, load_settings, parse_duration
+from daemon.cpus import cgroup_quota, usable_cpus
 from daemon.prune import CHECK, DELETE, Summary, parse_started_at
 from daemon.report import summary_lines
 from daemon.units import bytes_size
@@ -168,3 +171,53 @@ def test_digest_set_behaves_like_a_set() -> None:
     assert set(ours) == plain
     for shard in (0, 0x7F, 0xFF):
         assert ours.shard(shard) == {v for v in plain if v[0] == shard}
+
+
+def _cgroup(tmp_path: Path, membership: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A /proc/self/cgroup and a /sys/fs/cgroup tree with the kernel's file formats."""
+    proc = tmp_path / "proc-self-cgroup"
+    proc.write_text(membership)
+    root = tmp_path / "sys-fs-cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return proc, root
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "quota"),
+    [
+        # cgroup v2, a pod with limits.cpu: "1" and "2500m", and without a limit
+        ("0::/kubepods/pod1/ctr\n", {"kubepods/pod1/ctr/cpu.max": "100000 100000\n"}, 1.0),
+        ("0::/kubepods/pod1/ctr\n", {"kubepods/pod1/ctr/cpu.max": "250000 100000\n"}, 2.5),
+        ("0::/kubepods/pod1/ctr\n", {"kubepods/pod1/ctr/cpu.max": "max 100000\n"}, None),
+        # cgroup v1 (this machine's kind): cpu,cpuacct joined, and the v2 line with no cpu.max
+        (
+            "4:memory:/k\n3:cpu,cpuacct:/k/ctr\n0::/\n",
+            {"cpu/k/ctr/cpu.cfs_quota_us": "50000\n", "cpu/k/ctr/cpu.cfs_period_us": "100000\n"},
+            0.5,
+        ),
+        (
+            "3:cpu,cpuacct:/\n0::/\n",
+            {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+            None,
+        ),
+        ("0::/ctr\n", {"ctr/cpu.max": "garbage\n"}, None),
+        ("0::/gone\n", {}, None),
+    ],
+)
+def test_cpu_quota_of_the_cgroup(
+    tmp_path: Path, membership: str, files: dict[str, str], quota: float | None
+) -> None:
+    proc, root = _cgroup(tmp_path, membership, files)
+    assert cgroup_quota(proc, root) == quota
+    cpus = len(os.sched_getaffinity(0))
+    expected = cpus if quota is None else min(cpus, math.ceil(quota))
+    assert usable_cpus(proc, root) == expected
+
+
+def test_usable_cpus_of_this_process() -> None:
+    # the real /proc and /sys of wherever the suite runs (this machine: v1, no quota)
+    quota = cgroup_quota()
+    cpus = len(os.sched_getaffinity(0))
+    assert usable_cpus() == (cpus if quota is None else max(1, min(cpus, math.ceil(quota))))

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from daemon import layout
 from daemon.atomic import atomic_write
+from daemon.cpus import usable_cpus
 from daemon.storage import reading
 from daemon.storage.base import (
     BlobEntry,
@@ -44,14 +45,14 @@ class FilesystemStorage(Storage):
         self._base = str(self.base)
         # threads beyond a couple per core only fight over the GIL and stall the event loop
         # (status requests) when the page cache answers; slow network mounts want more
-        self.concurrency = max(1, min(concurrency, 2 * (os.cpu_count() or 1)))
+        cpus = usable_cpus()
+        self.concurrency = max(1, min(concurrency, 2 * cpus))
         self.description = f"filesystem:{self.rootdirectory}"
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fs")
         self._processes: ProcessPoolExecutor | None = None
         # past one reader per core, a warm page cache gains nothing and memory grows
-        # (one reader: 8.0 s for a 500k check where two took 6.6); a sidecar on a big node
-        # sees all its cores but may be limited to one, and each reader is ~20 MB
-        self._reader_count = min(self.concurrency, os.cpu_count() or 1, _MAX_READERS)
+        # (one reader: 8.0 s for a 500k check where two took 6.6), and each reader is ~18 MB
+        self._reader_count = min(self.concurrency, cpus, _MAX_READERS)
         self._in_flight = 0  # calls in the reader processes
         self._idle: asyncio.TimerHandle | None = None
 
