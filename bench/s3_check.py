@@ -12,9 +12,9 @@ The store is bench/run.py's, made in memory from the same plan and uploaded stra
 bucket, so the filesystem and S3 figures come from the same images. Orphans come two ways,
 as in a real registry: blobs never referenced (bench/synth.py's orphans) and images deleted
 through the API (revision link and tags gone, their blobs and layer links left behind).
-SeaweedFS keeps its data in ``<work>/weed``, one bucket per store size; a bucket known
-complete is not listed again, and the next run uploads again only what the last delete
-removed. Figures go to stdout as JSON lines.
+SeaweedFS keeps its data in ``<work>/weed-<blobs>``, one instance and bucket per store size;
+a bucket known complete is not listed again, and the next run uploads again only what the
+last delete removed. Figures go to stdout as JSON lines.
 """
 
 from __future__ import annotations
@@ -115,13 +115,19 @@ def bucket_for(blobs: int) -> str:
     return f"bench-{blobs}"
 
 
+def weed_dir(args: argparse.Namespace) -> Path:
+    return args.work / f"weed-{args.blobs}"
+
+
 def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
     """SeaweedFS started, and the bucket of the synthetic store made complete."""
-    weed = SeaweedFS(workdir=args.work / "weed").start()
     bucket = bucket_for(args.blobs)
+    # one SeaweedFS per store: its filer slows down with every object it holds, and the
+    # 1M bucket next to the 50k one made the 50k check's requests cost ~1.7 times the CPU
+    weed = SeaweedFS(workdir=weed_dir(args)).start()
     weed.create_bucket(bucket)
-    complete = args.work / "weed" / f"{bucket}.complete"
-    meta = args.work / "weed" / f"{bucket}.json"
+    complete = weed_dir(args) / f"{bucket}.complete"
+    meta = weed_dir(args) / f"{bucket}.json"
     started = time.monotonic()
     missing: dict[str, bytes] = {}
     extra: set[str] = set()
@@ -444,7 +450,7 @@ def main() -> None:
             if candidates < 10_000:
                 emit(warning=f"only {candidates} orphans; the goal is measured on 10,000")
             # the bucket changes from here on: the next run lists it and uploads what went
-            (args.work / "weed" / f"{bucket}.complete").unlink(missing_ok=True)
+            (weed_dir(args) / f"{bucket}.complete").unlink(missing_ok=True)
             result = delete_run(read_only, state)
             result["goal_blobs_per_s"] = GOAL_DELETE_RATE
             result["delete_goal_met"] = (result["blobs_per_s"] or 0) >= GOAL_DELETE_RATE

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,10 @@ DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 CONFIG = "application/vnd.docker.container.image.v1+json"
 OLD = time.time() - 2 * 86400
+
+#: (path below ``docker/registry/v2/``, content) of each object a job makes
+Objects = Iterator[tuple[str, bytes]]
+Maker = Callable[..., Objects]
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def _shared_layer(plan: Plan, i: int) -> bytes:
     return f"shared-{plan.seed}-{i}".encode() * 8
 
 
-def repo_objects(plan: Plan, first: int, last: int) -> Iterator[tuple[str, bytes]]:
+def repo_objects(plan: Plan, first: int, last: int) -> Objects:
     """Repositories [first, last): their manifests, configs, layers and links, as
     (path below ``docker/registry/v2/``, content); the same for the same plan and range."""
     rng = random.Random(plan.seed * 1_000_003 + first)
@@ -129,22 +133,20 @@ def repo_objects(plan: Plan, first: int, last: int) -> Iterator[tuple[str, bytes
                 yield _link(f"{repo}/_layers/sha256/{h}/link", h)
 
 
-def orphan_objects(plan: Plan, first: int, last: int) -> Iterator[tuple[str, bytes]]:
+def orphan_objects(plan: Plan, first: int, last: int) -> Objects:
     """Orphans [first, last): blobs that nothing references."""
     rng = random.Random(plan.seed * 7_000_003 + first)
     for _ in range(first, last):
         yield _blob(rng.randbytes(rng.randint(64, 256)))[1:]
 
 
-def shared_objects(plan: Plan) -> Iterator[tuple[str, bytes]]:
+def shared_objects(plan: Plan) -> Objects:
     """The layers a quarter of the repositories share."""
     for i in range(plan.shared):
         yield _blob(_shared_layer(plan, i))[1:]
 
 
-def jobs(
-    plan: Plan, processes: int
-) -> list[tuple[Callable[..., Iterator[tuple[str, bytes]]], int, int]]:
+def jobs(plan: Plan, processes: int) -> list[tuple[Maker, int, int]]:
     """The store cut into ranges for ``processes`` workers; the cut decides the content."""
     step = max(1, plan.repos // (processes * 8))
     ostep = max(1, plan.orphans // (processes * 8))
@@ -154,24 +156,18 @@ def jobs(
     ]
 
 
-def _count(paths: Iterable[str]) -> Counter[str]:
-    return Counter(
-        "blobs" if p.startswith("blobs/") else "manifests" if "/revisions/" in p else "links"
-        for p in paths
-    )
-
-
-def _to_disk(
-    v2: str, make: Callable[..., Iterator[tuple[str, bytes]]], *args: object
-) -> Counter[str]:
-    written = []
+def _to_disk(v2: str, make: Maker, *args: object) -> Counter[str]:
+    """Write one job's objects below ``v2``; how many blobs, manifests and links."""
+    counts: Counter[str] = Counter()
     for path, data in make(*args):
         _write(f"{v2}/{path}", data, fresh_dir=True)
-        written.append(path)
-    return _count(written)
+        kind = "blobs" if path.startswith("blobs/") else "links"
+        counts[kind] += 1
+        counts["manifests"] += "/_manifests/revisions/" in path
+    return counts
 
 
-def in_memory(make: Callable[..., Iterator[tuple[str, bytes]]], *args: object) -> dict[str, bytes]:
+def in_memory(make: Maker, *args: object) -> dict[str, bytes]:
     """One job's objects, keyed as in a bucket (``docker/registry/v2/...``)."""
     return {f"{V2}/{path}": data for path, data in make(*args)}
 
@@ -192,10 +188,11 @@ def generate(plan: Plan, processes: int = 2) -> dict[str, int]:
         os.makedirs(f"{v2}/blobs/sha256/{shard:02x}", exist_ok=True)
     counts = _to_disk(v2, shared_objects, plan)
     with ProcessPoolExecutor(processes) as pool:
-        for job in [
+        parts = [
             pool.submit(_to_disk, v2, make, plan, a, b) for make, a, b in jobs(plan, processes)
-        ]:
-            counts += job.result()
+        ]
+        for part in parts:
+            counts += part.result()
     return {
         "repositories": plan.repos,
         "manifests": counts["manifests"],
