@@ -28,7 +28,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from bench.run import (  # noqa: E402
     run_child,
     would_delete,
 )
-from bench.synth import in_memory, jobs, plan_for, shared_objects  # noqa: E402
+from bench.synth import in_memory, made, plan_for  # noqa: E402
 from daemon import layout, logs  # noqa: E402
 from daemon.config import load_settings  # noqa: E402
 from daemon.progress import Progress  # noqa: E402
@@ -76,11 +75,9 @@ def store_objects(blobs: int) -> tuple[dict[str, bytes], dict[str, int]]:
     images chosen as deleted gone as the registry's API deletes them; and its counts."""
     plan = plan_for(Path("."), blobs, repos_for(blobs), 5, 0.1, 1)
     processes = os.cpu_count() or 2  # bench/run.py's cut, so the same content as its store
-    objects = in_memory(shared_objects, plan)
-    with ProcessPoolExecutor(processes) as pool:
-        parts = [pool.submit(in_memory, make, plan, a, b) for make, a, b in jobs(plan, processes)]
-        for part in parts:
-            objects.update(part.result())
+    objects: dict[str, bytes] = {}
+    for part in made(plan, processes, in_memory):
+        objects.update(part)
     revisions = [key for key in objects if "/_manifests/revisions/sha256/" in key]
     deleted = {key.split("/")[-2] for key in revisions if key.split("/")[-2][0] in DELETED_IMAGES}
     # what DELETE /v2/<name>/manifests/<digest> removes: the revision link, every tag naming it

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 DOCKER_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
@@ -28,6 +29,7 @@ OLD = time.time() - 2 * 86400
 #: (path below ``docker/registry/v2/``, content) of each object a job makes
 Objects = Iterator[tuple[str, bytes]]
 Maker = Callable[..., Objects]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -156,13 +158,22 @@ def jobs(plan: Plan, processes: int) -> list[tuple[Maker, int, int]]:
     ]
 
 
+def made(plan: Plan, processes: int, work: Callable[..., R], *head: object) -> Iterator[R]:
+    """``work(*head, make, *args)`` for the shared layers here, then for every job of the
+    store in ``processes`` worker processes."""
+    yield work(*head, shared_objects, plan)
+    with ProcessPoolExecutor(processes) as pool:
+        parts = [pool.submit(work, *head, make, plan, a, b) for make, a, b in jobs(plan, processes)]
+        for part in parts:
+            yield part.result()
+
+
 def _to_disk(v2: str, make: Maker, *args: object) -> Counter[str]:
-    """Write one job's objects below ``v2``; how many blobs, manifests and links."""
+    """Write one job's objects below ``v2``; how many blobs and manifests."""
     counts: Counter[str] = Counter()
     for path, data in make(*args):
         _write(f"{v2}/{path}", data, fresh_dir=True)
-        kind = "blobs" if path.startswith("blobs/") else "links"
-        counts[kind] += 1
+        counts["blobs"] += path.startswith("blobs/")
         counts["manifests"] += "/_manifests/revisions/" in path
     return counts
 
@@ -186,13 +197,7 @@ def generate(plan: Plan, processes: int = 2) -> dict[str, int]:
     v2 = f"{plan.root}/{V2}"
     for shard in range(256):
         os.makedirs(f"{v2}/blobs/sha256/{shard:02x}", exist_ok=True)
-    counts = _to_disk(v2, shared_objects, plan)
-    with ProcessPoolExecutor(processes) as pool:
-        parts = [
-            pool.submit(_to_disk, v2, make, plan, a, b) for make, a, b in jobs(plan, processes)
-        ]
-        for part in parts:
-            counts += part.result()
+    counts = sum(made(plan, processes, _to_disk, v2), Counter[str]())
     return {
         "repositories": plan.repos,
         "manifests": counts["manifests"],
