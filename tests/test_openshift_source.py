@@ -196,6 +196,24 @@ async def test_expired_stream_listing_restarts(fake: FakeOpenShift, source: Any)
     assert marks.remove_repositories == [] and marks.remove_revisions == []
 
 
+@pytest.mark.parametrize("resource", ["images", "imagestreams"])
+async def test_repeated_continue_token_fails_closed(
+    fake: FakeOpenShift, source: Any, resource: str
+) -> None:
+    """A page that hands back the token it was asked with would be followed forever."""
+    names = seven_images(fake.cluster)
+    for i in range(5):
+        fake.cluster.add_stream(make_image_stream(f"ns{i}", "app", {"latest": [names[0]]}))
+    fake.cluster.repeat_continue(resource, page=2, times=None)
+    repos = {f"ns{i}/app": [names[0]] for i in range(5)}
+    with pytest.raises(SourceError, match="continue token it had already given"):
+        async with asyncio.timeout(20):  # without the guard: the same page, forever
+            await mark(await source(page_size=2), inventory(repos))
+    path_end = "/images" if resource == "images" else "/imagestreams"
+    pages = [q for q in list_requests(fake.cluster, path_end) if "continue" in q]
+    assert len(pages) == 1  # page 2 named its own token again: never followed
+
+
 async def test_server_error_mid_list(fake: FakeOpenShift, source: Any) -> None:
     seven_images(fake.cluster)
     fake.cluster.fail("images", page=2, status=500)

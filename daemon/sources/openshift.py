@@ -215,6 +215,7 @@ class OpenShiftSource(ReferenceSource):
         for attempt in range(self.list_restarts + 1):
             reset()
             token, version, page = "", "", 0
+            seen: set[str] = set()  # tokens of this listing: a repeat would loop forever
             try:
                 while True:
                     query = [("limit", str(self.page_size))]
@@ -232,6 +233,14 @@ class OpenShiftSource(ReferenceSource):
                         raise SourceError(f"openshift: unexpected answer: {what} continue token")
                     if not token:
                         return version
+                    if token in seen:
+                        # a listing that cannot go on must not pass for a complete one
+                        raise SourceError(
+                            f"openshift: {what}: the API server answered page {page} with a "
+                            "continue token it had already given; the listing cannot finish "
+                            "(an API server or proxy fault), try again later"
+                        )
+                    seen.add(token)
             except _Expired as exc:
                 if page == 1:
                     raise SourceError(f"openshift: {what}: 410 on a fresh list: {exc}") from None

@@ -204,6 +204,7 @@ class Fault:
     message: str | None = None
     delay: float = 0.0  # seconds before answering
     body: bytes | None = None  # answer 200 with these raw bytes
+    repeat_continue: bool = False  # answer the page with the continue token it was asked with
     times: int | None = 1  # None: every time
     hits: int = 0
 
@@ -314,6 +315,11 @@ class FakeCluster:
     def expire_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
         """410 Expired on the continue request for ``page``."""
         return self.fault(resource, page=page, status=410, times=times)
+
+    def repeat_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
+        """Page ``page`` of a list names the continue token it was asked with as the next one
+        (a broken API server or proxy): a client that follows it loops forever."""
+        return self.fault(resource, page=page, repeat_continue=True, times=times)
 
     def slow(self, resource: str, page: int | None, delay: float, **kw: Any) -> Fault:
         return self.fault(resource, page=page, delay=delay, **kw)
@@ -482,6 +488,8 @@ class FakeOpenShift:
             await asyncio.sleep(fault.delay)
         if fault.body is not None:
             return web.Response(body=fault.body, content_type=JSON)
+        if fault.repeat_continue:
+            request["repeat_continue"] = True  # served normally, but for the next token
         if fault.status is None:
             return None
         message = fault.message
@@ -535,12 +543,15 @@ class FakeOpenShift:
         page: int,
         offset: int,
         version: int,
+        request: web.Request | None = None,
     ) -> web.Response:
         metadata: dict[str, Any] = {"resourceVersion": str(version)}
         end = offset + len(items)
         if end < total:
             metadata["continue"] = _encode_token(version, end, page + 1)
             metadata["remainingItemCount"] = total - end
+        if request is not None and request.get("repeat_continue"):
+            metadata["continue"] = request.query.get("continue") or ""
         body = {
             "kind": kind,
             "apiVersion": "image.openshift.io/v1",
@@ -562,7 +573,7 @@ class FakeOpenShift:
         total = self.cluster.image_count()
         stop = total if limit is None else offset + limit
         items = list(self.cluster.image_slice(offset, stop))
-        return self._list("ImageList", items, total, page, offset, version)
+        return self._list("ImageList", items, total, page, offset, version, request)
 
     async def _image(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -589,7 +600,7 @@ class FakeOpenShift:
             items = [s for (ns, _), s in sorted(self.cluster.streams.items()) if ns == namespace]
         total = len(items)
         items = items[offset:] if limit is None else items[offset : offset + limit]
-        return self._list("ImageStreamList", items, total, page, offset, version)
+        return self._list("ImageStreamList", items, total, page, offset, version, request)
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["ns"], request.match_info["name"]
