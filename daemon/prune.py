@@ -302,7 +302,7 @@ class Engine:
     async def delete(self, inventory: Inventory, marks: Marks, candidates: list[Candidate]) -> None:
         """Phase 4: repositories and manifest links, stale uploads, then blobs in batches."""
         self.progress.enter("delete" if self.options.mode == DELETE else "report")
-        await self._remove_repositories(marks)
+        await self._remove_repositories(inventory, marks)
         await self._remove_uploads(inventory)
         if not candidates:
             return
@@ -431,12 +431,22 @@ class Engine:
         stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in digests])
         return [d for d, entry in zip(digests, stats, strict=True) if entry is None]
 
-    async def _remove_repositories(self, marks: Marks) -> None:
-        for name in marks.remove_repositories:
-            prefixes = [
-                layout.repository_root(name) + section
-                for section in ("_manifests/", "_layers/", "_uploads/")
-            ]
+    async def _remove_repositories(self, inventory: Inventory, marks: Marks) -> None:
+        online = self.options.online and self.options.mode == DELETE
+        doomed = list(marks.remove_repositories)
+        if online and doomed:
+            doomed = await self._recheck_repositories(inventory, doomed)
+        for name in doomed:
+            if online:
+                # only what the scan saw: a link a push wrote since then is not ours to judge
+                prefixes = self._scanned_links(inventory, name)
+                if not prefixes:
+                    continue  # emptied by an earlier online run: nothing of it is left
+            else:
+                prefixes = [
+                    layout.repository_root(name) + section
+                    for section in ("_manifests/", "_layers/", "_uploads/")
+                ]
             failures = await self.pruner.remove(self.storage, prefixes)
             self._count_failures(failures)
             if not failures:
@@ -454,6 +464,34 @@ class Engine:
         failures = await self.pruner.remove(self.storage, links)
         self._count_failures(failures)
         self.summary.manifest_links += len(links) - len(failures)
+
+    async def _recheck_repositories(self, inventory: Inventory, names: list[str]) -> list[str]:
+        """Online mode: drop from ``names`` the repositories referenced since the listing."""
+        kept = await self.source.repositories_now_in_use(names)
+        # an image created since the listing whose manifest is one of a repository's
+        # revisions: its push is done, its stream may lag behind
+        for name in names:
+            repo = inventory.repositories.get(name)
+            if name in kept or repo is None or not repo.revisions:
+                continue
+            if await self.source.newly_in_use(bytes.fromhex(h) for h in repo.revisions):
+                kept.add(name)
+        for name in sorted(kept):
+            self.log.warning("repository kept: referenced during the run", repository=name)
+        return [name for name in names if name not in kept]
+
+    @staticmethod
+    def _scanned_links(inventory: Inventory, name: str) -> list[str]:
+        """The link directories of ``name`` that the scan found (uploads age out on their own)."""
+        repo = inventory.repositories.get(name)
+        if repo is None:
+            return []
+        root = layout.repository_root(name)
+        return [
+            *(layout.revision_dir(name, h) for h in sorted(repo.revisions)),
+            *(f"{root}_manifests/tags/{tag}/" for tag in sorted(repo.tags)),
+            *(layout.layer_link_dir(name, raw.hex()) for raw in repo.layer_digests()),
+        ]
 
     async def _remove_uploads(self, inventory: Inventory) -> None:
         limit = self.started - self.options.upload_max_age

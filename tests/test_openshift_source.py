@@ -358,6 +358,24 @@ async def test_repository_rules(fake: FakeOpenShift, source: Any) -> None:
     assert raws([d("untracked"), d("untracked-l"), d("stray-c")]) <= marks.in_use
 
 
+async def test_repositories_now_in_use_reads_each_stream(fake: FakeOpenShift, source: Any) -> None:
+    fake.cluster.add_stream(make_image_stream("ns", "app"))
+    src = await source()
+    names = ["ns/app", "ns/gone", "a/b/c"]
+    assert await src.repositories_now_in_use(names) == {"ns/app"}
+    fetched = [p for m, p, _q in fake.cluster.requests if "/namespaces/" in p]
+    assert fetched == [
+        "/apis/image.openshift.io/v1/namespaces/ns/imagestreams/app",
+        "/apis/image.openshift.io/v1/namespaces/ns/imagestreams/gone",
+    ]  # a/b/c cannot be a stream: not asked
+    fake.cluster.fail("imagestream", status=500)
+    with pytest.raises(SourceError, match="HTTP 500"):
+        await src.repositories_now_in_use(["ns/gone"])
+    fake.cluster.forbid("imagestream")
+    with pytest.raises(SourceError, match=r"get imagestreams\.image\.openshift\.io"):
+        await src.repositories_now_in_use(["ns/app"])
+
+
 # -- read-only guard ----------------------------------------------------------------------
 
 

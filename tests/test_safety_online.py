@@ -8,7 +8,7 @@ import random
 import time
 from pathlib import Path
 
-from tests.harness.fake_openshift import FakeOpenShift, make_image
+from tests.harness.fake_openshift import FakeOpenShift, make_image, make_image_stream
 from tests.harness.images import (
     Blob,
     RegistryClient,
@@ -21,6 +21,9 @@ from tests.harness.images import (
 from tests.harness.openshift_scenario import (
     Pushed,
     cluster_for,
+    image_objects,
+    push,
+    revisions,
     run_cli,
 )
 from tests.harness.registry import Registry, blobs_on_disk
@@ -117,3 +120,43 @@ async def test_pushes_reusing_orphan_layers_during_online_delete(
     for i, (tag, digest, blobs) in enumerate(succeeded):
         assert blobs | {digest} <= left, tag
         skopeo_pull(registry.url, "ns1/web", tag, tmp_path / f"pull{i}")
+
+
+async def test_stream_created_after_the_mark_keeps_its_repository(
+    openshift_store: tuple[Registry, dict[str, Pushed]], tmp_path: Path
+) -> None:
+    """A push that finished just before the run has its links but no ImageStream yet; the
+    stream appears once the run has marked. Neither its repository nor a link written
+    after the scan may go."""
+    registry, images = openshift_store
+    client = RegistryClient(registry.url)
+    late = push(client, random.Random(31), "ns3/late", "v1", [])
+    cluster = cluster_for(images, skip=set())
+    cluster.read_only = False
+    gone = registry.root / "docker/registry/v2/repositories/ns2/gone"
+    written_later = gone / "_manifests/revisions/sha256" / images["app1"].manifest.digest[7:]
+
+    def after_the_mark() -> None:
+        # OpenShift's registry creates the Image and the stream after storing the manifest
+        cluster.add_images(image_objects(late))
+        cluster.add_stream(make_image_stream("ns3", "late", {"v1": [late.manifest.digest]}))
+        # another push links a manifest into ns2/gone, whose stream comes later
+        written_later.mkdir(parents=True)
+        (written_later / "link").write_text(images["app1"].manifest.digest)
+
+    # the online run opens its image watch right after the mark: the race, made exact
+    cluster.on_request("watch", after_the_mark)
+    async with FakeOpenShift(cluster) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        code, out, err = await run_cli(registry, "delete", "--online", kubeconfig=kubeconfig)
+    assert code == 0, out + err
+    assert "Deleted 2 repositories" in out, out  # ns2/gone (what the scan saw), a/b/c
+    links = revisions(registry)
+    assert ("ns3/late", late.manifest.digest) in links
+    assert ("ns2/gone", images["gone"].manifest.digest) not in links
+    assert (written_later / "link").read_text() == images["app1"].manifest.digest
+    assert late.digests() <= blobs_on_disk(registry)
+    skopeo_pull(registry.url, "ns3/late", "v1", tmp_path / "late")
+    for i, name in enumerate(("app1", "multi", "web", "other")):
+        p = images[name]
+        skopeo_pull(registry.url, p.repo, p.tag, tmp_path / f"pull{i}")

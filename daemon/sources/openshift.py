@@ -26,12 +26,14 @@ from daemon.storage.base import Storage
 
 IMAGES = "/apis/image.openshift.io/v1/images"
 IMAGE_STREAMS = "/apis/image.openshift.io/v1/imagestreams"
+IMAGE_STREAM = "/apis/image.openshift.io/v1/namespaces/{namespace}/imagestreams/{name}"
 REGISTRY_CONFIG = "/apis/imageregistry.operator.openshift.io/v1/configs/cluster"
 
 LIST_IMAGES = "list images.image.openshift.io"
 WATCH_IMAGES = "watch images.image.openshift.io"
 LIST_STREAMS = "list imagestreams.image.openshift.io (all namespaces)"
 GET_CONFIG = "get configs.imageregistry.operator.openshift.io"
+GET_STREAM = "get imagestreams.image.openshift.io"
 
 # Media types whose dockerImageMetadata.Id is the config blob; for schema1 it is a v1 id.
 _CONFIG_TYPES = frozenset(
@@ -380,6 +382,38 @@ class OpenShiftSource(ReferenceSource):
         seen = await self._watch.current()
         return {digest for digest in candidates if digest in seen}
 
+    async def repositories_now_in_use(self, names: Iterable[str]) -> set[str]:
+        """Repositories whose ImageStream exists now: a push that finished during the run
+        wrote its links before the registry created the stream."""
+        found: set[str] = set()
+        for name in names:
+            key = stream_key(name)
+            if key is not None and await self._stream_exists(key):
+                found.add(name)
+        return found
+
+    async def _stream_exists(self, key: str) -> bool:
+        namespace, _, name = key.partition("/")
+        what = f"reading image stream {key}"
+        path = IMAGE_STREAM.format(namespace=namespace, name=name)
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                async with await self._open(path, [], timeout) as resp:
+                    body = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            raise SourceError(
+                f"openshift: {what}: no answer within {self.request_timeout:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise SourceError(f"openshift: {what}: {type(exc).__name__}: {exc}") from None
+        if status == 200:
+            return True
+        if status == 404 and _is_not_found(body):
+            return False  # only an explicit NotFound Status proves it absent
+        raise _http_error(status, body, what, GET_STREAM)
+
     async def close(self) -> None:
         if self._watch is not None:
             await self._watch.stop()
@@ -399,6 +433,17 @@ def _reachable(stream: set[bytes], index: ImageIndex) -> set[bytes]:
                 if child in index.children:
                     lists.append(child)
     return keep
+
+
+def _is_not_found(body: bytes) -> bool:
+    """A Status object with reason NotFound (a 404 from a proxy or a wrong path is not one)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return (
+        isinstance(data, dict) and data.get("kind") == "Status" and data.get("reason") == "NotFound"
+    )
 
 
 def _status_message(body: bytes) -> str:

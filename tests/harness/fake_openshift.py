@@ -205,6 +205,7 @@ class Fault:
     delay: float = 0.0  # seconds before answering
     body: bytes | None = None  # answer 200 with these raw bytes
     repeat_continue: bool = False  # answer the page with the continue token it was asked with
+    action: Callable[[], None] | None = None  # run when the fault fires (a race, made exact)
     times: int | None = 1  # None: every time
     hits: int = 0
 
@@ -315,6 +316,11 @@ class FakeCluster:
     def expire_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
         """410 Expired on the continue request for ``page``."""
         return self.fault(resource, page=page, status=410, times=times)
+
+    def on_request(self, resource: str, action: Callable[[], None], times: int = 1) -> Fault:
+        """Run ``action`` when a request for ``resource`` arrives, then answer it as usual:
+        the state changes at an exact point of the client's run."""
+        return self.fault(resource, action=action, times=times)
 
     def repeat_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
         """Page ``page`` of a list names the continue token it was asked with as the next one
@@ -484,6 +490,8 @@ class FakeOpenShift:
         fault = self.cluster.take_fault(resource, page)
         if fault is None:
             return None
+        if fault.action is not None:
+            fault.action()
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.body is not None:
