@@ -388,27 +388,42 @@ class Engine:
         before registers its image within the settle time, and gets the blob and links back.
         """
         quarantine = Quarantine(self.storage, self.run_id)
-        parked = set(await quarantine.park([c.digest.hex() for c in batch]))
+        try:
+            # a move that fails (a copy the store refuses) puts back what was parked
+            parked = set(await quarantine.park([c.digest.hex() for c in batch]))
+        except StorageError:
+            await self._restore_links(batch, layers)
+            raise
         await asyncio.sleep(self.options.online_settle)
         try:
             protected = await self.source.newly_in_use(c.digest for c in batch)
         except SourceError:
-            await quarantine.release(sorted(parked))  # unsure: everything goes back
+            try:
+                await quarantine.release(sorted(parked))  # unsure: everything goes back
+            finally:
+                await self._restore_links(batch, layers)
             raise
         back = [c for c in batch if c.digest in protected]
         await quarantine.release([c.digest.hex() for c in back if c.digest.hex() in parked])
+        await self._restore_links(back, layers)
         for candidate in back:
-            for prefix in layers.get(candidate.digest, ()):
-                await self.storage.write(
-                    prefix + "link", f"sha256:{candidate.digest.hex()}".encode()
-                )
-                self.summary.layer_links -= 1
             self.summary.too_young += 1
             self.progress.too_young += 1
             self.log.warning("kept: referenced during the run", digest=candidate.digest.hex())
         doomed = [c for c in batch if c.digest not in protected and c.digest.hex() in parked]
         failures = await quarantine.purge([c.digest.hex() for c in doomed])
         return doomed, failures
+
+    async def _restore_links(
+        self, candidates: list[Candidate], layers: dict[bytes, list[str]]
+    ) -> None:
+        """Write back the layer links this batch removed for ``candidates``."""
+        for candidate in candidates:
+            for prefix in layers.get(candidate.digest, ()):
+                await self.storage.write(
+                    prefix + "link", f"sha256:{candidate.digest.hex()}".encode()
+                )
+                self.summary.layer_links -= 1
 
     async def _aftercheck(self, deleted: list[Candidate]) -> None:
         """Online mode: an image that names a blob just deleted means a push won the race."""

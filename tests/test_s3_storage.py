@@ -564,3 +564,44 @@ async def test_delete_under_faults(
     for seen in proxy.seen:
         if seen.method == "POST":
             assert set(delete_request_keys(seen.body)) <= asked
+
+
+@session_loop
+async def test_move_copies_in_parts_above_the_copy_limit(
+    weed: SeaweedFS, make_storage: MakeStorage, proxy: FaultProxy
+) -> None:
+    """CopyObject refuses sources over 5 GiB: above ``copy_limit`` a move copies in parts
+    (here a 5 MiB limit and a 12 MiB object: parts of 5, 5 and 2 MiB)."""
+    bucket = new_bucket(weed)
+    storage = make_storage(bucket, "r", endpoint=proxy.url)
+    storage.copy_limit = storage.copy_part_size = 5 * 1024**2
+    big, small = hexes(2, seed=31)
+    data = random.Random(31).randbytes(12 * 1024**2)
+    await storage.write(layout.blob_data(big), data)
+    await storage.write(layout.blob_data(small), b"small")
+    proxy.reset_counts()
+    assert await storage.move(layout.blob_data(big), "parked/big")
+    assert await storage.move(layout.blob_data(small), "parked/small")
+    assert not await storage.move(layout.blob_data(big), "parked/again")  # gone: False
+    assert await storage.read("parked/big", len(data)) == data
+    assert await storage.read("parked/small", 5) == b"small"
+    assert await storage.stat(layout.blob_data(big)) is None
+    copies = [s for s in proxy.seen if s.method == "PUT" and "x-amz-copy-source" in s.headers]
+    ranges = sorted(s.headers.get("x-amz-copy-source-range", "") for s in copies)
+    mib = 1024**2
+    assert ranges == [
+        "",  # the small one: one CopyObject
+        f"bytes=0-{5 * mib - 1}",
+        f"bytes={10 * mib}-{12 * mib - 1}",
+        f"bytes={5 * mib}-{10 * mib - 1}",
+    ]
+
+    # a part failing past the retries: the upload is aborted, the source stays whole
+    proxy.inject("internal", None, match=lambda r: "partNumber" in r.query)
+    with pytest.raises(StorageError, match="InternalError"):
+        await storage.move("parked/big", "parked/other")
+    proxy.clear()
+    assert await storage.read("parked/big", len(data)) == data
+    assert await storage.stat("parked/other") is None
+    uploads = weed.client().list_multipart_uploads(Bucket=bucket)
+    assert not uploads.get("Uploads"), uploads

@@ -734,11 +734,25 @@ class S3Storage(Storage):
         """PutObject (atomic on S3)."""
         await self._op(f"write {key!r}", "put_object", Key=self._key(key), Body=data)
 
+    #: CopyObject refuses sources over 5 GiB: larger ones are copied in parts
+    copy_limit: int = 5 * 1024**3
+    #: the parts of such a copy (S3: 5 MiB to 5 GiB each, at most 10,000 of them)
+    copy_part_size: int = 512 * 1024**2
+
     async def move(self, src: str, dst: str) -> bool:
-        """CopyObject then delete: S3 has no rename (online deletes park blobs this way)."""
+        """Copy then delete: S3 has no rename (online deletes park blobs this way). Objects
+        over ``copy_limit`` are copied with UploadPartCopy, the rest with CopyObject."""
+        entry = await self.stat(src)
+        if entry is None:
+            return False
         source = {"Bucket": self.bucket, "Key": self._key(src)}
         try:
-            await self._op(f"move {src!r}", "copy_object", Key=self._key(dst), CopySource=source)
+            if entry.size is not None and entry.size > self.copy_limit:
+                await self._copy_in_parts(src, dst, entry.size)
+            else:
+                await self._op(
+                    f"move {src!r}", "copy_object", Key=self._key(dst), CopySource=source
+                )
         except S3Error as exc:
             if exc.status == 404 and exc.code in _MISSING_CODES:
                 return False
@@ -747,6 +761,52 @@ class S3Storage(Storage):
         if failures:
             raise StorageError(f"moved {src!r} but cannot remove it: {failures[0].reason}")
         return True
+
+    async def _copy_in_parts(self, src: str, dst: str, size: int) -> None:
+        """A multipart upload of ``dst`` whose parts are server-side copies of ranges of
+        ``src`` (UploadPartCopy); aborted, leaving no parts behind, when any part fails."""
+        key = self._key(dst)
+        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        part = max(self.copy_part_size, -(-size // 10_000))
+        started = await self._op(f"copy {src!r} in parts", "create_multipart_upload", Key=key)
+        upload = started["UploadId"]
+
+        async def copy_part(number: int, first: int) -> dict[str, Any]:
+            last = min(first + part, size) - 1
+            answer = await self._op(
+                f"copy part {number} of {src!r}",
+                "upload_part_copy",
+                Key=key,
+                UploadId=upload,
+                PartNumber=number,
+                CopySource=source,
+                CopySourceRange=f"bytes={first}-{last}",
+            )
+            return {"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]}
+
+        try:
+            # a failed part cancels the others: the upload is aborted at once
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(copy_part(n, first))
+                    for n, first in enumerate(range(0, size, part), 1)
+                ]
+            parts = [task.result() for task in tasks]
+            await self._op(
+                f"complete the copy of {src!r}",
+                "complete_multipart_upload",
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException as exc:
+            with contextlib.suppress(StorageError):
+                await self._op(
+                    f"abort the copy of {src!r}", "abort_multipart_upload", Key=key, UploadId=upload
+                )
+            if isinstance(exc, BaseExceptionGroup):
+                raise _first_error(exc) from None
+            raise
 
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
         """Delete ``blobs/sha256/<xx>/<hex>/data``; S3 has no directory left to remove."""
