@@ -336,3 +336,29 @@ def test_blobs_parked_by_a_dead_online_run_go_back(
     registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
+
+
+def test_read_only_flag_is_read_again_for_every_delete(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    """The registry's config is a mounted ConfigMap: it changes under a running daemon."""
+    registry, scenario = fresh
+    before = blobs_on_disk(registry)
+    daemon = Daemon(registry.config_path, tmp_path / "state", "--grace", "0").start()
+    try:
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "failed" and "not in read-only mode" in run["error"], run
+        registry.restart(read_only=True)  # the daemon is not restarted
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "succeeded", run
+        assert run["summary"]["blobs"] == len(scenario.expected_orphans)
+        registry.restart(read_only=False)
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "failed" and "not in read-only mode" in run["error"], run
+        registry.config_path.write_text("storage: [not, a, mapping]\n")
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "failed", run
+        assert "cannot tell whether the registry is read-only" in run["error"], run
+    finally:
+        daemon.stop()
+    assert blobs_on_disk(registry) == before - scenario.expected_orphans

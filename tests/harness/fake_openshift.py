@@ -155,6 +155,104 @@ def make_image_stream(
     }
 
 
+REGISTRY_NAMESPACE = "openshift-image-registry"
+
+
+def make_registry_deployment(
+    *,
+    read_only: bool,
+    replicas: int = 2,
+    generation: int = 3,
+    observed_generation: int | None = None,
+    updated_replicas: int | None = None,
+    running_replicas: int | None = None,
+    env: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The operator's registry Deployment (apps/v1) as the API serves it; by default wholly
+    rolled out. Zero counts are left out of status, as Go's omitempty does."""
+    if env is None:
+        env = [
+            {"name": "REGISTRY_STORAGE", "value": "filesystem"},
+            {"name": "REGISTRY_HTTP_ADDR", "value": ":5000"},
+        ]
+        if read_only:
+            env = [
+                *env,
+                {"name": "REGISTRY_STORAGE_MAINTENANCE_READONLY", "value": "{enabled: true}"},
+            ]
+    updated = replicas if updated_replicas is None else updated_replicas
+    running = updated if running_replicas is None else running_replicas
+    counts = {
+        "observedGeneration": generation if observed_generation is None else observed_generation,
+        "replicas": running,
+        "updatedReplicas": updated,
+        "readyReplicas": updated,
+        "availableReplicas": updated,
+    }
+    labels = {"docker-registry": "default"}
+    return {
+        "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "metadata": {
+            "name": "image-registry",
+            "namespace": REGISTRY_NAMESPACE,
+            "uid": fake_digest("uid:image-registry")[7:43],
+            "resourceVersion": "4242",
+            "generation": generation,
+            "creationTimestamp": CREATED,
+            "labels": dict(labels),
+            "annotations": {"deployment.kubernetes.io/revision": str(generation)},
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {
+                "metadata": {"creationTimestamp": None, "labels": dict(labels)},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "registry",
+                            "image": "quay.io/openshift/origin-docker-registry:latest",
+                            "ports": [{"containerPort": 5000, "protocol": "TCP"}],
+                            "env": [dict(e) for e in env],
+                            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "imagePullPolicy": "IfNotPresent",
+                        }
+                    ],
+                    "serviceAccountName": "registry",
+                    "restartPolicy": "Always",
+                },
+            },
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 1, "maxSurge": "25%"},
+            },
+            "revisionHistoryLimit": 10,
+            "progressDeadlineSeconds": 600,
+        },
+        "status": {
+            **{k: v for k, v in counts.items() if v},
+            "conditions": [
+                {
+                    "type": "Available",
+                    "status": "True",
+                    "reason": "MinimumReplicasAvailable",
+                    "message": "Deployment has minimum availability.",
+                },
+                {
+                    "type": "Progressing",
+                    "status": "True",
+                    "reason": "NewReplicaSetAvailable"
+                    if updated == replicas == running
+                    else "ReplicaSetUpdated",
+                    "message": 'ReplicaSet "image-registry-5d9c" is progressing.',
+                },
+            ],
+        },
+    }
+
+
 def status_object(
     code: int, reason: str, message: str, details: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -226,6 +324,8 @@ class FakeCluster:
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     streams: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     read_only: bool | None = False  # None: spec has no readOnly key
+    #: the registry's Deployment; None: one wholly rolled out with ``read_only``
+    deployment: dict[str, Any] | None = None
     tokens: dict[str, User] = field(default_factory=lambda: {PRUNER_TOKEN: User(PRUNER_USER)})
     #: (user or "group:<g>", verb, "<plural>.<group>" or core "<plural>"); "*" matches any
     allowed: set[tuple[str, str, str]] = field(default_factory=set)
@@ -459,6 +559,7 @@ class FakeOpenShift:
         app.router.add_get(f"{v1}/namespaces/{{ns}}/imagestreams", self._streams)
         app.router.add_get(f"{v1}/namespaces/{{ns}}/imagestreams/{{name}}", self._stream)
         app.router.add_get(f"/apis/{REGISTRY_GROUP}/v1/configs/cluster", self._config)
+        app.router.add_get("/apis/apps/v1/namespaces/{ns}/deployments/{name}", self._deployment)
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_post(
             "/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review
@@ -525,7 +626,13 @@ class FakeOpenShift:
 
     async def _groups(self, request: web.Request) -> web.StreamResponse:
         groups = []
-        for name in (IMAGE_GROUP, REGISTRY_GROUP, "authentication.k8s.io", "authorization.k8s.io"):
+        for name in (
+            IMAGE_GROUP,
+            REGISTRY_GROUP,
+            "apps",
+            "authentication.k8s.io",
+            "authorization.k8s.io",
+        ):
             version = {"groupVersion": f"{name}/v1", "version": "v1"}
             groups.append({"name": name, "versions": [version], "preferredVersion": version})
         return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
@@ -636,6 +743,19 @@ class FakeOpenShift:
                 "status": {"readyReplicas": 2},
             }
         )
+
+    async def _deployment(self, request: web.Request) -> web.StreamResponse:
+        answer = await self._fault(request, "deployments", None, "get", "apps")
+        if answer is not None:
+            return answer
+        namespace, name = request.match_info["ns"], request.match_info["name"]
+        deployment = self.cluster.deployment
+        if deployment is None:
+            deployment = make_registry_deployment(read_only=bool(self.cluster.read_only))
+        if (namespace, name) != (REGISTRY_NAMESPACE, "image-registry"):
+            message = f'deployments.apps "{name}" not found'
+            return _status(404, message, {"name": name, "group": "apps", "kind": "deployments"})
+        return web.json_response(deployment)
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
         cluster = self.cluster
