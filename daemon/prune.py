@@ -72,6 +72,7 @@ class RunOptions:
     online: bool = False
     online_settle: float = 2.0  # seconds a racing push gets to register its image
     registry_read_only: bool = False  # from the registry's config, where the source cannot tell
+    lease_ttl: float = 60.0  # seconds the store's delete lease lasts without a renewal
 
 
 class Pruner(ABC):
@@ -152,7 +153,7 @@ class Engine:
             await self._guard()
             self.storage.warm_up()  # after the guard: a refused run starts no helpers
             if self.options.mode == DELETE:
-                self.lease = Lease(self.storage, self.run_id)
+                self.lease = Lease(self.storage, self.run_id, self.options.lease_ttl, log=self.log)
                 await self.lease.acquire(self.dead_runs)
                 # blobs a dead online run left parked go back before anything is decided
                 recovered = await Quarantine(self.storage, self.run_id).recover()
@@ -302,6 +303,7 @@ class Engine:
     async def delete(self, inventory: Inventory, marks: Marks, candidates: list[Candidate]) -> None:
         """Phase 4: repositories and manifest links, stale uploads, then blobs in batches."""
         self.progress.enter("delete" if self.options.mode == DELETE else "report")
+        self._check_lease()
         await self._remove_repositories(inventory, marks)
         await self._remove_uploads(inventory)
         if not candidates:
@@ -329,8 +331,7 @@ class Engine:
                     if first is not None:
                         raise first
                 self._check_stop()
-                if self.lease is not None and self.lease.lost.is_set():
-                    raise RunFailed("this run lost the store's delete lease to another pruner")
+                self._check_lease()
                 batch = candidates[start : start + BATCH]
                 running.add(asyncio.create_task(self._delete_batch(batch, layers)))
         finally:
@@ -343,6 +344,14 @@ class Engine:
             raise RunFailed(
                 f"{self.summary.failed} deletes failed (see the log); "
                 f"{self.summary.blobs} blobs were deleted; run again to finish"
+            )
+
+    def _check_lease(self) -> None:
+        """Nothing more is deleted once the lease is lost, or may have expired for others."""
+        if self.lease is not None and not self.lease.held():
+            raise RunFailed(
+                "this run lost the store's delete lease (taken over, or not renewed within "
+                f"{self.lease.ttl:g}s); stopped deleting. Run again"
             )
 
     async def _delete_batch(self, batch: list[Candidate], layers: dict[bytes, list[str]]) -> None:

@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClient
 from daemon import layout
 from daemon.config import S3Settings, StorageSettings, load_settings
 from daemon.inventory import Inventory
-from daemon.storage.base import Entry, NotFound, StorageError, TooLarge
+from daemon.storage.base import Conflict, Entry, NotFound, StorageError, TooLarge
 from daemon.storage.s3 import BATCH, RetryPolicy, S3Storage, _endpoint_url, create, is_transient
 from tests.harness.faultproxy import (
     FaultProxy,
@@ -605,3 +605,50 @@ async def test_move_copies_in_parts_above_the_copy_limit(
     assert await storage.stat("parked/other") is None
     uploads = weed.client().list_multipart_uploads(Bucket=bucket)
     assert not uploads.get("Uploads"), uploads
+
+
+@session_loop
+async def test_conditional_writes_and_the_lease(
+    weed: SeaweedFS, make_storage: MakeStorage, proxy: FaultProxy
+) -> None:
+    """SeaweedFS honours If-None-Match and If-Match on PutObject: the lease uses them; a
+    store that ignores them gets write, settle, read."""
+    from daemon.lease import KEY, Lease, LeaseHeld
+
+    bucket = new_bucket(weed)
+    storage = make_storage(bucket, "r")
+    assert await storage.conditional_writes()
+    key = "_registry-pruned/cas"
+    first = await storage.write_if(key, b"one", None)
+    with pytest.raises(Conflict):
+        await storage.write_if(key, b"two", None)  # exists
+    with pytest.raises(Conflict):
+        await storage.write_if(key, b"two", '"0123456789abcdef0123456789abcdef"')
+    second = await storage.write_if(key, b"two", first)
+    assert await storage.read_versioned(key, 10) == (b"two", second)
+    with pytest.raises(Conflict):
+        await storage.write_if(key, b"three", first)  # stale version
+    with pytest.raises(NotFound):
+        await storage.read_versioned("_registry-pruned/none", 10)
+
+    leases = [Lease(make_storage(bucket, "r"), f"run{i}") for i in range(6)]
+    results = await asyncio.gather(*(lease.acquire() for lease in leases), return_exceptions=True)
+    assert [r is None for r in results].count(True) == 1, results
+    assert all(isinstance(r, LeaseHeld) for r in results if r is not None)
+    assert all(lease.atomic for lease in leases)
+    for lease in leases:
+        await lease.release()
+
+    proxy.inject("ignore_conditions", None)
+    ignoring = make_storage(bucket, "r", endpoint=proxy.url)
+    assert not await ignoring.conditional_writes()
+    lease = Lease(ignoring, "fallback")
+    await lease.acquire()
+    assert not lease.atomic and lease.settled >= 0.5
+    assert lease.held()
+    await lease.release()
+    proxy.clear()
+    conditional = [s for s in proxy.seen if {"If-None-Match", "If-Match"} & set(s.headers)]
+    assert len(conditional) == 2  # the two probes; the fallback lease writes plainly
+    assert weed.keys(bucket) == [f"r/docker/registry/v2/{key}"]  # no lease or probe left
+    assert KEY.startswith("_registry-pruned/")

@@ -39,6 +39,7 @@ from daemon import layout, logs
 from daemon.config import StorageSettings
 from daemon.storage.base import (
     BlobEntry,
+    Conflict,
     DeleteFailure,
     Entry,
     NotFound,
@@ -276,6 +277,8 @@ class S3Storage(Storage):
         #: revision links whose content the last repository scan proved (see _proven_link)
         #: by revisions directory, the raw digests (a set of whole keys took ~220 bytes a link)
         self._proven: dict[str, set[bytes]] = {}
+        #: whether the store honours conditional writes; None until asked
+        self._conditional: bool | None = None
         # never structlog's global default: it prints to stdout, where the CLI's summary goes
         log = log or logs.make_logger("warning", "json", sys.stderr)
         self._log = log.bind(storage=self.description)
@@ -807,6 +810,65 @@ class S3Storage(Storage):
             if isinstance(exc, BaseExceptionGroup):
                 raise _first_error(exc) from None
             raise
+
+    async def conditional_writes(self) -> bool:
+        """Whether the store honours If-None-Match and If-Match on PutObject (AWS since 2024,
+        SeaweedFS 4.x: yes; older MinIO and Ceph RGW may ignore them): asked once, on a
+        probe object, by writes that must be refused."""
+        if self._conditional is None:
+            key = "_registry-pruned/conditional-write-probe"
+            await self.write(key, b"probe")
+            honoured = True
+            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"0123456789abcdef"'}):
+                try:
+                    await self._op(
+                        "conditional write probe",
+                        "put_object",
+                        Key=self._key(key),
+                        Body=b"must be refused",
+                        **condition,
+                    )
+                    honoured = False  # written although the condition did not hold
+                except S3Error as exc:
+                    if exc.status != 412:
+                        honoured = False  # NotImplemented, or an unknown header refused
+            await self.delete_keys([key])
+            self._conditional = honoured
+            if not honoured:
+                self._log.warning("s3 store ignores conditional writes: lease by write-and-settle")
+        return self._conditional
+
+    async def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """GetObject: the content and its ETag."""
+        try:
+            answer = await self._op(f"read {key!r}", "get_object", Key=self._key(key))
+        except S3Error as exc:
+            if exc.status == 404 and exc.code in _MISSING_CODES:
+                raise NotFound(f"{self.description}: {key} does not exist") from exc
+            raise
+        async with answer["Body"] as body:
+            data: bytes = await body.read(limit + 1)
+        if len(data) > limit:
+            raise TooLarge(f"{self.description}: {key} has over {limit} bytes")
+        return data, str(answer.get("ETag") or "")
+
+    async def write_if(self, key: str, data: bytes, version: str | None) -> str:
+        """PutObject with If-None-Match: * (create) or If-Match: <ETag> (replace)."""
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            answer = await self._op(
+                f"write {key!r} if unchanged",
+                "put_object",
+                Key=self._key(key),
+                Body=data,
+                **condition,
+            )
+        except S3Error as exc:
+            # 412: the condition did not hold; 409: a concurrent conditional write won
+            if exc.status in (409, 412):
+                raise Conflict(f"{self.description}: {key} changed: not written") from exc
+            raise
+        return str(answer.get("ETag") or "")
 
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
         """Delete ``blobs/sha256/<xx>/<hex>/data``; S3 has no directory left to remove."""
