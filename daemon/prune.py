@@ -130,8 +130,10 @@ class Engine:
         log: structlog.typing.FilteringBoundLogger | None = None,
         run_id: str = "",
         dead_runs: frozenset[str] = frozenset(),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.dead_runs = dead_runs
+        self.clock = clock
         self.run_id = run_id or f"oneshot-{int(time.time())}"
         self.lease: Lease | None = None
         self.storage = storage
@@ -144,8 +146,10 @@ class Engine:
         self.pruner: Pruner = Deleter() if options.mode == DELETE else DryRun()
         self.summary = Summary()
         self.notes: list[str] = []
-        self.started = time.time()
+        self.started = clock()
         self.cutoff = self.started - options.grace
+        #: the store's clock less ours (0 where the store has no clock of its own)
+        self.store_skew = 0.0
 
     async def run(self) -> Summary:
         """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
@@ -197,6 +201,7 @@ class Engine:
     async def _guard(self) -> None:
         self.progress.enter("guard")
         await self.storage.probe()
+        self._measure_skew()
         if self.options.mode != DELETE:
             return
         if self.options.online:
@@ -213,6 +218,21 @@ class Engine:
                 "distribution: storage.maintenance.readonly.enabled); with the openshift source "
                 "you may instead ask for online mode (online=true / --online), which relies on "
                 "the grace period and on watching images created during the run"
+            )
+
+    def _measure_skew(self) -> None:
+        """Modification times come from the store's clock: a store behind ours makes every
+        new blob look old. The cutoffs take whichever clock is behind."""
+        store_now = self.storage.clock()
+        if store_now is None:
+            return
+        self.store_skew = store_now - self.clock()
+        self.cutoff = self.started + min(0.0, self.store_skew) - self.options.grace
+        if abs(self.store_skew) >= 5:
+            self.log.warning(
+                "the store's clock differs from this host's; the grace period follows the one "
+                "behind",
+                store_skew_seconds=round(self.store_skew, 1),
             )
 
     async def scan_repositories(self) -> Inventory:
@@ -518,7 +538,8 @@ class Engine:
         ]
 
     async def _remove_uploads(self, inventory: Inventory) -> None:
-        limit = self.started - self.options.upload_max_age
+        # startedat is the registry's clock, data's mtime the store's: the one behind counts
+        limit = self.started + min(0.0, self.store_skew) - self.options.upload_max_age
         stale: list[str] = []
         for repo in inventory.repositories.values():
             for uuid in repo.uploads:

@@ -652,3 +652,44 @@ async def test_conditional_writes_and_the_lease(
     assert len(conditional) == 2  # the two probes; the fallback lease writes plainly
     assert weed.keys(bucket) == [f"r/docker/registry/v2/{key}"]  # no lease or probe left
     assert KEY.startswith("_registry-pruned/")
+
+
+@session_loop
+async def test_grace_follows_the_stores_clock(weed: SeaweedFS, make_storage: MakeStorage) -> None:
+    """S3 stamps LastModified with its own clock. This host's clock two hours ahead of the
+    store's makes blobs written a moment ago look two hours old: the grace period must
+    count in the store's time, which the probe reads from the Date header."""
+    from daemon.logs import make_logger
+    from daemon.progress import Progress
+    from daemon.prune import CHECK, Engine, RunOptions
+    from daemon.sources.storage import StorageSource
+
+    bucket = new_bucket(weed)
+    fresh = hexes(5, seed=41)  # orphans written just now
+    await weed.seed(bucket, {"r/docker/registry/v2/" + layout.blob_data(h): b"x" for h in fresh})
+    log = make_logger("error")
+
+    async def check(grace: float, ahead: float) -> Engine:
+        storage = make_storage(bucket, "r")
+        engine = Engine(
+            storage,
+            StorageSource(4, log),
+            RunOptions(mode=CHECK, grace=grace),
+            Progress(),
+            log=log,
+            clock=lambda: time.time() + ahead,
+        )
+        await engine.run()
+        return engine
+
+    engine = await check(grace=3600, ahead=7200)
+    assert -7202 <= engine.store_skew <= -7199, engine.store_skew
+    assert (engine.summary.blobs, engine.summary.too_young) == (0, 5)
+    # the same blobs are candidates once older than the grace period in the store's time
+    engine = await check(grace=0, ahead=7200)
+    assert (engine.summary.blobs, engine.summary.too_young) == (5, 0)
+    # a store ahead of this host: this host's cutoff is the earlier one, and counts
+    engine = await check(grace=3600, ahead=-7200)
+    assert 7199 <= engine.store_skew <= 7202, engine.store_skew
+    assert engine.cutoff <= time.time() - 7200 - 3600 + 5
+    assert (engine.summary.blobs, engine.summary.too_young) == (0, 5)

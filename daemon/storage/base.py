@@ -151,6 +151,11 @@ class Storage(ABC):
         async for batch in self.walk("repositories/"):
             yield [entry.key for entry in batch]
 
+    def clock(self) -> float | None:
+        """The store's time now (seconds since the epoch), as its last ``probe`` measured it;
+        None where file times come from this host's clock."""
+        return None
+
     async def conditional_writes(self) -> bool:
         """Whether ``write_if`` is atomic on this store (a driver may ask the store once)."""
         return False

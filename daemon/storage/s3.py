@@ -10,6 +10,7 @@ import hashlib
 import random
 import re
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -279,6 +280,8 @@ class S3Storage(Storage):
         self._proven: dict[str, set[bytes]] = {}
         #: whether the store honours conditional writes; None until asked
         self._conditional: bool | None = None
+        #: (the store's Date, time.monotonic() when it came) of the last probe
+        self._store_clock: tuple[float, float] | None = None
         # never structlog's global default: it prints to stdout, where the CLI's summary goes
         log = log or logs.make_logger("warning", "json", sys.stderr)
         self._log = log.bind(storage=self.description)
@@ -482,7 +485,8 @@ class S3Storage(Storage):
         """HeadBucket, then at least one object below the v2 root."""
         where = f"at {self.endpoint}"
         try:
-            await self._op("HeadBucket", "head_bucket")
+            answer = await self._op("HeadBucket", "head_bucket")
+            self._measure_clock(answer)
         except S3Error as exc:
             if exc.status == 404 or exc.code in ("NoSuchBucket", "NotFound", "404"):
                 raise StorageError(f"bucket {self.bucket!r} does not exist {where}") from exc
@@ -498,6 +502,25 @@ class S3Storage(Storage):
                 f"bucket {self.bucket!r} {where} has no registry data: no object below "
                 f"{self.prefix!r} (check rootdirectory {self.settings.rootdirectory!r})"
             )
+
+    def _measure_clock(self, answer: Mapping[str, Any]) -> None:
+        """Note the store's clock from an answer's Date header. Date is whole seconds and was
+        stamped before the answer arrived: the store's time is never overestimated."""
+        headers = (answer.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        try:
+            date = email.utils.parsedate_to_datetime(headers.get("date", ""))
+        except (TypeError, ValueError):
+            return
+        if date.tzinfo is not None:
+            self._store_clock = (date.timestamp(), time.monotonic())
+
+    def clock(self) -> float | None:
+        """The store's time now, from the Date of the last probe's HeadBucket: S3 stamps
+        LastModified with its own clock, which need not agree with this host's."""
+        if self._store_clock is None:
+            return None
+        stamped, at = self._store_clock
+        return stamped + (time.monotonic() - at)
 
     async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
         """One flat listing of ``blobs/sha256/<shard>/``; size and mtime come from it."""
