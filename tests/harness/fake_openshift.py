@@ -33,6 +33,7 @@ CREATED = "2024-05-01T10:00:00Z"
 IMAGE_GROUP = "image.openshift.io"
 REGISTRY_GROUP = "imageregistry.operator.openshift.io"
 JSON = "application/json"
+_REPEAT_CONTINUE = web.RequestKey("repeat_continue", bool)
 
 
 def fake_digest(seed: str | int) -> str:
@@ -598,7 +599,7 @@ class FakeOpenShift:
         if fault.body is not None:
             return web.Response(body=fault.body, content_type=JSON)
         if fault.repeat_continue:
-            request["repeat_continue"] = True  # served normally, but for the next token
+            request[_REPEAT_CONTINUE] = True  # served normally, but for the next token
         if fault.status is None:
             return None
         message = fault.message
@@ -665,7 +666,7 @@ class FakeOpenShift:
         if end < total:
             metadata["continue"] = _encode_token(version, end, page + 1)
             metadata["remainingItemCount"] = total - end
-        if request is not None and request.get("repeat_continue"):
+        if request is not None and request.get(_REPEAT_CONTINUE):
             metadata["continue"] = request.query.get("continue") or ""
         body = {
             "kind": kind,
