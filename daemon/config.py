@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Mapping
@@ -192,10 +193,24 @@ def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool
 def load_settings(
     registry_config: Path | None,
     env: Mapping[str, str] | None = None,
+    *,
+    storage_config: Mapping[str, Any] | None = None,
+    storage_origin: str = "",
     **overrides: Any,
 ) -> Settings:
-    """Build Settings from the registry config file, the environment and explicit overrides."""
+    """Build Settings from the registry config file, the environment and explicit overrides.
+
+    ``storage_config`` (a registry config's ``{"storage": ...}``, named ``storage_origin`` in
+    errors) replaces the file and the REGISTRY_STORAGE_* variables: --storage-from."""
     env = os.environ if env is None else env
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("source", "storage") not in SOURCES:
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
+    if storage_config is not None:
+        config = copy.deepcopy(dict(storage_config))
+        # the registry's read-only state is not in its storage config here: fail closed
+        storage, _read_only = _storage(config, storage_origin or "storage config")
+        return Settings(storage=storage, **values)
     explicit = registry_config is not None
     default = env.get("REGISTRY_CONFIGURATION_PATH") or DEFAULT_REGISTRY_CONFIG
     path = registry_config or Path(default)
@@ -205,9 +220,6 @@ def load_settings(
     storage, read_only = _storage(config, str(path) if config else "environment")
     if _bool(env.get("REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED", read_only)):
         read_only = True
-    values = {k: v for k, v in overrides.items() if v is not None}
-    if values.get("source", "storage") not in SOURCES:
-        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
     return Settings(
         storage=storage,
         registry_config=path if config else None,
