@@ -187,8 +187,8 @@ def _s3_keys(mounts: Mounts) -> dict[str, str]:
     if "web_identity_token_file" in profile or "role_arn" in profile:
         raise ConfigError(
             f"secret key {S3_CREDENTIALS} in {mounts.secret_dir} assumes a role with a web "
-            "identity (STS) instead of holding keys; registry-pruned needs aws_access_key_id "
-            f"and aws_secret_access_key (e.g. in {USER_SECRET})"
+            f"identity (STS) instead of holding keys: put {S3_ACCESSKEY} and {S3_SECRETKEY} "
+            "of a Secret of your own in that directory (docs/cluster.md)"
         )
     keys = {}
     for field, name in (("accesskey", "aws_access_key_id"), ("secretkey", "aws_secret_access_key")):
