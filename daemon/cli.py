@@ -144,7 +144,9 @@ def _operator_storage(args: argparse.Namespace) -> dict[str, object]:
             "--storage-from openshift replaces --registry-config (PRUNER_REGISTRY_CONFIG): "
             "give one of them"
         )
-    log = logs.make_logger(args.log_level, args.log_format, sys.stderr)
+    # serve logs to stdout; one-shot runs keep stdout for the summary
+    stream = None if args.command == "serve" else sys.stderr
+    log = logs.make_logger(args.log_level, args.log_format, stream)
     config = asyncio.run(operator_storage.fetch_config(args.kubeconfig, args.api_timeout))
     mounts = operator_storage.Mounts(
         secret_dir=args.storage_secret_dir,

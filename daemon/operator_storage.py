@@ -373,6 +373,7 @@ async def fetch_config(kubeconfig: str | None, request_timeout: float) -> dict[s
 def log_choice(config: Mapping[str, Any], log: structlog.typing.FilteringBoundLogger) -> None:
     """Say which part of the Config the storage came from, and when spec names another kind."""
     kind, _params, part = select_storage(config)
+    log.info("storage from the image registry operator", kind=kind, field=f"{part}.storage")
     if part == "spec":
         log.warning("storage from spec.storage: the operator has not reported status.storage")
         return

@@ -345,12 +345,13 @@ async def test_start_up_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     async with FakeOpenShift(cluster) as api:
         for status, extra, message in cases:
             cluster.storage = status
-            for command in ("check", "serve"):
-                args = [command, *extra, "--state-dir", str(tmp_path / "state")]
-                if command == "serve":
-                    args += ["--listen", "127.0.0.1:0"]
-                code, out, err = await _cli(api, tmp_path, *args)
-                assert code == 2, (command, status, out, err)
+            state = ["--state-dir", str(tmp_path / "state")]
+            answers = await asyncio.gather(
+                _cli(api, tmp_path, "check", *extra, *state),
+                _cli(api, tmp_path, "serve", *extra, *state, "--listen", "127.0.0.1:0"),
+            )
+            for code, out, err in answers:
+                assert code == 2, (status, out, err)
                 assert "Traceback" not in err
                 (line,) = err.strip().splitlines()
                 assert line.startswith("error: ") and message in line, line
@@ -409,6 +410,12 @@ async def _compare(
             assert status == 200, body
         finally:
             daemon.stop()
+    (line,) = [
+        json.loads(line)
+        for line in daemon.log.read_text().splitlines()
+        if "storage from the image registry operator" in line
+    ]
+    assert (line["kind"], line["field"]) == (next(iter(storage)), "status.storage")
     # app2's own layer, config and manifest: the shared base stays
     assert expected == images["app2"].digests() - {images["app2"].blobs[0].digest}
     assert found == expected
