@@ -65,18 +65,14 @@ class Mounts:
     azure_federated_token: str | None = None  # AZURE_FEDERATED_TOKEN_FILE of the pod's env
 
 
-def _where(kind: str, field: str) -> str:
-    return f"{CONFIG_NAME} status.storage.{kind}.{field}"
-
-
-def _string(params: Mapping[str, Any], kind: str, field: str, required: bool = True) -> str:
+def _string(params: Mapping[str, Any], where: str, field: str, required: bool = True) -> str:
     value = params.get(field)
     if value is None or value == "":
         if required:
-            raise ConfigError(f"{_where(kind, field)} is missing: the operator has not set it")
+            raise ConfigError(f"{where}.{field} is missing: the operator has not set it")
         return ""
     if not isinstance(value, str):
-        raise ConfigError(f"{_where(kind, field)} is not a string")
+        raise ConfigError(f"{where}.{field} is not a string")
     return value
 
 
@@ -130,26 +126,27 @@ def select_storage(config: Mapping[str, Any]) -> tuple[str, dict[str, Any], str]
 
 def storage_config(config: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
     """The operator's Config object -> ``{"storage": {driver: params}}`` for daemon/config.py."""
-    kind, params, _part = select_storage(config)
+    kind, params, part = select_storage(config)
+    where = f"{CONFIG_NAME} {part}.storage.{kind}"
     if kind in UNSERVED:
         raise ConfigError(
-            f"{CONFIG_NAME} status.storage.{kind}: the registry stores on {UNSERVED[kind]}, "
+            f"{where}: the registry stores on {UNSERVED[kind]}, "
             "which registry-pruned cannot serve (it serves s3, ibmcos, azure, gcs and pvc)"
         )
     match kind:
         case "s3":
-            driver = _s3(params, mounts)
+            driver = _s3(params, where, mounts)
         case "ibmcos":
-            driver = _ibmcos(params, mounts)
+            driver = _ibmcos(params, where, mounts)
         case "azure":
-            driver = _azure(params, mounts)
+            driver = _azure(params, where, mounts)
         case "gcs":
-            driver = _gcs(params, mounts)
+            driver = _gcs(params, where, mounts)
         case "pvc":
-            driver = _pvc(params, mounts)
+            driver = _pvc(params, where, mounts)
         case _:
             raise ConfigError(
-                f"{CONFIG_NAME} status.storage.{kind}: unknown storage kind "
+                f"{where}: unknown storage kind "
                 "(registry-pruned serves s3, ibmcos, azure, gcs and pvc)"
             )
     return {"storage": driver}
@@ -208,14 +205,14 @@ def _endpoint(endpoint: str) -> tuple[str, bool]:
     return endpoint, not endpoint.lower().startswith("http://")
 
 
-def _ca_bundle(params: Mapping[str, Any], kind: str, mounts: Mounts) -> str | None:
+def _ca_bundle(params: Mapping[str, Any], where: str, mounts: Mounts) -> str | None:
     trusted = params.get("trustedCA") or {}
     name = trusted.get("name") if isinstance(trusted, dict) else None
     if name:
         path = mounts.ca_file or DEFAULT_CA_FILE
         if not path.is_file():
             raise ConfigError(
-                f"{_where(kind, 'trustedCA')} names the ConfigMap {name!r}, but its bundle is "
+                f"{where}.trustedCA names the ConfigMap {name!r}, but its bundle is "
                 f"not at {path}: mount key storage-ca-bundle.pem of the ConfigMap "
                 "image-registry-certificates (the operator's copy) there, or give --storage-ca-file"
             )
@@ -227,15 +224,15 @@ def _ca_bundle(params: Mapping[str, Any], kind: str, mounts: Mounts) -> str | No
     return None
 
 
-def _s3(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
+def _s3(params: Mapping[str, Any], where: str, mounts: Mounts) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "bucket": _string(params, "s3", "bucket"),
-        "region": _string(params, "s3", "region"),
+        "bucket": _string(params, where, "bucket"),
+        "region": _string(params, where, "region"),
     }
-    endpoint = _string(params, "s3", "regionEndpoint", required=False)
+    endpoint = _string(params, where, "regionEndpoint", required=False)
     virtual = params.get("virtualHostedStyle", False)
     if not isinstance(virtual, bool):
-        raise ConfigError(f"{_where('s3', 'virtualHostedStyle')} is not a boolean")
+        raise ConfigError(f"{where}.virtualHostedStyle is not a boolean")
     if endpoint:
         out["regionendpoint"], out["secure"] = _endpoint(endpoint)
         # as the operator configures its own client: path style unless virtual-hosted is asked
@@ -243,19 +240,19 @@ def _s3(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
     out["virtualhostedstyle"] = virtual
     encrypt = params.get("encrypt", False)
     if not isinstance(encrypt, bool):
-        raise ConfigError(f"{_where('s3', 'encrypt')} is not a boolean")
+        raise ConfigError(f"{where}.encrypt is not a boolean")
     out["encrypt"] = encrypt  # server-side: reading and deleting need nothing of it
     out.update(_s3_keys(mounts))
-    ca = _ca_bundle(params, "s3", mounts)
+    ca = _ca_bundle(params, where, mounts)
     if ca:
         out["cabundle"] = ca
     return {"s3": out}
 
 
-def _ibmcos(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
-    location = _string(params, "ibmcos", "location")
+def _ibmcos(params: Mapping[str, Any], where: str, mounts: Mounts) -> dict[str, Any]:
+    location = _string(params, where, "location")
     out: dict[str, Any] = {
-        "bucket": _string(params, "ibmcos", "bucket"),
+        "bucket": _string(params, where, "bucket"),
         "region": location,
         # the operator points the registry's s3 driver at the regional COS endpoint
         "regionendpoint": IBMCOS_ENDPOINT.format(location=location),
@@ -264,21 +261,21 @@ def _ibmcos(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
     }
     out.update(_s3_keys(mounts))  # HMAC keys, in the same shared-credentials file
     if mounts.ca_file is not None:
-        out["cabundle"] = _ca_bundle({}, "ibmcos", mounts)
+        out["cabundle"] = _ca_bundle({}, where, mounts)
     return {"s3": out}
 
 
-def _azure(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
+def _azure(params: Mapping[str, Any], where: str, mounts: Mounts) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "accountname": _string(params, "azure", "accountName"),
-        "container": _string(params, "azure", "container"),
+        "accountname": _string(params, where, "accountName"),
+        "container": _string(params, where, "container"),
     }
-    cloud = _string(params, "azure", "cloudName", required=False)
+    cloud = _string(params, where, "cloudName", required=False)
     if cloud:
         realm = AZURE_REALMS.get(cloud.lower())
         if realm is None:
             raise ConfigError(
-                f"{_where('azure', 'cloudName')} {cloud!r} is not a cloud registry-pruned knows "
+                f"{where}.cloudName {cloud!r} is not a cloud registry-pruned knows "
                 f"({', '.join(sorted(AZURE_REALMS))})"
             )
         out["realm"] = realm
@@ -302,22 +299,22 @@ def _azure(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
     return {"azure": out}
 
 
-def _gcs(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
+def _gcs(params: Mapping[str, Any], where: str, mounts: Mounts) -> dict[str, Any]:
     keyfile = _secret_key(mounts, GCS_KEYFILE, "the service account's JSON key file")
-    return {"gcs": {"bucket": _string(params, "gcs", "bucket"), "keyfile": str(keyfile)}}
+    return {"gcs": {"bucket": _string(params, where, "bucket"), "keyfile": str(keyfile)}}
 
 
-def _pvc(params: Mapping[str, Any], mounts: Mounts) -> dict[str, Any]:
-    claim = _string(params, "pvc", "claim")
+def _pvc(params: Mapping[str, Any], where: str, mounts: Mounts) -> dict[str, Any]:
+    claim = _string(params, where, "claim")
     if mounts.pvc_claim is not None and mounts.pvc_claim != claim:
         raise ConfigError(
-            f"{_where('pvc', 'claim')} is {claim!r}, but this pod mounts the claim "
+            f"{where}.claim is {claim!r}, but this pod mounts the claim "
             f"{mounts.pvc_claim!r} (--pvc-claim): mount the registry's claim"
         )
     root = Path(mounts.pvc_mount)
     if not root.is_dir():
         raise ConfigError(
-            f"{_where('pvc', 'claim')} is {claim!r}, but nothing is mounted at {root}: mount "
+            f"{where}.claim is {claim!r}, but nothing is mounted at {root}: mount "
             "that claim there (--pvc-mount)"
         )
     return {"filesystem": {"rootdirectory": str(root)}}

@@ -261,8 +261,10 @@ def test_status_storage_is_preferred_over_spec_storage() -> None:
     status = {"pvc": {"claim": "applied"}}
     spec = {"pvc": {"claim": "asked-for"}, "managementState": "Managed"}
     assert select_storage(operator_config(status, spec))[1:] == ({"claim": "applied"}, "status")
-    # not reported yet: what was asked for
+    # not reported yet: what was asked for, and errors name the part that was read
     assert select_storage(operator_config(None, spec))[1:] == ({"claim": "asked-for"}, "spec")
+    with pytest.raises(ConfigError, match=r"cluster spec\.storage\.s3\.bucket is missing"):
+        storage_config(operator_config(None, {"s3": {"region": "r"}}), Mounts())
 
 
 @pytest.mark.parametrize(
