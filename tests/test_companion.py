@@ -447,7 +447,8 @@ async def test_pvc_companion_finds_what_the_registry_config_finds(
 
 @pytest.fixture(scope="module")
 def weed() -> Iterator[SeaweedFS]:
-    with SeaweedFS() as server:
+    # https too, with a CA of its own: the trustedCA of an S3-compatible store
+    with SeaweedFS(tls=True) as server:
         yield server
 
 
@@ -493,17 +494,31 @@ async def test_s3_companion_finds_what_the_registry_config_finds(
         )
         cluster = cluster_for(images, skip={"app2"})
         cluster.storage = status
+        logged = ["--log-level", "info", "--log-format", "text"]
         async with FakeOpenShift(cluster) as api:
+            code, _out, err = await _cli(
+                api, tmp_path, "check", "--storage-secret-dir", str(user), *logged
+            )
+            assert code == 0, err
+            assert would_delete(err) == images["app2"].digests() - {images["app2"].blobs[0].digest}
+            # over https with a private CA (trustedCA): the operator's copy of the bundle
+            tls = {"regionEndpoint": weed.https_endpoint, "trustedCA": {"name": "s3-ca"}}
+            cluster.storage = {"s3": {**status["s3"], **tls}}
             code, _out, err = await _cli(
                 api,
                 tmp_path,
                 "check",
                 "--storage-secret-dir",
-                str(user),
-                "--log-level",
-                "info",
-                "--log-format",
-                "text",
+                str(secret),
+                "--storage-ca-file",
+                str(weed.ca_bundle),
+                *logged,
             )
-        assert code == 0, err
-        assert would_delete(err) == images["app2"].digests() - {images["app2"].blobs[0].digest}
+            assert code == 0, err
+            assert would_delete(err) == images["app2"].digests() - {images["app2"].blobs[0].digest}
+            # the system's trust alone does not know that CA: the run fails, nothing is found
+            cluster.storage = {"s3": {**status["s3"], "regionEndpoint": weed.https_endpoint}}
+            code, _out, err = await _cli(
+                api, tmp_path, "check", "--storage-secret-dir", str(secret)
+            )
+            assert code != 0 and "certificate" in err.lower(), err
