@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from collections.abc import Mapping
@@ -203,14 +202,8 @@ def load_settings(
     ``storage_config`` (a registry config's ``{"storage": ...}``, named ``storage_origin`` in
     errors) replaces the file and the REGISTRY_STORAGE_* variables: --storage-from."""
     env = os.environ if env is None else env
-    values = {k: v for k, v in overrides.items() if v is not None}
-    if values.get("source", "storage") not in SOURCES:
-        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
     if storage_config is not None:
-        config = copy.deepcopy(dict(storage_config))
-        # the registry's read-only state is not in its storage config here: fail closed
-        storage, _read_only = _storage(config, storage_origin or "storage config")
-        return Settings(storage=storage, **values)
+        return _from_storage_config(storage_config, storage_origin, env, overrides)
     explicit = registry_config is not None
     default = env.get("REGISTRY_CONFIGURATION_PATH") or DEFAULT_REGISTRY_CONFIG
     path = registry_config or Path(default)
@@ -220,9 +213,29 @@ def load_settings(
     storage, read_only = _storage(config, str(path) if config else "environment")
     if _bool(env.get("REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED", read_only)):
         read_only = True
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("source", "storage") not in SOURCES:
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
     return Settings(
         storage=storage,
         registry_config=path if config else None,
         registry_read_only=read_only,
         **values,
     )
+
+
+def _from_storage_config(
+    storage_config: Mapping[str, Any],
+    origin: str,
+    env: Mapping[str, str],
+    overrides: Mapping[str, Any],
+) -> Settings:
+    """Settings whose storage is ``storage_config``; no file, no REGISTRY_STORAGE_* variables."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("source", "storage") not in SOURCES:
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
+    config = dict(storage_config)  # _storage only reads it
+    # the registry's read-only state is not in its storage config here: the default (False)
+    # refuses deletes unless the reference source can tell (openshift: spec.readOnly)
+    storage, _read_only = _storage(config, origin or "storage config")
+    return Settings(storage=storage, **values)
