@@ -587,26 +587,37 @@ def test_companion_agrees_with_the_daemon(renderer: str, variant: str, tmp_path:
 
 
 @pytest.mark.parametrize("variant", ["companion", "companion-pvc-expose"])
-def test_companion_cluster_role_is_exactly_what_the_daemon_calls(
+def test_companion_roles_are_exactly_what_the_daemon_calls(
     renderer: str, variant: str, tmp_path: Path
 ) -> None:
     objects = rendered(renderer, COMPANIONS[variant](tmp_path))
-    (role,) = [o for o in objects if o["kind"] == "ClusterRole"]
-    (sidecar_role,) = [
-        d for d in _load_all(OPENSHIFT / "base" / "rbac.yaml") if d["kind"] == "ClusterRole"
-    ]
-    # the sidecar's verbs, get on the operator's config among them (the storage, readOnly)
-    assert grants(role) == grants(sidecar_role)
-    assert ("get", "configs.imageregistry.operator.openshift.io") in grants(role)
-    (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {
-            "kind": "ServiceAccount",
-            "name": "registry-pruned",
-            "namespace": "openshift-image-registry",
+    sidecar = _load_all(OPENSHIFT / "base" / "rbac.yaml")
+
+    def role_grants(objs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        return {
+            (o["kind"], verb, resource)
+            for o in objs
+            if o["kind"] in ("ClusterRole", "Role")
+            for verb, resource in grants(o)
         }
-    ]
+
+    # the sidecar's verbs (tested against the daemon's calls), for the companion's account;
+    # get on the operator's config among them (the storage at start-up, spec.readOnly)
+    assert role_grants(objects) == role_grants(sidecar)
+    assert ("ClusterRole", "get", "configs.imageregistry.operator.openshift.io") in role_grants(
+        objects
+    )
+    roles = {o["metadata"]["name"] for o in objects if o["kind"] in ("ClusterRole", "Role")}
+    bindings = [o for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+    assert {b["roleRef"]["name"] for b in bindings} == roles
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {
+                "kind": "ServiceAccount",
+                "name": "registry-pruned",
+                "namespace": "openshift-image-registry",
+            }
+        ]
 
 
 def app_paths() -> set[str]:
