@@ -327,6 +327,11 @@ class FakeCluster:
     read_only: bool | None = False  # None: spec has no readOnly key
     #: the registry's Deployment; None: one wholly rolled out with ``read_only``
     deployment: dict[str, Any] | None = None
+    #: the registry's storage as the operator reports it (status.storage), e.g.
+    #: {"s3": {"bucket": ...}, "managementState": "Managed"}; None: no status.storage
+    storage: dict[str, Any] | None = None
+    #: spec.storage; None: the same as ``storage`` (as once the operator has applied it)
+    spec_storage: dict[str, Any] | None = None
     tokens: dict[str, User] = field(default_factory=lambda: {PRUNER_TOKEN: User(PRUNER_USER)})
     #: (user or "group:<g>", verb, "<plural>.<group>" or core "<plural>"); "*" matches any
     allowed: set[tuple[str, str, str]] = field(default_factory=set)
@@ -735,13 +740,19 @@ class FakeOpenShift:
         spec: dict[str, Any] = {"managementState": "Managed", "replicas": 2}
         if self.cluster.read_only is not None:
             spec["readOnly"] = self.cluster.read_only
+        status: dict[str, Any] = {"readyReplicas": 2}
+        storage, spec_storage = self.cluster.storage, self.cluster.spec_storage
+        if storage is not None:
+            status["storage"] = storage
+        if spec_storage is not None or storage is not None:
+            spec["storage"] = spec_storage if spec_storage is not None else storage
         return web.json_response(
             {
                 "apiVersion": f"{REGISTRY_GROUP}/v1",
                 "kind": "Config",
                 "metadata": {"name": "cluster", "resourceVersion": "1"},
                 "spec": spec,
-                "status": {"readyReplicas": 2},
+                "status": status,
             }
         )
 
@@ -909,3 +920,23 @@ def _cut(request: web.Request) -> None:
     if transport is not None:
         with contextlib.suppress(Exception):
             transport.abort()
+
+
+# -- the operator's secret, as the kubelet mounts it -------------------------------------------
+
+
+def aws_credentials(access_key: str, secret_key: str) -> str:
+    """The shared-credentials file the operator writes in image-registry-private-configuration."""
+    return f"[default]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n"
+
+
+def write_secret_volume(directory: str | Path, data: Mapping[str, str | bytes]) -> Path:
+    """A secret volume's layout: ``<key> -> ..data/<key>``, ``..data -> ..<timestamp>/``."""
+    target = Path(directory)
+    stamp = target / "..2024_05_01_10_00_00.000000001"
+    stamp.mkdir(parents=True)
+    for key, value in data.items():
+        (stamp / key).write_bytes(value.encode() if isinstance(value, str) else value)
+        (target / key).symlink_to(Path("..data") / key)
+    (target / "..data").symlink_to(stamp.name)
+    return target
