@@ -461,7 +461,14 @@ def test_companion_renders_to_valid_objects_the_operator_does_not_own(
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     kinds = sorted(o["kind"] for o in objects)
-    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    expected = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
     if "expose" in variant:
         expected = sorted([*expected, "NetworkPolicy", "Service"])
     assert kinds == expected
@@ -904,8 +911,8 @@ async def test_ci_job_runs_against_the_companion_with_its_cluster_role(
 ) -> None:
     """The Job of ci-job.yaml against a companion-mode daemon: storage from the operator."""
     cluster = api.cluster
-    (role,) = [o for o in render(COMPANION) if o["kind"] == "ClusterRole"]
-    for verb, resource in grants(role):
+    roles = [o for o in render(COMPANION) if o["kind"] in ("ClusterRole", "Role")]
+    for verb, resource in (grant for role in roles for grant in grants(role)):
         cluster.allow(PRUNER_USER, verb, resource)
     (check_role,) = [d for d in _load_all(OPENSHIFT / "ci-job.yaml") if d["kind"] == "ClusterRole"]
     cluster.add_token(CI_TOKEN, CI_READER)
