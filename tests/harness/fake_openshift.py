@@ -205,6 +205,9 @@ class Fault:
     delay: float = 0.0  # seconds before answering
     body: bytes | None = None  # answer 200 with these raw bytes
     times: int | None = 1  # None: every time
+    #: set when a matching request has arrived; the request then waits for ``release``
+    arrived: asyncio.Event | None = None
+    release: asyncio.Event | None = None
     hits: int = 0
 
     def armed(self) -> bool:
@@ -314,6 +317,13 @@ class FakeCluster:
     def expire_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
         """410 Expired on the continue request for ``page``."""
         return self.fault(resource, page=page, status=410, times=times)
+
+    def hold(self, resource: str, page: int | None = None, **kw: Any) -> Fault:
+        """Hold the next matching request until ``fault.release`` is set (``fault.arrived``
+        tells when it came): a slow answer, made deterministic."""
+        return self.fault(
+            resource, page=page, arrived=asyncio.Event(), release=asyncio.Event(), **kw
+        )
 
     def slow(self, resource: str, page: int | None, delay: float, **kw: Any) -> Fault:
         return self.fault(resource, page=page, delay=delay, **kw)
@@ -478,6 +488,10 @@ class FakeOpenShift:
         fault = self.cluster.take_fault(resource, page)
         if fault is None:
             return None
+        if fault.arrived is not None:
+            fault.arrived.set()
+        if fault.release is not None:
+            await fault.release.wait()
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.body is not None:
