@@ -286,7 +286,7 @@ def make_app(
     # guard first: a forged request costs no token review
     middlewares: list[Any] = [
         errors_and_access_log,
-        OriginGuard(allowed_hosts(settings)).middleware(),
+        OriginGuard(allowed_hosts(settings), log).middleware(),
         resolve_run,
     ]
     if auth is not None:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import structlog
 from aiohttp import web
 from yarl import URL
 
@@ -68,8 +69,13 @@ def _split_host(value: str) -> tuple[str, int | None, bool] | None:
 class OriginGuard:
     """Decides whether a request may have come from a web page that is not the daemon's own."""
 
-    def __init__(self, allowed_hosts: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        allowed_hosts: Iterable[str] = (),
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
         self.allowed = allowed_host_names(allowed_hosts)
+        self.log = log or structlog.get_logger()
 
     def host_ok(self, host: str, is_ip: bool) -> bool:
         # An IP address cannot be rebound: a page can only reach it under its own origin.
@@ -119,6 +125,8 @@ class OriginGuard:
         async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             reason = self.refusal(request)
             if reason is not None:
+                # the reason names what to change, e.g. a Service name to allow
+                self.log.info("browser guard: request refused", path=request.path, reason=reason)
                 return web.json_response({"error": reason}, status=403)
             return await handler(request)
 
@@ -133,9 +141,11 @@ def _same_origin(origin: str, host: tuple[str, int | None, bool] | None) -> bool
         url = URL(origin.strip())
     except ValueError:
         return False
-    if url.scheme not in _DEFAULT_PORTS or not url.host or url.path not in ("", "/"):
+    # raw_host: the ASCII (punycode) form, as a Host header carries it
+    raw = url.raw_host
+    if url.scheme not in _DEFAULT_PORTS or not raw or url.path not in ("", "/"):
         return False  # 'null' (sandboxed frames, file:) included
-    parsed = _split_host(url.host if ":" not in url.host else f"[{url.host}]")
+    parsed = _split_host(raw if ":" not in raw else f"[{raw}]")
     if parsed is None:
         return False
     port = url.explicit_port or _DEFAULT_PORTS[url.scheme]
