@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import ConfigError
+from daemon import cli
+from daemon.api import allowed_hosts
+from daemon.config import ConfigError, load_settings
 from daemon.origin import CSRF_HEADER, allowed_host_names
 from tests.harness.daemon import Daemon
 from tests.test_auth import store_config
 
 SERVICE = "registry-pruned.openshift-image-registry.svc"
 FORM = "application/x-www-form-urlencoded"
+STORE_ENV = {"REGISTRY_STORAGE": "filesystem", "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/r"}
 
 
 @pytest.fixture
@@ -119,9 +122,11 @@ def test_browser_requests_are_refused_and_start_nothing(daemon: Daemon) -> None:
     assert CSRF_HEADER in json.loads(body)["error"]
     # nothing started
     assert daemon.json("GET", "/runs") == (200, [])
+    # --allowed-host replaced PRUNER_ALLOWED_HOSTS
+    assert daemon.get("/runs", headers={"Host": "ignored.example"})[0] == 403
+    assert daemon.get("/runs", headers={"Host": SERVICE})[0] == 200
     log = daemon.log.read_text()
-    assert "ignored.example" not in log
-    assert log.count("browser guard: request refused") >= len(refused)
+    assert log.count("browser guard: request refused") > len(refused)
 
 
 def test_curl_probes_and_the_own_page_pass(daemon: Daemon) -> None:
@@ -170,3 +175,16 @@ def test_allowed_host_values_are_checked() -> None:
     for bad in ("http://x.example", "x.example:8099", "a/b", "*.svc"):
         with pytest.raises(ConfigError, match="without scheme or port"):
             allowed_host_names([bad])
+
+
+def test_allowed_hosts_from_flags_or_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PRUNER_ALLOWED_HOSTS", "a.svc, b.svc,")
+    base = ["serve", "--registry-config", str(store_config(tmp_path))]
+    assert cli.settings_from(cli._parser().parse_args(base)).allowed_hosts == ("a.svc", "b.svc")
+    flags = [*base, "--allowed-host", "c.svc", "--allowed-host", "d.svc"]
+    assert cli.settings_from(cli._parser().parse_args(flags)).allowed_hosts == ("c.svc", "d.svc")
+    # a listen address given by name is a name callers use
+    named = load_settings(None, env=STORE_ENV, listen="pruner.example:8099")
+    assert allowed_hosts(named) == ["pruner.example"]
