@@ -194,10 +194,7 @@ class RunManager:
         return run_id
 
     def get(self, run_id: str) -> Run | None:
-        if run_id == "latest":
-            ordered = self.ordered()
-            return ordered[0] if ordered else None
-        return self.runs.get(run_id)
+        return self.runs.get(self.resolve(run_id))
 
     # -- running -----------------------------------------------------------------------
 

@@ -581,9 +581,12 @@ class _ImageWatch:
     async def read_pending(self, storage: Storage | None, known: AbstractSet[bytes]) -> None:
         """Add to ``seen`` what new images need that their objects do not name (read from
         the store, as mark does); SourceError when a manifest cannot be read."""
+        if not self.pending and not self.lists:
+            return
         names = known | self.names
-        todo, self.pending = self.pending, {}
-        lists, self.lists = self.lists, {}
+        # copies: the watch adds to both meanwhile; entries go only once their reads succeeded
+        todo, lists = dict(self.pending), dict(self.lists)
+        done = list(todo)
         if lists and storage is not None:
             # only a list pushed to this store has its children here (an import's has not)
             keys = [layout.blob_data(name.hex()) for name in lists]
@@ -601,6 +604,10 @@ class _ImageWatch:
                         todo.setdefault(child, Need(name, "manifest list", False))
         if todo:
             self.seen.update(await read_needed(storage, todo, names))
+        for name in done:
+            self.pending.pop(name, None)
+        for name in lists:
+            self.lists.pop(name, None)
 
     async def stop(self) -> None:
         if self.task is not None:
