@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -26,9 +27,10 @@ import pytest_asyncio
 import yaml
 
 from daemon import cli, logs, operator_storage
-from daemon.api import make_app
+from daemon.api import allowed_hosts, make_app
 from daemon.auth import OPEN_PATHS, auth_enabled
 from daemon.config import DEFAULT_LISTEN, DEFAULT_REGISTRY_CONFIG, Settings, load_settings
+from daemon.origin import OriginGuard
 from tests.harness.daemon import Daemon
 from tests.harness.fake_openshift import (
     PRUNER_USER,
@@ -339,6 +341,8 @@ def _settings(env: dict[str, str], tmp: Path) -> Settings:
         overrides["listen"] = env["PRUNER_LISTEN"]
     if "PRUNER_AUTH" in env:
         overrides["auth"] = env["PRUNER_AUTH"]
+    if "PRUNER_ALLOWED_HOSTS" in env:
+        overrides["allowed_hosts"] = tuple(env["PRUNER_ALLOWED_HOSTS"].split(","))
     return load_settings(Path(config) if config else None, env=env, **overrides)
 
 
@@ -378,6 +382,13 @@ def test_sidecar_agrees_with_the_daemon(renderer: str, variant: str, tmp_path: P
         assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
         ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
         assert DEFAULT_PORT in ports and 5000 in ports  # the registry stays reachable
+        # the CI Job's Host (the Service's name) passes the browser guard
+        guard = OriginGuard(allowed_hosts(_settings(env, tmp_path)))
+        (job_container,) = ci_job()["spec"]["template"]["spec"]["containers"]
+        url = next(e["value"] for e in job_container["env"] if e["name"] == "PRUNER_URL")
+        ci_host = urlsplit(url).hostname or ""
+        assert guard.host_ok(ci_host, False), ci_host
+        assert not guard.host_ok("attacker.example", False)
     else:
         assert "ports" not in pruner
 
@@ -578,6 +589,10 @@ def test_companion_agrees_with_the_daemon(renderer: str, variant: str, tmp_path:
         # the host the CI Job calls
         job_host = _env(ci_job()["spec"]["template"]["spec"]["containers"][0])["PRUNER_URL"]
         assert job_host.startswith(f"http://{service['metadata']['name']}.")
+        # ... which the browser guard lets through
+        settings = _settings({**env, "REGISTRY_STORAGE": "filesystem"}, tmp_path)
+        guard = OriginGuard(allowed_hosts(settings))
+        assert guard.host_ok(urlsplit(job_host).hostname or "", False), job_host
         assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
         (container_port,) = pruner["ports"]
         assert service["spec"]["ports"][0]["targetPort"] == container_port["name"]
