@@ -142,7 +142,11 @@ class Podman:
         """Write the config; start over from an empty home if podman cannot use this one."""
         for attempt in range(2):
             self.home.mkdir(parents=True, exist_ok=True)
-            self.conf.write_text(CONTAINERS_CONF)
+            if not self.conf.is_file() or self.conf.read_text() != CONTAINERS_CONF:
+                # replaced whole: a concurrent run's podman never reads half a file
+                partial = self.home / f"containers.conf.{os.getpid()}"
+                partial.write_text(CONTAINERS_CONF)
+                partial.replace(self.conf)
             if self("image", "ls", "-q", timeout=120, check=False).returncode == 0:
                 return
             if attempt == 0:
@@ -174,13 +178,10 @@ class Podman:
 
     def remove_other_tags(self, repository: str, keep: str, older_than: float) -> None:
         """Drop this repository's other tags older than ``older_than`` seconds; their layers
-        go with them unless the kept image shares them. Best effort: a concurrent run's image
-        in use stays."""
-        out = self(
-            "images", "--format", "{{.Repository}}:{{.Tag}} {{.CreatedAt}}", repository
-        ).stdout
-        refs = [line.split(" ", 1)[0] for line in out.splitlines() if line.strip()]
-        for ref in refs:
+        go with them unless a kept image shares them. Best effort: an image that a concurrent
+        run's container or image uses stays."""
+        out = self("images", "--format", "{{.Repository}}:{{.Tag}}", repository).stdout
+        for ref in out.split():
             if ref == keep:
                 continue
             created = self("image", "inspect", "--format", "{{.Created.Unix}}", ref, check=False)
@@ -385,6 +386,8 @@ def ensure_base(podman: Podman, built: Built) -> str:
                 built.seconds["import"] = time.monotonic() - start
             finally:
                 shutil.rmtree(rootfs, ignore_errors=True)
+        # the bases of earlier releases, once no image is built on them any more
+        podman.remove_other_tags("localhost/bookworm-python", keep=ref, older_than=3600)
     built.base = ref
     return ref
 
