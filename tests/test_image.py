@@ -8,6 +8,7 @@ paths, read-only root, no capabilities), on a store the real registry wrote.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -151,6 +152,21 @@ def start(
         yield started
 
 
+PACKAGE_DIGESTS = (
+    "import daemon, hashlib, json, pathlib; root = pathlib.Path(daemon.__file__).parent; "
+    "print(json.dumps({str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() "
+    "for p in root.rglob('*.py')}))"
+)
+
+
+def package_digests(root: Path) -> dict[str, str]:
+    """sha256 of each module under ``root``, by relative path (what PACKAGE_DIGESTS prints)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*.py")
+    }
+
+
 def expected_summary(registry: Registry, scenario: Scenario) -> tuple[int, str]:
     """The orphans' total size, and the text summary that must name them."""
     blobs = registry.root / "docker/registry/v2/blobs/sha256"
@@ -170,6 +186,9 @@ def test_one_liner_in_the_image(
     container = start()
     uid = podman.exec(container, "id", "-u").strip()
     assert uid != "0" and uid == "1001"
+    # the installed package is this checkout's daemon/, file for file
+    installed = json.loads(podman.exec(container, "python", "-c", PACKAGE_DIGESTS))
+    assert installed == package_digests(ROOT / "daemon")
     # the image's HEALTHCHECK command, run once
     assert podman("healthcheck", "run", container, check=False).returncode == 0
 

@@ -518,7 +518,7 @@ def test_containerfile_agrees_with_the_package() -> None:
     # installs, PEP 668), which the final stage copies as it is and puts first on PATH
     venv = "/opt/registry-pruned"
     assert any(
-        re.search(rf"--python {venv}/bin/python install .*registry-pruned$", run)
+        re.search(rf"--python {venv}/bin/python install .*--no-deps \.$", run)
         for run in spec["ALL_RUN"]
     )
     assert spec["COPY"] == f"--from=builder {venv} {venv}"
