@@ -373,6 +373,9 @@ def ensure_base(podman: Podman, built: Built) -> str:
     mirror = apt_mirror()
     ref = f"localhost/bookworm-python:{base_key(mirror, release_digest(mirror))}"
     with _locked(podman.home / "base.lock"):
+        # under the lock, a rootfs left here is from a run that died while making it
+        for stale in podman.home.glob("rootfs-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if podman.image_exists(ref):
             built.base_cached = True
         else:
