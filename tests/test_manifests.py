@@ -742,7 +742,15 @@ def test_containerfile_agrees_with_the_package() -> None:
     assert spec["ENV"]["PRUNER_LISTEN"] == DEFAULT_LISTEN
     assert spec["VOLUME"] == [spec["ENV"]["PRUNER_STATE_DIR"]]
     assert "/healthz" in spec["HEALTHCHECK"]
-    assert "registry-pruned" in " ".join(spec["RUN"])  # installs the package (from the wheel)
+    # the package goes into a venv in the builder stage (Debian's python3 refuses system
+    # installs, PEP 668), which the final stage copies as it is and puts first on PATH
+    venv = "/opt/registry-pruned"
+    assert any(
+        re.search(rf"--python {venv}/bin/python install .*--no-deps \.$", run)
+        for run in spec["ALL_RUN"]
+    )
+    assert spec["COPY"] == f"--from=builder {venv} {venv}"
+    assert spec["ENV"]["PATH"].startswith(f"{venv}/bin:")
     # no downloads beyond the package registries (pip, apt)
     for run in spec["ALL_RUN"]:
         assert not re.search(r"https?://|\bcurl\s+-|\bwget\b", run), run
