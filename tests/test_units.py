@@ -67,7 +67,7 @@ def test_parse_every_media_type() -> None:
     schema1 = {"schemaVersion": 1, "fsLayers": [{"blobSum": f"sha256:{H3}"}], "signatures": []}
     assert manifests.parse(json.dumps(schema1).encode()).blobs == [bytes.fromhex(H3)]
     foreign = {"schemaVersion": 2, "config": _d(H1), "layers": [{"digest": "sha512:" + "0" * 128}]}
-    assert manifests.parse(json.dumps(foreign).encode()).foreign
+    assert manifests.parse(json.dumps(foreign).encode()).foreign_blobs
 
 
 @pytest.mark.parametrize(
