@@ -9,6 +9,7 @@ manifests that way): case-insensitively, the last match winning.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,8 +137,26 @@ def _add(out: list[bytes], foreign: list[str], text: str, where: str) -> None:
         foreign.append(text)
 
 
-def _list(doc: dict[str, Any], key: str, required: bool) -> list[Any]:
-    value = _get(doc, key)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}").fullmatch
+
+
+def _collect(
+    items: list[Any], where: str, out: list[bytes], foreign: list[str], key: str = "digest"
+) -> None:
+    """The digest of each descriptor of ``items`` into ``out`` (sha256) or ``foreign``."""
+    known = _KNOWN
+    for i, item in enumerate(items):
+        # the hot path, inline (once per layer of every manifest): a descriptor whose keys
+        # are all known spellings, naming a canonical sha256 digest
+        text = item.get(key) if type(item) is dict and item.keys() <= known else None
+        if type(text) is str and len(text) == 71 and text[:7] == "sha256:" and _SHA256_HEX(text, 7):
+            out.append(bytes.fromhex(text[7:]))
+            continue
+        name = f"{where}[{i}]"
+        _add(out, foreign, _digest(item, name, key), name)
+
+
+def _list(value: Any, key: str, required: bool) -> list[Any]:
     if value is None and not required:
         return []
     if not isinstance(value, list):
@@ -167,38 +186,42 @@ def parse(data: bytes) -> References:
 
 
 def _parse(doc: dict[str, Any]) -> References:
-    version = _get(doc, "schemaVersion")
+    if doc.keys() <= _KNOWN:
+        get = doc.get  # the usual document: every key a known spelling, looked up as is
+    else:
+
+        def get(name: str) -> Any:
+            return _get(doc, name)
+
+    version = get("schemaVersion")
     if isinstance(version, bool):
         raise ManifestError(f"unrecognized manifest schema version {version!r}")
     if version == 1:
         refs = References("schema1")
-        for i, layer in enumerate(_list(doc, "fsLayers", True)):
-            text = _digest(layer, f"fsLayers[{i}]", "blobSum")
-            _add(refs.blobs, refs.foreign_blobs, text, f"fsLayers[{i}]")
+        layers = _list(get("fsLayers"), "fsLayers", True)
+        _collect(layers, "fsLayers", refs.blobs, refs.foreign_blobs, "blobSum")
         return refs
     if version != 2:
         raise ManifestError(f"unrecognized manifest schema version {version!r}")
-    media_type = _get(doc, "mediaType")
+    media_type = get("mediaType")
     if media_type is None or media_type == "":
         # OCI content may omit mediaType: an index if it has manifests, else an image manifest
-        media_type = OCI_INDEX if isinstance(_get(doc, "manifests"), list) else OCI_MANIFEST
+        media_type = OCI_INDEX if isinstance(get("manifests"), list) else OCI_MANIFEST
     if media_type in LISTS:
         refs = References(media_type)
-        for i, child in enumerate(_list(doc, "manifests", True)):
-            text = _digest(child, f"manifests[{i}]")
-            _add(refs.children, refs.foreign_children, text, f"manifests[{i}]")
+        children = _list(get("manifests"), "manifests", True)
+        _collect(children, "manifests", refs.children, refs.foreign_children)
     elif media_type in IMAGE_MANIFESTS:
         refs = References(media_type)
-        _add(refs.blobs, refs.foreign_blobs, _digest(_get(doc, "config"), "config"), "config")
-        for i, layer in enumerate(_list(doc, "layers", media_type == DOCKER_V2)):
-            _add(refs.blobs, refs.foreign_blobs, _digest(layer, f"layers[{i}]"), f"layers[{i}]")
+        _add(refs.blobs, refs.foreign_blobs, _digest(get("config"), "config"), "config")
+        layers = _list(get("layers"), "layers", media_type == DOCKER_V2)
+        _collect(layers, "layers", refs.blobs, refs.foreign_blobs)
     elif media_type == OCI_ARTIFACT:
         refs = References(media_type)
-        for i, blob in enumerate(_list(doc, "blobs", False)):
-            _add(refs.blobs, refs.foreign_blobs, _digest(blob, f"blobs[{i}]"), f"blobs[{i}]")
+        _collect(_list(get("blobs"), "blobs", False), "blobs", refs.blobs, refs.foreign_blobs)
     else:
         raise ManifestError(f"unrecognized manifest content type {str(media_type)[:100]!r}")
-    subject = _get(doc, "subject")
+    subject = get("subject")
     if subject is not None:
         text = _digest(subject, "subject")
         try:
