@@ -77,6 +77,7 @@ class Store:
     foreign_orphan_link: Path = Path()  # the sha512 link of an orphan: goes with it
     moved_orphan: str = ""  # an orphan linked only from the symlinked namespace: kept
     linked_orphan: str = ""  # an orphan whose blob directory is a symlink: kept
+    aliased_orphan: str = ""  # an orphan linked from a repository a link points to: kept
     foreign_link: Path = Path()  # a sha512 layer link that a manifest needs
 
     @property
@@ -281,11 +282,13 @@ def _push_referrer(
 def _symlinked_directories(client: RegistryClient, rng: random.Random, store: Store) -> None:
     """Case 3: a namespace, a revision directory and blob directories moved to another
     volume and linked back; the registry serves them all."""
-    for name in ("moved/app", "moved/team/tool", "revlink/app", "bloblink/app"):
+    for name in ("moved/app", "moved/team/tool", "revlink/app", "bloblink/app", "aliased/app"):
         layer = random_layer(rng)
         cfg = config_blob([layer], label=name)
         client.push_image(name, "v1", oci_manifest(cfg, [layer]), [layer, cfg])
         store.skopeo.append((name, "v1"))
+        if name == "aliased/app":
+            store.skopeo.append(("alias/app", "v1"))
         if name == "bloblink/app":
             _move_and_link(store.blob_dir(layer.digest), store.other_volume / "blob-in-use")
         if name == "revlink/app":
@@ -300,6 +303,9 @@ def _symlinked_directories(client: RegistryClient, rng: random.Random, store: St
     store.kept_beyond_distribution.add(store.linked_orphan)
     repositories = store.v2 / "repositories"
     _move_and_link(repositories / "moved", store.other_volume / "moved")
+    # a namespace also served under a second name, through a link inside the store
+    (store.aliased_orphan,) = client.upload_orphan_blobs("aliased/app", 1, rng)
+    os.symlink(repositories / "aliased", repositories / "alias")
 
 
 def _move_and_link(path: Path, target: Path) -> None:
@@ -337,7 +343,7 @@ def test_check_agrees_with_distribution_where_it_keeps_the_blobs(store: Store) -
     ours = would_delete(result.stderr)
     assert ours == eligible - store.kept_beyond_distribution
     assert store.kept_beyond_distribution <= eligible  # distribution would lose them
-    assert store.orphans | {store.moved_orphan} <= ours
+    assert store.orphans | {store.moved_orphan, store.aliased_orphan} <= ours
     assert "unknown_keys=0" in result.stderr  # _layers/sha512 and sha384 are known keys
     assert "moved is a symbolic link" in result.stderr
 
@@ -379,6 +385,9 @@ def test_delete_keeps_every_image_pullable(store: Store, tmp_path: Path) -> None
     assert sorted(str(p.relative_to(moved_target)) for p in moved_target.rglob("*")) == before
     assert (store.blob_dir(store.moved_orphan) / "data").is_file()
     assert (store.blob_dir(store.linked_orphan) / "data").is_file()
+    # nor under the name a link points to: the alias would lose it
+    assert (store.blob_dir(store.aliased_orphan) / "data").is_file()
+    assert "a symbolic link in the store points to" in result.stderr
     assert "kept: reached through the symbolic link" in result.stderr
     assert "never deleted through a link" in result.stderr
     for n, (name, ref) in enumerate(store.skopeo):

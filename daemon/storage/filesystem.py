@@ -65,6 +65,10 @@ class FilesystemStorage(Storage):
         self._notes: list[str] = []
         self._followed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of link targets
         self._followed_lock = threading.Lock()
+        #: where the links a scan followed point (real paths): never deleted either, so that
+        #: a link's target in the store does not go under its own name
+        self._targets: set[str] = set()
+        self._real_base = os.path.realpath(self._base)
 
     def take_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
@@ -145,6 +149,7 @@ class FilesystemStorage(Storage):
     async def scan_repositories(self, layers: bool = True) -> AsyncIterator[list[str]]:
         self._notes = []
         self._followed = set()
+        self._targets = set()
         dirs = await self._run(self._subdirs, layout.REPOSITORIES)
         # Two kinds of thread jobs share a sliding window: "find" walks the directories above
         # repositories, "scan" lists one repository's sections. A batch is one repository's
@@ -223,6 +228,7 @@ class FilesystemStorage(Storage):
         with self._followed_lock:
             first = (st.st_dev, st.st_ino) not in self._followed
             self._followed.add((st.st_dev, st.st_ino))
+            self._targets.add(target)
         if first:
             self._notes.append(
                 f"{path} is a symbolic link to {target}: read to keep what it references, "
@@ -266,9 +272,10 @@ class FilesystemStorage(Storage):
             raise StorageError(f"cannot list {self.location(prefix)}: {exc.strerror}") from exc
         for e in entries:
             if e.is_symlink():
+                target = os.path.realpath(e.path)
+                self._targets.add(target)
                 self._notes.append(
-                    f"{e.path} is a symbolic link to {os.path.realpath(e.path)}: read, "
-                    "never deleted through"
+                    f"{e.path} is a symbolic link to {target}: read, never deleted through"
                 )
         return [f"{prefix}{e.name}{suffix}" for e in entries]
 
@@ -477,6 +484,12 @@ class FilesystemStorage(Storage):
                 return path
             if statmod.S_ISDIR(mode):
                 plain.add(path)
+        if self._targets:
+            # no link on the way: the real path is the store's own plus the key
+            real = f"{self._real_base}/{key.rstrip('/')}"
+            for target in self._targets:
+                if real == target or target.startswith(real + "/") or real.startswith(target + "/"):
+                    return target
         return ""
 
     async def close(self) -> None:
@@ -491,6 +504,11 @@ class FilesystemStorage(Storage):
 
 
 def _through(link: str) -> str:
+    if not os.path.islink(link):
+        return (
+            f"a symbolic link in the store points to {link}, which is read through it: "
+            "never deleted; remove it by hand (and the link) if it is no longer needed"
+        )
     return (
         f"reached through the symbolic link {link} (to {os.path.realpath(link)}): "
         "never deleted through a link; remove it by hand if it is no longer needed"
