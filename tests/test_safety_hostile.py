@@ -387,6 +387,8 @@ def test_delete_keeps_every_image_pullable(store: Store, tmp_path: Path) -> None
     assert (store.blob_dir(store.linked_orphan) / "data").is_file()
     # nor under the name a link points to: the alias would lose it
     assert (store.blob_dir(store.aliased_orphan) / "data").is_file()
+    layers = store.v2 / "repositories/aliased/app/_layers/sha256"
+    assert (layers / store.aliased_orphan[7:] / "link").is_file()
     assert "a symbolic link in the store points to" in result.stderr
     assert "kept: reached through the symbolic link" in result.stderr
     assert "never deleted through a link" in result.stderr
