@@ -263,21 +263,28 @@ class FilesystemStorage(Storage):
         """``prefix + name + suffix`` for each directory in ``prefix``, in one pass."""
         try:
             with os.scandir(self._path(prefix)) as it:
-                # is_dir() follows a link (a revision's directory moved elsewhere is still
-                # read) and costs no stat for a plain directory
-                entries = [e for e in it if e.is_dir()]
+                # a plain directory costs no stat; a link to one (a revision's directory moved
+                # elsewhere) is read too, and reported
+                return [
+                    f"{prefix}{e.name}{suffix}"
+                    for e in it
+                    if e.is_dir(follow_symlinks=False) or self._linked_dir(e)
+                ]
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise StorageError(f"cannot list {self.location(prefix)}: {exc.strerror}") from exc
-        for e in entries:
-            if e.is_symlink():
-                target = os.path.realpath(e.path)
-                self._targets.add(target)
-                self._notes.append(
-                    f"{e.path} is a symbolic link to {target}: read, never deleted through"
-                )
-        return [f"{prefix}{e.name}{suffix}" for e in entries]
+
+    def _linked_dir(self, entry: os.DirEntry[str]) -> bool:
+        """True for a symbolic link to a directory, noted (where it points is never deleted)."""
+        if not (entry.is_symlink() and entry.is_dir()):
+            return False
+        target = os.path.realpath(entry.path)
+        self._targets.add(target)
+        self._notes.append(
+            f"{entry.path} is a symbolic link to {target}: read, never deleted through"
+        )
+        return True
 
     async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
         return await self._run(reading.read_files, self._base, keys, limit)

@@ -41,17 +41,29 @@ def blob_names(path: str) -> tuple[list[str], set[str]]:
     them reached through a symbolic link (their own directory, the shard's or ``sha256/``):
     read through, as the registry does, and flagged, since nothing is deleted through one."""
     try:
+        linked: set[str] = set()
         with os.scandir(path) as it:
             # the pattern inline, no helper call: this runs once per blob in the store
-            entries = [e for e in it if _HEX(e.name) and e.is_dir()]
-        names = [e.name for e in entries]
+            names = [
+                name
+                for e in it
+                if _HEX(name := e.name)
+                and (e.is_dir(follow_symlinks=False) or _linked_dir(e, linked))
+            ]
         if os.path.islink(path) or os.path.islink(os.path.dirname(path)):
             return names, set(names)
-        return names, {e.name for e in entries if e.is_symlink()}
+        return names, linked
     except FileNotFoundError:
         return [], set()
     except OSError as exc:
         raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
+
+
+def _linked_dir(entry: os.DirEntry[str], linked: set[str]) -> bool:
+    if entry.is_symlink() and entry.is_dir():
+        linked.add(entry.name)
+        return True
+    return False
 
 
 def list_shard(path: str) -> list[BlobEntry]:
