@@ -107,7 +107,7 @@ def _v2(registry: Registry) -> Path:
     return registry.root / "docker/registry/v2"
 
 
-def test_symlinks_out_of_the_store_are_never_followed(
+def test_symlinks_out_of_the_store_are_never_deleted_through(
     fresh: tuple[Registry, Scenario], tmp_path: Path
 ) -> None:
     registry, scenario = fresh
