@@ -100,7 +100,9 @@ def test_classified_keys_never_name_a_climbing_repository(parts: list[str], hexd
         kind = layout.classify_repo_key("repositories/" + "/".join(parts) + "/" + tail)
         if kind is not None:
             assert all(p not in ("", ".", "..") for p in kind.repository.split("/"))
-            assert layout.is_hex(kind.digest_hex)
+            # a name with an "_uploads" component is an upload's file, which names no digest
+            if kind.kind in ("revision", "layer"):
+                assert layout.is_hex(kind.digest_hex)
 
 
 def _v2(registry: Registry) -> Path:
