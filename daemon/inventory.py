@@ -32,6 +32,9 @@ class Repository:
     #: raw 32-byte digests of _layers links, concatenated (only when the inventory keeps them):
     #: 32 bytes a link where a set of hex strings took about 160
     layers: bytearray = field(default_factory=bytearray)
+    #: "<algorithm>:<hex>" of _layers links named by sha384/sha512 (only when the inventory
+    #: keeps layers): each holds the sha256 digest of the blob it stands for
+    foreign_layers: list[str] = field(default_factory=list)
     uploads: set[str] = field(default_factory=set)  # upload uuids
     uploads_started: set[str] = field(default_factory=set)  # uuids that have a startedat file
 
@@ -125,8 +128,13 @@ class Inventory:
                 repo.uploads_started.add(kind.upload)
             case "upload_other":
                 repo.uploads.add(kind.upload)
-            case "layers_unlisted":
-                pass  # the repository exists; its links were not asked for
+            case "foreign_layer":
+                if self.keep_layers:
+                    repo.foreign_layers.append(kind.digest_hex)
+            case "layers_unlisted" | "foreign_revision":
+                # the repository exists; its links were not asked for. A revision linked by
+                # another algorithm is only ever read to resolve an index child that names it
+                pass
 
 
 class DigestSet(MutableSet[bytes]):

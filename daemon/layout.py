@@ -12,8 +12,13 @@ V2_ROOT = "docker/registry/v2"
 BLOBS = "blobs/sha256/"
 REPOSITORIES = "repositories/"
 SHARDS = tuple(f"{i:02x}" for i in range(256))
+#: the digest algorithms go-digest (and so the registry) accepts besides sha256: hex length.
+#: A blob named by one is stored under its sha256 path; the repository links the other name
+#: at ``_layers/<algorithm>/<hex>/link``, which holds ``sha256:<canonical hex>``
+FOREIGN_ALGORITHMS = {"sha384": 96, "sha512": 128}
 
 _HEX = re.compile(r"[0-9a-f]{64}")
+_ANYHEX = re.compile(r"[0-9a-f]+")
 # distribution's repository name grammar (reference.NameRegexp), per path component.
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
 
@@ -73,6 +78,24 @@ def layer_link_dir(name: str, hexdigest: str) -> str:
     return f"{REPOSITORIES}{name}/_layers/sha256/{hexdigest}/"
 
 
+def foreign_layer_link_dir(name: str, digest: str) -> str:
+    """The layer link directory of ``<algorithm>:<hex>`` (any algorithm) in ``name``."""
+    algo, _, hexpart = digest.partition(":")
+    return f"{REPOSITORIES}{name}/_layers/{algo}/{hexpart}/"
+
+
+def foreign_revision_dir(name: str, digest: str) -> str:
+    """Where a revision named ``<algorithm>:<hex>`` would be linked in ``name``."""
+    algo, _, hexpart = digest.partition(":")
+    return f"{REPOSITORIES}{name}/_manifests/revisions/{algo}/{hexpart}/"
+
+
+def is_foreign(algo: str, hexpart: str) -> bool:
+    """True for a well-formed sha384/sha512 pair (lower-case hex of the right length)."""
+    size = FOREIGN_ALGORITHMS.get(algo)
+    return size is not None and len(hexpart) == size and _ANYHEX.fullmatch(hexpart) is not None
+
+
 def upload_dir(name: str, uuid: str) -> str:
     return f"{REPOSITORIES}{name}/_uploads/{uuid}/"
 
@@ -82,10 +105,11 @@ class RepoKey:
     """What a key under ``repositories/`` is."""
 
     #: revision | tag_current | tag_index | layer | layers_unlisted | upload_startedat |
-    #: upload_other
+    #: upload_other | foreign_layer | foreign_revision
     kind: str
     repository: str
-    digest_hex: str = ""  # revision, tag_index, layer
+    #: revision, tag_index, layer; "<algorithm>:<hex>" for foreign_layer, foreign_revision
+    digest_hex: str = ""
     tag: str = ""  # tag_current, tag_index
     upload: str = ""  # upload_*
 
@@ -109,6 +133,8 @@ def classify_repo_key(key: str) -> RepoKey | None:
             return RepoKey("layers_unlisted", repo)
         if len(rest) == 3 and rest[0] == "sha256" and rest[2] == "link" and is_hex(rest[1]):
             return RepoKey("layer", repo, digest_hex=rest[1])
+        if len(rest) == 3 and rest[2] == "link" and is_foreign(rest[0], rest[1]):
+            return RepoKey("foreign_layer", repo, digest_hex=f"{rest[0]}:{rest[1]}")
         return None
     if section == "_uploads":
         if len(rest) >= 2:
@@ -124,6 +150,8 @@ def classify_repo_key(key: str) -> RepoKey | None:
         and is_hex(rest[2])
     ):
         return RepoKey("revision", repo, digest_hex=rest[2])
+    if len(rest) == 4 and rest[0] == "revisions" and rest[3] == "link" and is_foreign(*rest[1:3]):
+        return RepoKey("foreign_revision", repo, digest_hex=f"{rest[1]}:{rest[2]}")
     if len(rest) == 4 and rest[0] == "tags" and rest[2:] == ["current", "link"]:
         return RepoKey("tag_current", repo, tag=rest[1])
     if (

@@ -248,6 +248,9 @@ class Engine:
                 await asyncio.sleep(0)  # status requests get their turn between slices
             self.progress.repositories = len(inventory.repositories)
             self._check_stop()
+        for note in self.storage.take_notes():
+            self.notes.append(note)
+            self.log.warning("scan", note=note)
         self.log.info(
             "repositories scanned",
             repositories=len(inventory.repositories),
@@ -285,6 +288,9 @@ class Engine:
                 del members
                 self.progress.blobs_scanned += count
                 for entry in outside:
+                    if entry.linked:
+                        self._linked_blob(entry.hex)
+                        continue
                     self._consider(entry.hex, entry.size, entry.mtime, candidates)
                 self.progress.shards_done += 1
                 await asyncio.sleep(0)  # status requests get their turn between shards
@@ -297,6 +303,17 @@ class Engine:
             too_young=self.summary.too_young,
         )
         return candidates
+
+    def _linked_blob(self, hexdigest: str) -> None:
+        """A blob not in use whose directory is reached through a symbolic link: a delete
+        would remove what the link points to, which may belong to another store. Kept."""
+        note = (
+            f"{self.storage.location(layout.blob_dir(hexdigest))} is not in use but is reached "
+            "through a symbolic link: never deleted through a link (remove it by hand if "
+            "nothing else uses its target)"
+        )
+        self.notes.append(note)
+        self.log.warning("sweep", note=note)
 
     def _consider(
         self, hexdigest: str, size: int | None, mtime: float | None, out: list[Candidate]
@@ -336,6 +353,7 @@ class Engine:
             for raw in repo.layer_digests():
                 if raw in doomed:
                     layers.setdefault(raw, []).append(layout.layer_link_dir(repo.name, raw.hex()))
+        await self._foreign_layer_links(inventory, doomed, layers)
         del doomed
         # two batches in flight: one's links go while the other's blobs go, so the store is
         # not idle while the slowest request of a batch finishes. Online runs wait on the
@@ -365,6 +383,25 @@ class Engine:
                 f"{self.summary.failed} deletes failed (see the log); "
                 f"{self.summary.blobs} blobs were deleted; run again to finish"
             )
+
+    async def _foreign_layer_links(
+        self, inventory: Inventory, doomed: set[bytes], layers: dict[bytes, list[str]]
+    ) -> None:
+        """Add the sha384/sha512 layer links that stand for a doomed blob: they go with it
+        (a link whose blob is kept stays, and so does one that cannot be read)."""
+        dirs = [
+            layout.foreign_layer_link_dir(repo.name, digest)
+            for repo in inventory.repositories.values()
+            for digest in repo.foreign_layers
+        ]
+        for start in range(0, len(dirs), BATCH):
+            part = dirs[start : start + BATCH]
+            named = await self.storage.read_parsed(
+                [d + "link" for d in part], 1024, layout.link_digest
+            )
+            for prefix, raw in zip(part, named, strict=True):
+                if isinstance(raw, bytes) and raw in doomed:
+                    layers.setdefault(raw, []).append(prefix)
 
     def _check_lease(self) -> None:
         """Nothing more is deleted once the lease is lost, or may have expired for others."""
@@ -404,6 +441,11 @@ class Engine:
 
     def _count_failures(self, failures: list[DeleteFailure]) -> None:
         for failure in failures:
+            if failure.kept:
+                note = f"{self.storage.location(failure.key)} kept: {failure.reason}"
+                self.notes.append(note)
+                self.log.warning("kept", note=note)
+                continue
             self.summary.failed += 1
             self.progress.errors += 1
             self.log.error("delete failed", key=failure.key, reason=failure.reason)

@@ -100,14 +100,16 @@ def test_classified_keys_never_name_a_climbing_repository(parts: list[str], hexd
         kind = layout.classify_repo_key("repositories/" + "/".join(parts) + "/" + tail)
         if kind is not None:
             assert all(p not in ("", ".", "..") for p in kind.repository.split("/"))
-            assert layout.is_hex(kind.digest_hex)
+            # a name with an "_uploads" component is an upload's file, which names no digest
+            if kind.kind in ("revision", "layer"):
+                assert layout.is_hex(kind.digest_hex)
 
 
 def _v2(registry: Registry) -> Path:
     return registry.root / "docker/registry/v2"
 
 
-def test_symlinks_out_of_the_store_are_never_followed(
+def test_symlinks_out_of_the_store_are_never_deleted_through(
     fresh: tuple[Registry, Scenario], tmp_path: Path
 ) -> None:
     registry, scenario = fresh

@@ -50,6 +50,10 @@ def _d(h: str) -> dict[str, object]:
     return {"digest": f"sha256:{h}", "size": 1, "mediaType": "x"}
 
 
+def _j(h: str) -> str:
+    return json.dumps(_d(h))
+
+
 def test_parse_every_media_type() -> None:
     schema2 = {
         "schemaVersion": 2,
@@ -67,7 +71,155 @@ def test_parse_every_media_type() -> None:
     schema1 = {"schemaVersion": 1, "fsLayers": [{"blobSum": f"sha256:{H3}"}], "signatures": []}
     assert manifests.parse(json.dumps(schema1).encode()).blobs == [bytes.fromhex(H3)]
     foreign = {"schemaVersion": 2, "config": _d(H1), "layers": [{"digest": "sha512:" + "0" * 128}]}
-    assert manifests.parse(json.dumps(foreign).encode()).foreign
+    assert manifests.parse(json.dumps(foreign).encode()).foreign_blobs
+
+
+def _spellings(key: str) -> list[str]:
+    """``key`` in other cases, as Go's encoding/json still matches it (long s included)."""
+    out = {key.upper(), key.lower(), key[0].upper() + key[1:], key.swapcase()}
+    if "s" in key.lower():
+        out.add(key.replace("s", "\u017f", 1).replace("S", "\u017f", 1))
+    out.discard(key)
+    return sorted(out)
+
+
+D512 = "sha512:" + "d" * 128
+D384 = "sha384:" + "e" * 96
+
+
+@pytest.mark.parametrize(
+    ("key", "doc", "expect"),
+    [
+        ("schemaVersion", {"config": _d(H1), "layers": [_d(H2)]}, "blobs"),
+        ("mediaType", {"config": _d(H1), "layers": [_d(H2)]}, "blobs"),
+        ("config", {"layers": [_d(H2)]}, "blobs"),
+        ("layers", {"config": _d(H1)}, "blobs"),
+        ("manifests", {}, "children"),
+        ("blobs", {}, "artifact"),
+        ("digest", {}, "digest"),
+        ("subject", {"config": _d(H1), "layers": [_d(H2)]}, "subject"),
+        ("fsLayers", {}, "schema1"),
+        ("blobSum", {}, "schema1"),
+    ],
+)
+def test_every_key_read_matches_in_any_case_as_go_does(key: str, doc: dict, expect: str) -> None:
+    for spelling in _spellings(key):
+
+        def k(name: str, spelling: str = spelling) -> str:
+            return spelling if name == key else name
+
+        if expect == "children":
+            full = {k("schemaVersion"): 2, k("manifests"): [_d(H1)]}
+        elif expect == "artifact":
+            full = {"schemaVersion": 2, "mediaType": manifests.OCI_ARTIFACT, k("blobs"): [_d(H3)]}
+        elif expect == "digest":
+            desc = {"mediaType": "x", "size": 1, k("digest"): f"sha256:{H2}"}
+            full = {"schemaVersion": 2, "config": _d(H1), "layers": [desc]}
+        elif expect == "schema1":
+            full = {"schemaVersion": 1, k("fsLayers"): [{k("blobSum"): f"sha256:{H3}"}]}
+        else:
+            full = {"schemaVersion": 2, "mediaType": manifests.OCI_MANIFEST, **doc}
+            full = {(k(name)): value for name, value in full.items()}
+            full[k(key)] = {
+                "schemaVersion": 2,
+                "mediaType": manifests.DOCKER_V2,  # read: Docker, not OCI by default
+                "config": _d(H1),
+                "layers": [_d(H2)],
+                "subject": {"mediaType": "x", "size": 1, "digest": D512},
+            }[key]
+        refs = manifests.parse(json.dumps(full).encode())
+        if expect == "children":
+            assert refs.children == [bytes.fromhex(H1)], spelling
+        elif expect == "artifact" or expect == "schema1":
+            assert refs.blobs == [bytes.fromhex(H3)], spelling
+        elif expect == "subject":
+            assert refs.subject == D512, spelling
+        else:
+            assert refs.blobs == [bytes.fromhex(H1), bytes.fromhex(H2)], spelling
+            if key == "mediaType":
+                assert refs.kind == manifests.DOCKER_V2, spelling
+
+
+def test_the_issues_oci_manifest_with_layers_capitalised_marks_its_layer() -> None:
+    doc = {"schemaVersion": 2, "mediaType": manifests.OCI_MANIFEST, "config": _d(H1)}
+    doc["Layers"] = [_d(H2)]
+    assert manifests.parse(json.dumps(doc).encode()).blobs == [bytes.fromhex(H1), bytes.fromhex(H2)]
+
+
+def _raw(*pairs: tuple[str, str]) -> str:
+    """A JSON object written pair by pair (repeated keys kept, in order); values are JSON."""
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}"
+
+
+@pytest.mark.parametrize(
+    ("layers", "expect"),
+    [
+        # the last match wins, whatever the spelling, in the document's order
+        ([("layers", H2), ("Layers", H3)], H3),
+        ([("Layers", H2), ("layers", H3)], H3),
+        ([("LAYERS", H3), ("layers", H3), ("Layers", H2)], H2),
+        # a repeated exact key after a case variant: a dict keeps its first place, Go the last
+        ([("layers", H3), ("Layers", H3), ("layers", H2)], H2),
+    ],
+)
+def test_keys_that_fold_together_take_the_last_as_go_does(
+    layers: list[tuple[str, str]], expect: str
+) -> None:
+    pairs = [(key, f"[{_j(h)}]") for key, h in layers]
+    doc = _raw(("schemaVersion", "2"), ("config", _j(H1)), *pairs)
+    assert manifests.parse(doc.encode()).blobs == [bytes.fromhex(H1), bytes.fromhex(expect)]
+
+
+def test_digest_keys_that_fold_together_take_the_last() -> None:
+    layer = _raw(
+        *((key, f'"sha256:{h}"') for key, h in (("digest", H1), ("Digest", H2), ("digest", H3)))
+    )
+    doc = _raw(("schemaVersion", "2"), ("config", _j(H1)), ("layers", f"[{layer}]"))
+    assert manifests.parse(doc.encode()).blobs == [bytes.fromhex(H1), bytes.fromhex(H3)]
+
+
+def test_keys_go_would_not_match_are_not_read() -> None:
+    # a zero-width space, a Turkish dotted capital I: no simple fold reaches "layers"
+    for key in ("layers\u200b", "layer", "Layer\u0130"):
+        doc = {"schemaVersion": 2, "config": _d(H1), key: [_d(H2)]}
+        assert manifests.parse(json.dumps(doc).encode()).blobs == [bytes.fromhex(H1)]
+    assert manifests._fold("\u212a") == "k"  # the Kelvin sign folds to k, as in Go
+
+
+def test_sha384_and_sha512_references_are_returned_for_resolving() -> None:
+    doc = {
+        "schemaVersion": 2,
+        "config": {"digest": D384},
+        "layers": [{"digest": D512}, _d(H2)],
+        "subject": {"digest": D384},
+    }
+    refs = manifests.parse(json.dumps(doc).encode())
+    assert refs.blobs == [bytes.fromhex(H2)] and refs.foreign_blobs == [D384, D512]
+    assert refs.subject == D384
+    index = {"schemaVersion": 2, "manifests": [{"digest": D512}, {"digest": D384}, _d(H1)]}
+    refs = manifests.parse(json.dumps(index).encode())
+    assert refs.children == [bytes.fromhex(H1)] and refs.foreign_children == [D512, D384]
+    schema1 = {"schemaVersion": 1, "fsLayers": [{"blobSum": D512}]}
+    assert manifests.parse(json.dumps(schema1).encode()).foreign_blobs == [D512]
+    for bad in ("sha512:" + "d" * 127, "sha384:" + "E" * 96, "md5:" + "0" * 32):
+        doc = {"schemaVersion": 2, "config": _d(H1), "layers": [{"digest": bad}]}
+        with pytest.raises(manifests.ManifestError):
+            manifests.parse(json.dumps(doc).encode())
+
+
+def test_foreign_layer_links_are_known_keys() -> None:
+    key = f"repositories/ns/app/_layers/sha512/{'d' * 128}/link"
+    assert layout.classify_repo_key(key) == layout.RepoKey(
+        "foreign_layer", "ns/app", digest_hex="sha512:" + "d" * 128
+    )
+    from daemon.inventory import Inventory
+
+    inventory = Inventory()
+    inventory.add_keys([key, f"repositories/ns/app/_layers/sha384/{'e' * 96}/link"])
+    assert inventory.unknown == 0
+    assert inventory.repositories["ns/app"].foreign_layers == [D512, D384]
+    inventory.add_keys([f"repositories/ns/app/_layers/sha512/{'d' * 127}/link"])
+    assert inventory.unknown == 1
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,7 @@ class Storage(ABC):
             found = await self.stat_many([layout.blob_data(h) for h in unknown])
             stats = dict(zip(unknown, found, strict=True))
             outside = [
-                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex])
+                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex], e.linked)
                 for e in outside
             ]
         return len(entries), outside
@@ -175,6 +175,11 @@ class Storage(ABC):
 
     async def remove_empty_dirs(self, prefixes: Sequence[str]) -> None:  # noqa: B027
         """Remove these directories where they are empty; object stores have none."""
+
+    def take_notes(self) -> list[str]:
+        """What the last scan read in an unusual way (a driver that follows symbolic links
+        says which), once; a run reports them."""
+        return []
 
     def location(self, key: str) -> str:
         """Where ``key`` lives, for people: a file path or an s3:// URL."""

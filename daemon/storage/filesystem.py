@@ -1,5 +1,9 @@
 """Filesystem driver: scandir in a bounded pool of threads, manifest reads and shard sweeps in
-reader processes (one per core, at most 4), never following symlinks."""
+reader processes (one per core, at most 4).
+
+Symbolic links to directories (a namespace moved to another volume and linked back) are
+followed to read references, as the registry follows them, and each one is reported; nothing
+is ever deleted through one."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import hashlib
 import multiprocessing
 import os
 import shutil
+import stat as statmod
+import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
@@ -58,6 +64,18 @@ class FilesystemStorage(Storage):
         self._reader_count = min(self.concurrency, cpus, _MAX_READERS)
         self._in_flight = 0  # calls in the reader processes
         self._idle: asyncio.TimerHandle | None = None
+        # what the current scan followed: symbolic links, told to the run (take_notes)
+        self._notes: list[str] = []
+        self._followed: set[tuple[int, int]] = set()  # (st_dev, st_ino) of link targets
+        self._followed_lock = threading.Lock()
+        #: where the links a scan followed point (real paths): never deleted either, so that
+        #: a link's target in the store does not go under its own name
+        self._targets: set[str] = set()
+        self._real_base = os.path.realpath(self._base)
+
+    def take_notes(self) -> list[str]:
+        notes, self._notes = self._notes, []
+        return notes
 
     def location(self, key: str) -> str:
         # plain string joins: pathlib showed in the sweep's profile, once per candidate
@@ -132,7 +150,10 @@ class FilesystemStorage(Storage):
         return out
 
     async def scan_repositories(self, layers: bool = True) -> AsyncIterator[list[str]]:
-        _files, dirs = await self.list_dir(layout.REPOSITORIES)
+        self._notes = []
+        self._followed = set()
+        self._targets = set()
+        dirs = await self._run(self._subdirs, layout.REPOSITORIES)
         # Two kinds of thread jobs share a sliding window: "find" walks the directories above
         # repositories, "scan" lists one repository's sections. A batch is one repository's
         # keys, not a whole namespace's (several namespaces in flight were the check's peak
@@ -168,19 +189,60 @@ class FilesystemStorage(Storage):
     def _find_repositories(self, prefix: str) -> list[tuple[str, frozenset[str]]]:
         """Repositories at or below ``prefix``, each with the sections it has."""
         found: list[tuple[str, frozenset[str]]] = []
+        if not self._enter(prefix):
+            return found
         stack = [prefix]
         while stack:
             current = stack.pop()
-            names = self._names(current)
+            names = self._subdirs(current)
             sections = _SECTIONS.intersection(names)
             if sections:
                 found.append((current, frozenset(sections)))
             # a repository may hold others below it (a/b and a/b/c are both repositories)
-            stack += [f"{current}{name}/" for name in names if name not in _SECTIONS]
+            stack += [
+                f"{current}{name}/"
+                for name in names
+                if name not in _SECTIONS and self._enter(f"{current}{name}/")
+            ]
         return found
 
-    def _names(self, prefix: str) -> list[str]:
-        return self._list_dir(prefix)[1]
+    def _subdirs(self, prefix: str) -> list[str]:
+        """The directories in ``prefix``, symbolic links to directories included."""
+        try:
+            with os.scandir(self._path(prefix)) as it:
+                # is_dir() follows a link, and costs no stat for a plain directory
+                return [e.name for e in it if e.is_dir()]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.location(prefix)}: {exc.strerror}") from exc
+
+    def _enter(self, prefix: str) -> bool:
+        """Whether to walk ``prefix``: a plain directory, or a symbolic link whose target this
+        scan has not walked yet (a loop, or two links to one place, is walked once)."""
+        path = self._path(prefix.rstrip("/"))
+        if not os.path.islink(path):
+            return True
+        try:
+            st = os.stat(path)
+            target = os.path.realpath(path)
+        except OSError as exc:
+            raise StorageError(f"cannot follow {path}: {exc.strerror}") from exc
+        with self._followed_lock:
+            first = (st.st_dev, st.st_ino) not in self._followed
+            self._followed.add((st.st_dev, st.st_ino))
+            self._targets.add(target)
+        if first:
+            self._notes.append(
+                f"{path} is a symbolic link to {target}: read to keep what it references, "
+                "never deleted through"
+            )
+        else:
+            self._notes.append(
+                f"{path} is a symbolic link to {target}, which this scan already read "
+                "(a loop, or a second link to it): not read again"
+            )
+        return first
 
     def _scan_repo(self, current: str, sections: frozenset[str], layers: bool) -> list[str]:
         # one directory listing per section instead of one per link: the links' own
@@ -192,6 +254,8 @@ class FilesystemStorage(Storage):
         if "_layers" in sections:
             if layers:
                 out += self._keys(f"{current}_layers/sha256/", "/link")
+                for algo in layout.FOREIGN_ALGORITHMS:
+                    out += self._keys(f"{current}_layers/{algo}/", "/link")
             else:
                 out.append(f"{current}_layers/")
         if "_uploads" in sections:
@@ -202,11 +266,28 @@ class FilesystemStorage(Storage):
         """``prefix + name + suffix`` for each directory in ``prefix``, in one pass."""
         try:
             with os.scandir(self._path(prefix)) as it:
-                return [f"{prefix}{e.name}{suffix}" for e in it if e.is_dir(follow_symlinks=False)]
+                # a plain directory costs no stat; a link to one (a revision's directory moved
+                # elsewhere) is read too, and reported
+                return [
+                    f"{prefix}{e.name}{suffix}"
+                    for e in it
+                    if e.is_dir(follow_symlinks=False) or self._linked_dir(e)
+                ]
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise StorageError(f"cannot list {self.location(prefix)}: {exc.strerror}") from exc
+
+    def _linked_dir(self, entry: os.DirEntry[str]) -> bool:
+        """True for a symbolic link to a directory, noted (where it points is never deleted)."""
+        if not (entry.is_symlink() and entry.is_dir()):
+            return False
+        target = os.path.realpath(entry.path)
+        self._targets.add(target)
+        self._notes.append(
+            f"{entry.path} is a symbolic link to {target}: read, never deleted through"
+        )
+        return True
 
     async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
         return await self._run(reading.read_files, self._base, keys, limit)
@@ -353,7 +434,9 @@ class FilesystemStorage(Storage):
 
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
         failures = await self.delete_trees([layout.blob_dir(h) for h in hexes])
-        return [DeleteFailure(f.key.rstrip("/").rsplit("/", 1)[-1], f.reason) for f in failures]
+        return [
+            DeleteFailure(f.key.rstrip("/").rsplit("/", 1)[-1], f.reason, f.kept) for f in failures
+        ]
 
     async def move(self, src: str, dst: str) -> bool:
         return await self._run(self._move, src, dst)
@@ -396,8 +479,13 @@ class FilesystemStorage(Storage):
 
     def _unlink_many(self, keys: Sequence[str]) -> list[DeleteFailure]:
         failures = []
+        plain: set[str] = set()
         for key in keys:
             try:
+                link = self._link_on_path(key, plain)
+                if link:
+                    failures.append(DeleteFailure(key, _through(link), kept=True))
+                    continue
                 os.unlink(self._path(key))
             except FileNotFoundError:
                 pass
@@ -407,19 +495,50 @@ class FilesystemStorage(Storage):
 
     def _rmtree_many(self, prefixes: Sequence[str]) -> list[DeleteFailure]:
         failures = []
+        plain: set[str] = set()
         for prefix in prefixes:
             try:
                 if not prefix.strip("/"):
                     raise StorageError("refusing to delete the whole store")
-                path = self._path(prefix.rstrip("/"))
-                if os.path.islink(path):
-                    raise StorageError(f"{path} is a symbolic link; not following it")
-                shutil.rmtree(path)
+                link = self._link_on_path(prefix, plain)
+                if link:
+                    failures.append(DeleteFailure(prefix, _through(link), kept=True))
+                    continue
+                shutil.rmtree(self._path(prefix.rstrip("/")))
             except FileNotFoundError:
                 pass
             except (OSError, StorageError) as exc:
                 failures.append(DeleteFailure(prefix, str(exc)))
         return failures
+
+    def _link_on_path(self, key: str, plain: set[str]) -> str:
+        """The first symbolic link on ``key``'s path below the store's top directories
+        (blobs/, repositories/, ...: those may be links, a store moved whole), or "".
+
+        A delete reached through a link would remove what it points to (another volume's
+        namespace, another store's blob), which the run cannot judge. ``plain`` caches the
+        directories found not to be links, for one batch."""
+        parts = key.rstrip("/").split("/")
+        path = f"{self._base}/{parts[0]}"
+        for part in parts[1:]:
+            path = f"{path}/{part}"
+            if path in plain:
+                continue
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return ""  # nothing below to delete
+            if statmod.S_ISLNK(mode):
+                return path
+            if statmod.S_ISDIR(mode):
+                plain.add(path)
+        if self._targets:
+            # no link on the way: the real path is the store's own plus the key
+            real = f"{self._real_base}/{key.rstrip('/')}"
+            for target in self._targets:
+                if real == target or target.startswith(real + "/") or real.startswith(target + "/"):
+                    return target
+        return ""
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -430,6 +549,18 @@ class FilesystemStorage(Storage):
         if pool is not None:
             # waited for: an interpreter exiting under a pool still shutting down complains
             await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+
+def _through(link: str) -> str:
+    if not os.path.islink(link):
+        return (
+            f"a symbolic link in the store points to {link}, which is read through it: "
+            "never deleted; remove it by hand (and the link) if it is no longer needed"
+        )
+    return (
+        f"reached through the symbolic link {link} (to {os.path.realpath(link)}): "
+        "never deleted through a link; remove it by hand if it is no longer needed"
+    )
 
 
 def _version(data: bytes) -> str:

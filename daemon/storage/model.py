@@ -38,14 +38,21 @@ class BlobEntry:
     hex: str
     size: int | None = None
     mtime: float | None = None
+    #: the blob's directory (or its shard) is a symbolic link: read through, never deleted
+    linked: bool = False
 
     @classmethod
-    def with_data(cls, hexdigest: str, data: Entry | None) -> BlobEntry:
+    def with_data(cls, hexdigest: str, data: Entry | None, linked: bool = False) -> BlobEntry:
         """The blob with its data's size and mtime; none where it has no data (being written)."""
-        return cls(hexdigest) if data is None else cls(hexdigest, data.size, data.mtime)
+        if data is None:
+            return cls(hexdigest, linked=linked)
+        return cls(hexdigest, data.size, data.mtime, linked)
 
 
 @dataclass(frozen=True, slots=True)
 class DeleteFailure:
     key: str
     reason: str
+    #: refused on purpose, not failed: the path is reached through a symbolic link, and a
+    #: delete through it would remove what the link points to (kept, and reported)
+    kept: bool = False

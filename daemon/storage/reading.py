@@ -36,21 +36,40 @@ def parse_each(
     return out
 
 
-def blob_names(path: str) -> list[str]:
-    """The blob directories of one shard directory (none if it does not exist)."""
+def blob_names(path: str) -> tuple[list[str], set[str]]:
+    """The blob directories of one shard directory (none if it does not exist), and those of
+    them reached through a symbolic link (their own directory, the shard's or ``sha256/``):
+    read through, as the registry does, and flagged, since nothing is deleted through one."""
     try:
+        linked: set[str] = set()
         with os.scandir(path) as it:
             # the pattern inline, no helper call: this runs once per blob in the store
-            return [name for e in it if _HEX(name := e.name) and e.is_dir(follow_symlinks=False)]
+            names = [
+                name
+                for e in it
+                if _HEX(name := e.name)
+                and (e.is_dir(follow_symlinks=False) or _linked_dir(e, linked))
+            ]
+        if os.path.islink(path) or os.path.islink(os.path.dirname(path)):
+            return names, set(names)
+        return names, linked
     except FileNotFoundError:
-        return []
+        return [], set()
     except OSError as exc:
         raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
 
 
+def _linked_dir(entry: os.DirEntry[str], linked: set[str]) -> bool:
+    if entry.is_symlink() and entry.is_dir():
+        linked.add(entry.name)
+        return True
+    return False
+
+
 def list_shard(path: str) -> list[BlobEntry]:
     """``blob_names`` as entries without size or mtime."""
-    return [BlobEntry(name) for name in blob_names(path)]
+    names, linked = blob_names(path)
+    return [BlobEntry(name, linked=name in linked) for name in names]
 
 
 def file_path(base: str, key: str) -> str:
@@ -127,10 +146,11 @@ def shard_outside(
     base: str, shard: str, members: AbstractSet[bytes]
 ) -> tuple[int, list[BlobEntry]]:
     """In a reader process: a blob shard's size, and its blobs not in ``members``, stat'ed."""
-    names = blob_names(file_path(base, layout.BLOBS + shard))
+    names, linked = blob_names(file_path(base, layout.BLOBS + shard))
     outside: list[BlobEntry] = []
     for name in names:
         if bytes.fromhex(name) in members:
             continue
-        outside.append(BlobEntry.with_data(name, stat_file(base, layout.blob_data(name))))
+        data = stat_file(base, layout.blob_data(name))
+        outside.append(BlobEntry.with_data(name, data, name in linked))
     return len(names), outside
