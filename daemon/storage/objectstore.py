@@ -573,7 +573,7 @@ class ObjectStore(Storage):
         pending = keys
         for attempt in range(1, self.retry.attempts + 1):
             if self._batch_refused:
-                return await self._delete_singly(pending)
+                return failures_of(failed) + await self._delete_singly(pending)
             fulls = [self._key(k) for k in pending]
             try:
                 answer = await self._call(
@@ -586,7 +586,7 @@ class ObjectStore(Storage):
                         f"{self.service} batch deletes refused: deleting key by key",
                         reason=str(exc),
                     )
-                return await self._delete_singly(pending)
+                return failures_of(failed) + await self._delete_singly(pending)
             except StorageError as exc:
                 self.log.warning(
                     f"{self.service} delete batch failed", keys=len(pending), error=str(exc)
@@ -609,7 +609,7 @@ class ObjectStore(Storage):
             await asyncio.sleep(self.retry.delay(attempt, self._rng))
         if failed:
             self.log.warning(f"{self.service} keys not deleted", failed=len(failed), of=len(keys))
-        return [DeleteFailure(k, reason) for k, reason in failed.items()]
+        return failures_of(failed)
 
     async def _delete_singly(self, keys: list[str]) -> list[DeleteFailure]:
         """Each key on its own request (where batches are refused); missing keys are deleted."""
@@ -656,6 +656,10 @@ class ObjectStore(Storage):
     async def delete_tree(self, prefix: str) -> list[DeleteFailure]:
         """List everything below ``prefix`` and delete it in batches."""
         return await self.delete_trees([prefix])
+
+
+def failures_of(failed: Mapping[str, str]) -> list[DeleteFailure]:
+    return [DeleteFailure(k, reason) for k, reason in failed.items()]
 
 
 def _by_prefix(failures: list[DeleteFailure], owner: Mapping[str, str]) -> list[DeleteFailure]:

@@ -1,0 +1,284 @@
+"""Azure Blob driver on azure-storage-blob's asyncio client: Azure's calls under the shared
+object-store layer (listing pages, Blob Batch deletes, server-side copy)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import aiohttp
+import structlog
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob.aio import BlobPrefix, BlobServiceClient, ContainerClient
+
+from daemon.config import AzureSettings, StorageSettings
+from daemon.storage.base import StorageError
+from daemon.storage.objectstore import (
+    BatchRefused,
+    KeyError_,
+    Kind,
+    Listed,
+    ObjectStore,
+    Page,
+    RetryPolicy,
+)
+
+#: Blob Batch's limit of subrequests in one batch
+BATCH = 256
+#: List Blobs' largest page
+_PAGE = 5000
+_RETRY_CODES = frozenset({"ServerBusy", "InternalError", "OperationTimedOut", "ServerTimeout"})
+_MISSING_CODES = frozenset({"BlobNotFound", "ResourceNotFound", "ContainerNotFound", ""})
+#: copies the service finishes later are polled this often, this many times
+_COPY_POLL = 0.2
+_COPY_POLLS = 3000
+
+
+def _status(exc: BaseException) -> tuple[str, int]:
+    if isinstance(exc, HttpResponseError):
+        return str(exc.error_code or ""), int(exc.status_code or 0)
+    return "", 0
+
+
+def classify(exc: BaseException) -> tuple[Kind, str, int] | None:
+    """Azure's answer (or its absence) as the layer's kinds."""
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        inner = getattr(exc, "inner_exception", None)
+        if isinstance(inner, ssl.SSLError | aiohttp.ClientSSLError):
+            return Kind.FATAL, "", 0  # a certificate will not verify on a second attempt
+        return Kind.TRANSIENT, "", 0
+    if isinstance(exc, HttpResponseError):
+        code, status = _status(exc)
+        if status == 429 or status >= 500 or code in _RETRY_CODES:
+            return Kind.TRANSIENT, code, status
+        if status == 404 and code in _MISSING_CODES:
+            return Kind.MISSING, code, status
+        if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
+            return Kind.DENIED, code, status
+        return Kind.FATAL, code, status
+    if isinstance(exc, ClientAuthenticationError):
+        return Kind.DENIED, "", 0
+    if isinstance(exc, aiohttp.ClientError | ConnectionError | TimeoutError):
+        return Kind.TRANSIENT, "", 0
+    return None
+
+
+def _credential(azure: AzureSettings) -> Any:
+    """What BlobServiceClient authenticates with, as credentials.type says."""
+    if azure.credentials == "client_secret":
+        from azure.identity.aio import ClientSecretCredential
+
+        return ClientSecretCredential(str(azure.tenantid), str(azure.clientid), str(azure.secret))
+    if azure.credentials == "default_credentials":
+        # environment, workload identity (AZURE_FEDERATED_TOKEN_FILE), managed identity
+        from azure.identity.aio import DefaultAzureCredential
+
+        return DefaultAzureCredential()
+    return {"account_name": azure.accountname, "account_key": azure.accountkey}
+
+
+class AzureStorage(ObjectStore):
+    """A registry store in an Azure Blob container below ``<rootdirectory>/docker/registry/v2/``."""
+
+    batch_max = BATCH
+    service = "azure"
+    container_word = "container"
+    credentials_hint = "accountname/accountkey or credentials, and the container's role assignment"
+
+    def __init__(
+        self,
+        settings: StorageSettings,
+        concurrency: int = 16,
+        retry: RetryPolicy | None = None,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        if settings.driver != "azure" or settings.azure is None:
+            raise ValueError(f"not an azure storage configuration: {settings.driver}")
+        self.settings = settings
+        self.azure = settings.azure
+        endpoint = "connection string" if self.azure.connectionstring else self.azure.url
+        super().__init__(
+            settings.rootdirectory,
+            self.azure.container,
+            endpoint,
+            f"{settings.describe()} at {endpoint}",
+            concurrency,
+            retry,
+            log,
+        )
+        self._service: BlobServiceClient | None = None
+        self._credential: Any = None
+        self._client: ContainerClient | None = None
+
+    async def _connect(self) -> None:
+        options: dict[str, Any] = {
+            "retry_total": 0,  # the layer's retry loop is the one that counts
+            "connection_timeout": self.retry.connect_timeout,
+            "read_timeout": self.retry.read_timeout,
+            "user_agent": "registry-pruned",
+        }
+        try:
+            if self.azure.connectionstring:
+                service = BlobServiceClient.from_connection_string(
+                    self.azure.connectionstring, **options
+                )
+            else:
+                self._credential = _credential(self.azure)
+                service = BlobServiceClient(self.azure.url, credential=self._credential, **options)
+        except ValueError as exc:
+            raise StorageError(f"{self.description}: cannot create Azure client: {exc}") from exc
+        self._service = service
+        self._client = service.get_container_client(self.azure.container)
+
+    async def _disconnect(self) -> None:
+        service, self._service, self._client = self._service, None, None
+        credential, self._credential = self._credential, None
+        if service is not None:
+            await service.close()
+        if credential is not None and hasattr(credential, "close"):
+            await credential.close()
+
+    def _container(self) -> ContainerClient:
+        assert self._client is not None, "opened by _call"
+        return self._client
+
+    def _classify(self, exc: BaseException) -> tuple[Kind, str, int] | None:
+        return classify(exc)
+
+    def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, HttpResponseError):
+            code, status = _status(exc)
+            message = (exc.reason or str(exc).splitlines()[0] if str(exc) else "") or "no message"
+            return f"{code or 'error'}: {message} (HTTP {status})"
+        return f"{type(exc).__name__}: {exc}"
+
+    # -- Azure's calls ------------------------------------------------------------------
+
+    async def _check_container(self) -> None:
+        await self._container().get_container_properties()
+
+    async def _list_page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
+        container = self._container()
+        if delimiter:
+            paged: Any = container.walk_blobs(
+                name_starts_with=prefix, delimiter=delimiter, results_per_page=_PAGE
+            )
+        else:
+            paged = container.list_blobs(name_starts_with=prefix, results_per_page=_PAGE)
+        pages = paged.by_page(continuation_token=token)
+        objects: list[Listed] = []
+        prefixes: list[str] = []
+        async for item in await anext(pages):
+            if isinstance(item, BlobPrefix):
+                prefixes.append(item.name)
+                continue
+            md5 = item.content_settings.content_md5
+            modified = item.last_modified
+            objects.append(
+                (
+                    item.name,
+                    item.size,
+                    modified.timestamp() if modified is not None else None,
+                    bytes(md5).hex() if md5 else "",
+                )
+            )
+        return Page(objects, prefixes, pages.continuation_token or None)
+
+    async def _get(self, key: str, limit: int) -> bytes:
+        # one ranged GET of at most limit + 1 bytes: the blob's size comes with it
+        blob = self._container().get_blob_client(key)
+        downloader = await blob.download_blob(offset=0, length=limit + 1, max_concurrency=1)
+        size = _total(downloader.properties.content_range) or downloader.properties.size
+        if size is not None and size > limit:
+            raise self._too_large(key, size, limit)
+        data = await downloader.readall()
+        if len(data) > limit:
+            raise self._too_large(key, len(data), limit)
+        return bytes(data)
+
+    async def _put(self, key: str, data: bytes) -> None:
+        await self._container().upload_blob(key, data, overwrite=True)
+
+    async def _head(self, key: str) -> tuple[int | None, float | None]:
+        properties = await self._container().get_blob_client(key).get_blob_properties()
+        modified = properties.last_modified
+        return properties.size, modified.timestamp() if modified is not None else None
+
+    async def _copy(self, src: str, dst: str) -> None:
+        container = self._container()
+        source = container.get_blob_client(src)
+        target = container.get_blob_client(dst)
+        copy = await target.start_copy_from_url(source.url)
+        status = copy.get("copy_status")
+        for _ in range(_COPY_POLLS):
+            if status != "pending":
+                break
+            await asyncio.sleep(_COPY_POLL)
+            status = (await target.get_blob_properties()).copy.status
+        if status != "success":
+            raise StorageError(f"{self.description}: copy of {src!r} ended {status!r}")
+
+    async def _delete_batch(self, keys: list[str]) -> list[KeyError_]:
+        """One Blob Batch request of Delete Blob subrequests."""
+        if len(keys) == 1:
+            # no batch for one key: Azurite's one answer to a refused batch would read as
+            # that key's failure
+            try:
+                await self._delete_one(keys[0])
+            except HttpResponseError as exc:
+                kind, _code, _status = classify(exc) or (Kind.FATAL, "", 0)
+                if kind is Kind.MISSING:
+                    return []
+                return [KeyError_(keys[0], self._describe(exc), kind is Kind.TRANSIENT)]
+            return []
+        try:
+            answers = await self._container().delete_blobs(*keys, raise_on_any_failure=False)
+        except HttpResponseError as exc:
+            code, status = _status(exc)
+            if status in (400, 404, 405, 501) and code not in _MISSING_CODES - {""}:
+                raise BatchRefused(self._describe(exc)) from exc
+            raise
+        replies = [answer async for answer in answers]
+        statuses = [answer.status_code for answer in replies]
+        if len(replies) != len(keys) and statuses and all(st == 400 for st in statuses):
+            # Azurite answers a batch on a path-style account URL with one 400 for the whole
+            raise BatchRefused(f"the batch was answered by {len(replies)} HTTP 400")
+        out: list[KeyError_] = []
+        for i, key in enumerate(keys):
+            if i >= len(replies):
+                # no answer for this key: not known deleted, asked again
+                out.append(KeyError_(key, "no answer in the batch", True))
+                continue
+            status = statuses[i]
+            if status < 300 or status == 404:
+                continue
+            code = replies[i].headers.get("x-ms-error-code") or ""
+            transient = status == 429 or status >= 500 or code in _RETRY_CODES
+            out.append(KeyError_(key, f"{code or 'error'}: HTTP {status}", transient))
+        if len(out) == len(keys) > 1 and all(st == 400 for st in statuses):
+            raise BatchRefused(f"every subrequest answered HTTP 400 ({out[0].reason})")
+        return out
+
+    async def _delete_one(self, key: str) -> None:
+        await self._container().delete_blob(key)
+
+
+def _total(content_range: str | None) -> int | None:
+    """The blob's whole size from a ranged answer's ``bytes 0-9/1234``."""
+    total = (content_range or "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+def create(
+    settings: StorageSettings,
+    concurrency: int,
+    log: structlog.typing.FilteringBoundLogger | None = None,
+) -> AzureStorage:
+    """The Azure Blob driver for ``settings`` with ``concurrency`` requests in flight at most."""
+    return AzureStorage(settings, concurrency, log=log)
