@@ -42,7 +42,8 @@ _COPY_POLLS = 3000
 
 def _status(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, HttpResponseError):
-        return str(exc.error_code or ""), int(exc.status_code or 0)
+        code = exc.error_code or ""
+        return str(getattr(code, "value", code)), int(exc.status_code or 0)
     return "", 0
 
 
@@ -232,7 +233,7 @@ class AzureStorage(ObjectStore):
             try:
                 await self._delete_one(keys[0])
             except HttpResponseError as exc:
-                kind, _code, _status = classify(exc) or (Kind.FATAL, "", 0)
+                kind = (classify(exc) or (Kind.FATAL, "", 0))[0]
                 if kind is Kind.MISSING:
                     return []
                 return [KeyError_(keys[0], self._describe(exc), kind is Kind.TRANSIENT)]

@@ -55,7 +55,12 @@ class Azurite(Emulator):
     @property
     def url(self) -> str:
         """The Blob service URL (path style: the account is the first path component)."""
-        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+        return f"{self.host_url}/{ACCOUNT}"
+
+    @property
+    def host_url(self) -> str:
+        """Where a fault proxy forwards to."""
+        return f"http://127.0.0.1:{self.port}"
 
     def ready_url(self) -> str:
         return f"{self.url}?comp=list"
@@ -95,9 +100,11 @@ class Azurite(Emulator):
     def settings(
         self, container: str, rootdirectory: str = "", url: str | None = None
     ) -> StorageSettings:
-        """The daemon's settings for ``container`` (through ``url``: a fault proxy)."""
+        """The daemon's settings for ``container`` (through ``url``, a fault proxy's
+        ``http://host:port``: the account's path is added)."""
+        service = f"{url.rstrip('/')}/{ACCOUNT}" if url else self.url
         azure = AzureSettings(
-            container=container, accountname=ACCOUNT, accountkey=KEY, serviceurl=url or self.url
+            container=container, accountname=ACCOUNT, accountkey=KEY, serviceurl=service
         )
         return StorageSettings("azure", rootdirectory.strip("/"), azure=azure)
 

@@ -42,6 +42,11 @@ class FakeGCS(Emulator):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def host_url(self) -> str:
+        """Where a fault proxy forwards to."""
+        return self.url
+
     def ready_url(self) -> str:
         return f"{self.url}/storage/v1/b"
 
