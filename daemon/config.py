@@ -175,6 +175,9 @@ def _apply_env(config: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]
         if not key.startswith("REGISTRY_STORAGE_"):
             continue
         parts = key[len("REGISTRY_STORAGE_") :].lower().split("_")
+        if parts[:2] == ["gcs", "credentials"] and len(parts) > 2:
+            # a service account key's fields have '_' in their names (private_key_id)
+            parts = [*parts[:2], "_".join(parts[2:])]
         node = storage
         for part in parts[:-1]:
             child = node.get(part)
@@ -311,19 +314,6 @@ def _azure(params: Mapping[str, Any], source: str) -> StorageSettings:
     return StorageSettings("azure", root, azure=settings)
 
 
-def _flat(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A credentials map set through REGISTRY_STORAGE_GCS_CREDENTIALS_PRIVATE_KEY arrives as
-    credentials.private.key: join such levels back with '_'."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "_"))
-        else:
-            out[name] = value
-    return out
-
-
 def _gcs(params: Mapping[str, Any], source: str, env: Mapping[str, str]) -> StorageSettings:
     """distribution's gcs section (bucket, keyfile, credentials, rootdirectory), then
     Application Default Credentials; STORAGE_EMULATOR_HOST points at an emulator."""
@@ -338,7 +328,7 @@ def _gcs(params: Mapping[str, Any], source: str, env: Mapping[str, str]) -> Stor
     if inline:
         if not isinstance(inline, dict):
             raise ConfigError(f"{source}: storage.gcs.credentials must be a mapping")
-        creds = _flat(inline)
+        creds = {str(k): v for k, v in inline.items()}
         missing = [k for k in ("type", "client_email", "private_key") if not creds.get(k)]
         if missing:
             raise ConfigError(

@@ -4,9 +4,11 @@ wrote on a filesystem, copied object for object into each emulator, pruned there
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
+import re
 import signal
 import sys
 import uuid
@@ -68,10 +70,11 @@ def seeded(emulator: Emulator, registry: Registry, purpose: str) -> str:
 def config_file(
     emulator: Emulator, name: str, where: Path, read_only: bool = False, **extra: Any
 ) -> Path:
-    doc = emulator.registry_config(name, ROOT, **extra)  # type: ignore[attr-defined]
+    root = str(extra.pop("rootdirectory", ROOT))
+    doc = emulator.registry_config(name, root, **extra)  # type: ignore[attr-defined]
     if read_only:
         doc["storage"]["maintenance"] = {"readonly": {"enabled": True}}
-    path = where / f"{name}.yml"
+    path = where / f"{name}-{uuid.uuid4().hex[:6]}.yml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -302,3 +305,35 @@ def test_sigkill_mid_delete_then_a_run_finishes(
         again.stop()
     assert blobs_in(emulator, name) == scenario.in_use
     assert not planted & blobs_in(emulator, name)
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_a_wrong_key_or_a_missing_bucket_is_a_clear_error(
+    part: str, emulators: dict[str, Emulator], shared: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    registry, _scenario = shared
+    emulator = emulators[part]
+    name = seeded(emulator, registry, "config")
+    env = cli_env(emulator)
+    mistakes: list[tuple[Path, str]] = [
+        (
+            config_file(emulator, f"absent-{part}", tmp_path),
+            f"'absent-{part}' does not exist at .* \\(check storage\\.{part}\\."
+            + ("container" if part == "azure" else "bucket"),
+        ),
+        (
+            config_file(emulator, name, tmp_path, rootdirectory="/elsewhere"),
+            "no registry data.*check rootdirectory '/?elsewhere'",
+        ),
+    ]
+    if part == "azure":
+        wrong = base64.b64encode(b"not the account key of devstoreaccount1").decode()
+        mistakes.append(
+            (config_file(emulator, name, tmp_path, accountkey=wrong), "denied.*accountkey")
+        )
+    for config, error in mistakes:
+        result = pruned("check", "--registry-config", config, "--grace", "0", env=env)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and re.search(error, last), last

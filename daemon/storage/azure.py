@@ -90,6 +90,7 @@ class AzureStorage(ObjectStore):
     batch_max = BATCH
     service = "azure"
     container_word = "container"
+    container_setting = "storage.azure.container"
     credentials_hint = "accountname/accountkey or credentials, and the container's role assignment"
 
     def __init__(

@@ -76,6 +76,7 @@ class GCSStorage(ObjectStore):
 
     batch_max = BATCH
     service = "gcs"
+    container_setting = "storage.gcs.bucket"
     credentials_hint = "keyfile/credentials and the service account's bucket roles"
 
     def __init__(

@@ -135,6 +135,8 @@ class ObjectStore(Storage):
     batch_max: int = 1000
     #: the service's word for its namespace, for errors ("bucket", "container")
     container_word: str = "bucket"
+    #: the setting that names the bucket/container
+    container_setting: str = "bucket"
     #: what to check when access is denied
     credentials_hint: str = "the credentials and permissions"
     #: the driver's name in its log events ("s3 request retried")
@@ -341,7 +343,9 @@ class ObjectStore(Storage):
             await self._call(f"check {self.container_word}", self._check_container)
         except ServiceError as exc:
             if exc.missing:
-                raise StorageError(f"{name} does not exist at {self.endpoint}") from exc
+                raise StorageError(
+                    f"{name} does not exist at {self.endpoint} (check {self.container_setting})"
+                ) from exc
             if exc.kind is Kind.DENIED:
                 raise StorageError(
                     f"access to {where} denied (check {self.credentials_hint}): {exc}"

@@ -212,6 +212,7 @@ class S3Storage(ObjectStore):
 
     batch_max = BATCH
     service = "s3"
+    container_setting = "storage.s3.bucket"
     credentials_hint = "accesskey/secretkey and the bucket policy"
 
     def __init__(
