@@ -18,11 +18,11 @@ def open_storage(settings: StorageSettings, concurrency: int) -> Storage:
     if settings.driver == "azure":
         from daemon.storage import azure
 
-        return azure.create(settings, concurrency)
+        return azure.AzureStorage(settings, concurrency)
     if settings.driver == "gcs":
         from daemon.storage import gcs
 
-        return gcs.create(settings, concurrency)
+        return gcs.GCSStorage(settings, concurrency)
     from daemon.storage.filesystem import FilesystemStorage
 
     return FilesystemStorage(settings.rootdirectory, concurrency)

@@ -4,30 +4,26 @@ object-store layer (listing pages, Blob Batch deletes, server-side copy)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import email.utils
 import ssl
+import xml.etree.ElementTree as ET
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
-import structlog
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.rest import HttpRequest
 from azure.storage.blob.aio import BlobPrefix, BlobServiceClient, ContainerClient
 
-from daemon.config import AzureSettings, StorageSettings
+from daemon.config import AzureSettings
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import (
-    BatchRefused,
-    KeyError_,
-    Kind,
-    Listed,
-    ObjectStore,
-    Page,
-    RetryPolicy,
-)
+from daemon.storage.objectstore import BatchRefused, KeyError_, Kind, Listed, ObjectStore, Page
 
 #: Blob Batch's limit of subrequests in one batch
 BATCH = 256
@@ -88,35 +84,20 @@ class AzureStorage(ObjectStore):
     """A registry store in an Azure Blob container below ``<rootdirectory>/docker/registry/v2/``."""
 
     batch_max = BATCH
-    service = "azure"
     container_word = "container"
-    container_setting = "storage.azure.container"
     credentials_hint = "accountname/accountkey or credentials, and the container's role assignment"
+    driver = "azure"
 
-    def __init__(
-        self,
-        settings: StorageSettings,
-        concurrency: int = 16,
-        retry: RetryPolicy | None = None,
-        log: structlog.typing.FilteringBoundLogger | None = None,
-    ) -> None:
-        if settings.driver != "azure" or settings.azure is None:
-            raise ValueError(f"not an azure storage configuration: {settings.driver}")
-        self.settings = settings
-        self.azure = settings.azure
+    # the service's client, made by _connect
+    _service: BlobServiceClient | None = None
+    _credential: Any = None
+    _client: ContainerClient | None = None
+
+    def _locate(self) -> tuple[str, str]:
+        assert self.settings.azure is not None
+        self.azure = self.settings.azure
         endpoint = "connection string" if self.azure.connectionstring else self.azure.url
-        super().__init__(
-            settings.rootdirectory,
-            self.azure.container,
-            endpoint,
-            f"{settings.describe()} at {endpoint}",
-            concurrency,
-            retry,
-            log,
-        )
-        self._service: BlobServiceClient | None = None
-        self._credential: Any = None
-        self._client: ContainerClient | None = None
+        return self.azure.container, endpoint
 
     async def _connect(self) -> None:
         options: dict[str, Any] = {
@@ -166,6 +147,36 @@ class AzureStorage(ObjectStore):
         await self._container().get_container_properties()
 
     async def _list_page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
+        """One List Blobs page, its XML parsed here: the SDK's model-driven parse cost ~0.2 ms
+        of CPU an object, twenty times this. Through the SDK's own pipeline (auth, transport)."""
+        container = self._container()
+        send = getattr(getattr(container, "_client", None), "_send_request", None)
+        if send is None:
+            return await self._list_page_sdk(prefix, delimiter, token)
+        query = {"restype": "container", "comp": "list", "prefix": prefix}
+        query["maxresults"] = str(_PAGE)
+        if delimiter:
+            query["delimiter"] = delimiter
+        if token:
+            query["marker"] = token
+        request = HttpRequest(
+            "GET",
+            f"{container.url}?{urlencode(query)}",
+            headers={"x-ms-version": container.api_version},
+        )
+        response = await send(request)
+        body = await response.read()
+        if response.status_code != 200:
+            error = HttpResponseError(response=response)
+            error.error_code = response.headers.get("x-ms-error-code") or ""
+            raise error
+        page = _parse_listing(body)
+        if page is None:
+            # a cut-off answer must not pass for a complete listing: retried
+            raise aiohttp.ClientPayloadError("List Blobs answer is not a complete listing")
+        return page
+
+    async def _list_page_sdk(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
         container = self._container()
         if delimiter:
             paged: Any = container.walk_blobs(
@@ -195,7 +206,12 @@ class AzureStorage(ObjectStore):
     async def _get(self, key: str, limit: int) -> bytes:
         # one ranged GET of at most limit + 1 bytes: the blob's size comes with it
         blob = self._container().get_blob_client(key)
-        downloader = await blob.download_blob(offset=0, length=limit + 1, max_concurrency=1)
+        try:
+            downloader = await blob.download_blob(offset=0, length=limit + 1, max_concurrency=1)
+        except HttpResponseError as exc:
+            if exc.status_code == 416:
+                return b""  # a range from offset 0 is invalid only on an empty blob
+            raise
         size = _total(downloader.properties.content_range) or downloader.properties.size
         if size is not None and size > limit:
             raise self._too_large(key, size, limit)
@@ -271,16 +287,38 @@ class AzureStorage(ObjectStore):
         await self._container().delete_blob(key)
 
 
+def _parse_listing(body: bytes) -> Page | None:
+    """A List Blobs answer -> a Page; None unless it is a whole EnumerationResults."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None
+    blobs = root.find("Blobs")
+    if root.tag != "EnumerationResults" or blobs is None:
+        return None
+    objects: list[Listed] = []
+    prefixes: list[str] = []
+    for node in blobs:
+        name = node.findtext("Name") or ""
+        if node.tag == "BlobPrefix":
+            prefixes.append(name)
+            continue
+        properties = node.find("Properties")
+        size: int | None = None
+        mtime: float | None = None
+        md5 = ""
+        if properties is not None:
+            length = properties.findtext("Content-Length")
+            size = int(length) if length else None
+            modified = properties.findtext("Last-Modified")
+            mtime = email.utils.parsedate_to_datetime(modified).timestamp() if modified else None
+            digest = properties.findtext("Content-MD5")
+            md5 = base64.b64decode(digest).hex() if digest else ""
+        objects.append((name, size, mtime, md5))
+    return Page(objects, prefixes, root.findtext("NextMarker") or None)
+
+
 def _total(content_range: str | None) -> int | None:
     """The blob's whole size from a ranged answer's ``bytes 0-9/1234``."""
     total = (content_range or "").rpartition("/")[2]
     return int(total) if total.isdigit() else None
-
-
-def create(
-    settings: StorageSettings,
-    concurrency: int,
-    log: structlog.typing.FilteringBoundLogger | None = None,
-) -> AzureStorage:
-    """The Azure Blob driver for ``settings`` with ``concurrency`` requests in flight at most."""
-    return AzureStorage(settings, concurrency, log=log)

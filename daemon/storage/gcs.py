@@ -12,21 +12,11 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-import structlog
 from gcloud.aio.auth import Token
 from gcloud.aio.storage import Storage as GoogleStorage
 
-from daemon.config import StorageSettings
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import (
-    BatchRefused,
-    KeyError_,
-    Kind,
-    Listed,
-    ObjectStore,
-    Page,
-    RetryPolicy,
-)
+from daemon.storage.objectstore import BatchRefused, KeyError_, Kind, Listed, ObjectStore, Page
 
 #: the JSON API's batch limit
 BATCH = 100
@@ -75,35 +65,19 @@ class GCSStorage(ObjectStore):
     """A registry store in a GCS bucket below ``<rootdirectory>/docker/registry/v2/``."""
 
     batch_max = BATCH
-    service = "gcs"
-    container_setting = "storage.gcs.bucket"
     credentials_hint = "keyfile/credentials and the service account's bucket roles"
+    driver = "gcs"
 
-    def __init__(
-        self,
-        settings: StorageSettings,
-        concurrency: int = 16,
-        retry: RetryPolicy | None = None,
-        log: structlog.typing.FilteringBoundLogger | None = None,
-    ) -> None:
-        if settings.driver != "gcs" or settings.gcs is None:
-            raise ValueError(f"not a gcs storage configuration: {settings.driver}")
-        self.settings = settings
-        self.gcs = settings.gcs
+    # the service's client, made by _connect
+    _http: aiohttp.ClientSession | None = None
+    _token: Token | None = None
+    _client: GoogleStorage | None = None
+
+    def _locate(self) -> tuple[str, str]:
+        assert self.settings.gcs is not None
+        self.gcs = self.settings.gcs
         self.api = self.gcs.emulator or _API
-        super().__init__(
-            settings.rootdirectory,
-            self.gcs.bucket,
-            self.api,
-            f"{settings.describe()} at {self.api}",
-            concurrency,
-            retry,
-            log,
-        )
-        self._http: aiohttp.ClientSession | None = None
-        self._token: Token | None = None
-        self._client: GoogleStorage | None = None
-        self._objects = f"{self.api}/storage/v1/b/{quote(self.gcs.bucket, safe='')}/o"
+        return self.gcs.bucket, self.api
 
     async def _connect(self) -> None:
         timeout = aiohttp.ClientTimeout(
@@ -188,10 +162,16 @@ class GCSStorage(ObjectStore):
             length = response.headers.get("content-length")
             if length is not None and int(length) > limit:
                 raise self._too_large(key, int(length), limit)
-            data: bytes = await response.content.read(limit + 1)
+            data = bytearray()
+            # one read answers what has arrived: read on to the end or past the limit
+            while len(data) <= limit:
+                chunk = await response.content.read(limit + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
         if len(data) > limit:
             raise self._too_large(key, len(data), limit)
-        return data
+        return bytes(data)
 
     async def _put(self, key: str, data: bytes) -> None:
         await self._google().upload(
@@ -275,12 +255,3 @@ def _batch_failures(keys: list[str], content_type: str, body: bytes) -> list[Key
             transient = status == 429 or status >= 500
             out.append(KeyError_(key, f"HTTP {status}", transient))
     return out
-
-
-def create(
-    settings: StorageSettings,
-    concurrency: int,
-    log: structlog.typing.FilteringBoundLogger | None = None,
-) -> GCSStorage:
-    """The GCS driver for ``settings`` with ``concurrency`` requests in flight at most."""
-    return GCSStorage(settings, concurrency, log=log)

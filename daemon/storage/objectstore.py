@@ -19,6 +19,7 @@ from typing import TypeVar
 import structlog
 
 from daemon import layout, logs
+from daemon.config import StorageSettings
 from daemon.storage.base import (
     RUN_LOG,
     BlobEntry,
@@ -135,30 +136,28 @@ class ObjectStore(Storage):
     batch_max: int = 1000
     #: the service's word for its namespace, for errors ("bucket", "container")
     container_word: str = "bucket"
-    #: the setting that names the bucket/container
-    container_setting: str = "bucket"
     #: what to check when access is denied
     credentials_hint: str = "the credentials and permissions"
-    #: the driver's name in its log events ("s3 request retried")
-    service: str = "object store"
+
+    #: the ``StorageSettings.driver`` (and section) this class serves; names its log events
+    driver: str = ""
 
     def __init__(
         self,
-        rootdirectory: str,
-        container: str,
-        endpoint: str,
-        description: str,
+        settings: StorageSettings,
         concurrency: int = 16,
         retry: RetryPolicy | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
+        if settings.driver != self.driver or getattr(settings, self.driver, None) is None:
+            raise ValueError(f"not an {self.driver} storage configuration: {settings.driver}")
+        self.settings = settings
         self.concurrency = max(1, concurrency)
         self.retry = retry or RetryPolicy()
-        self.container = container
-        self.endpoint = endpoint
-        self.description = description
-        self.rootdirectory = rootdirectory
-        root = rootdirectory.strip("/")
+        self.container, self.endpoint = self._locate()
+        self.description = f"{settings.describe()} at {self.endpoint}"
+        self.rootdirectory = settings.rootdirectory
+        root = settings.rootdirectory.strip("/")
         self.prefix = f"{root}/{layout.V2_ROOT}/" if root else f"{layout.V2_ROOT}/"
         self._inflight = asyncio.Semaphore(self.concurrency)
         self._open_lock = asyncio.Lock()
@@ -173,6 +172,10 @@ class ObjectStore(Storage):
         self._log = log.bind(storage=self.description)
 
     # -- the service's calls: one request each --------------------------------------------
+
+    @abstractmethod
+    def _locate(self) -> tuple[str, str]:
+        """(bucket or container, the service's endpoint for people) from ``self.settings``."""
 
     @abstractmethod
     async def _connect(self) -> None:
@@ -290,7 +293,7 @@ class ObjectStore(Storage):
                     ) from exc
                 delay = self.retry.delay(attempt, self._rng)
                 self.log.warning(
-                    f"{self.service} request retried",
+                    f"{self.driver} request retried",
                     request=what,
                     attempt=attempt,
                     error=self._describe(exc),
@@ -343,8 +346,9 @@ class ObjectStore(Storage):
             await self._call(f"check {self.container_word}", self._check_container)
         except ServiceError as exc:
             if exc.missing:
+                setting = f"storage.{self.driver}.{self.container_word}"
                 raise StorageError(
-                    f"{name} does not exist at {self.endpoint} (check {self.container_setting})"
+                    f"{name} does not exist at {self.endpoint} (check {setting})"
                 ) from exc
             if exc.kind is Kind.DENIED:
                 raise StorageError(
@@ -587,13 +591,13 @@ class ObjectStore(Storage):
                 if not self._batch_refused:
                     self._batch_refused = True
                     self.log.warning(
-                        f"{self.service} batch deletes refused: deleting key by key",
+                        f"{self.driver} batch deletes refused: deleting key by key",
                         reason=str(exc),
                     )
                 return failures_of(failed) + await self._delete_singly(pending)
             except StorageError as exc:
                 self.log.warning(
-                    f"{self.service} delete batch failed", keys=len(pending), error=str(exc)
+                    f"{self.driver} delete batch failed", keys=len(pending), error=str(exc)
                 )
                 failed.update((k, str(exc)) for k in pending)
                 break
@@ -612,7 +616,7 @@ class ObjectStore(Storage):
             pending = again
             await asyncio.sleep(self.retry.delay(attempt, self._rng))
         if failed:
-            self.log.warning(f"{self.service} keys not deleted", failed=len(failed), of=len(keys))
+            self.log.warning(f"{self.driver} keys not deleted", failed=len(failed), of=len(keys))
         return failures_of(failed)
 
     async def _delete_singly(self, keys: list[str]) -> list[DeleteFailure]:
@@ -629,7 +633,7 @@ class ObjectStore(Storage):
         found = await asyncio.gather(*(one(k) for k in keys))
         failures = [f for f in found if f is not None]
         if failures:
-            self.log.warning(f"{self.service} keys not deleted", failed=len(failures), of=len(keys))
+            self.log.warning(f"{self.driver} keys not deleted", failed=len(failures), of=len(keys))
         return failures
 
     async def delete_trees(self, prefixes: Sequence[str]) -> list[DeleteFailure]:

@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import quote, unquote_plus, urlsplit
 
 import aiohttp
-import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.credentials import AioCredentials
 from aiobotocore.session import AioSession, get_session
@@ -30,16 +29,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import parse_timestamp
 
-from daemon.config import StorageSettings
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import (
-    KeyError_,
-    Kind,
-    Listed,
-    ObjectStore,
-    Page,
-    RetryPolicy,
-)
+from daemon.storage.objectstore import KeyError_, Kind, Listed, ObjectStore, Page, RetryPolicy
 
 __all__ = ["BATCH", "RetryPolicy", "S3Storage", "create", "is_transient"]
 
@@ -211,38 +202,22 @@ class S3Storage(ObjectStore):
     """A registry store in an S3 bucket below ``<rootdirectory>/docker/registry/v2/``."""
 
     batch_max = BATCH
-    service = "s3"
-    container_setting = "storage.s3.bucket"
     credentials_hint = "accesskey/secretkey and the bucket policy"
+    driver = "s3"
 
-    def __init__(
-        self,
-        settings: StorageSettings,
-        concurrency: int = 16,
-        retry: RetryPolicy | None = None,
-        log: structlog.typing.FilteringBoundLogger | None = None,
-    ) -> None:
-        if settings.driver != "s3" or settings.s3 is None:
-            raise ValueError(f"not an s3 storage configuration: {settings.driver}")
-        self.settings = settings
-        self.s3 = settings.s3
+    # the service's client, made by _connect
+    _stack: AsyncExitStack | None = None
+    _client: Any = None
+    _session: AioSession | None = None
+    #: (URL of the bucket's root with a trailing "/", credentials) for signed GETs
+    _route: tuple[str, Any] | None = None
+
+    def _locate(self) -> tuple[str, str]:
+        assert self.settings.s3 is not None
+        self.s3 = self.settings.s3
         self.bucket = self.s3.bucket
         self.endpoint_url = _endpoint_url(self.s3.regionendpoint, self.s3.secure)
-        endpoint = self.endpoint_url or f"AWS S3 in {self.s3.region}"
-        super().__init__(
-            settings.rootdirectory,
-            self.bucket,
-            endpoint,
-            f"{settings.describe()} at {endpoint}",
-            concurrency,
-            retry,
-            log,
-        )
-        self._stack: AsyncExitStack | None = None
-        self._client: Any = None
-        self._session: AioSession | None = None
-        #: (URL of the bucket's root with a trailing "/", credentials) for signed GETs
-        self._route: tuple[str, Any] | None = None
+        return self.bucket, self.endpoint_url or f"AWS S3 in {self.s3.region}"
 
     # -- client lifecycle -------------------------------------------------------------
 
@@ -456,10 +431,5 @@ class S3Storage(ObjectStore):
         await self._client.delete_object(Bucket=self.bucket, Key=key)
 
 
-def create(
-    settings: StorageSettings,
-    concurrency: int,
-    log: structlog.typing.FilteringBoundLogger | None = None,
-) -> S3Storage:
-    """The S3 driver for ``settings`` with ``concurrency`` requests in flight at most."""
-    return S3Storage(settings, concurrency, log=log)
+#: the S3 driver for settings, with at most ``concurrency`` requests in flight
+create = S3Storage
