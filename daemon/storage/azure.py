@@ -23,7 +23,7 @@ from azure.storage.blob.aio import BlobPrefix, BlobServiceClient, ContainerClien
 
 from daemon.config import AzureSettings
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import BatchRefused, KeyError_, Kind, Listed, ObjectStore, Page
+from daemon.storage.objectstore import BatchRefused, KeyFailure, Kind, Listed, ObjectStore, Page
 
 #: Blob Batch's limit of subrequests in one batch
 BATCH = 256
@@ -242,7 +242,7 @@ class AzureStorage(ObjectStore):
         if status != "success":
             raise StorageError(f"{self.description}: copy of {src!r} ended {status!r}")
 
-    async def _delete_batch(self, keys: list[str]) -> list[KeyError_]:
+    async def _delete_batch(self, keys: list[str]) -> list[KeyFailure]:
         """One Blob Batch request of Delete Blob subrequests."""
         if len(keys) == 1:
             # no batch for one key: Azurite's one answer to a refused batch would read as
@@ -253,7 +253,7 @@ class AzureStorage(ObjectStore):
                 kind = (classify(exc) or (Kind.FATAL, "", 0))[0]
                 if kind is Kind.MISSING:
                     return []
-                return [KeyError_(keys[0], self._describe(exc), kind is Kind.TRANSIENT)]
+                return [KeyFailure(keys[0], self._describe(exc), kind is Kind.TRANSIENT)]
             return []
         try:
             answers = await self._container().delete_blobs(*keys, raise_on_any_failure=False)
@@ -267,18 +267,18 @@ class AzureStorage(ObjectStore):
         if len(replies) != len(keys) and statuses and all(st == 400 for st in statuses):
             # Azurite answers a batch on a path-style account URL with one 400 for the whole
             raise BatchRefused(f"the batch was answered by {len(replies)} HTTP 400")
-        out: list[KeyError_] = []
+        out: list[KeyFailure] = []
         for i, key in enumerate(keys):
             if i >= len(replies):
                 # no answer for this key: not known deleted, asked again
-                out.append(KeyError_(key, "no answer in the batch", True))
+                out.append(KeyFailure(key, "no answer in the batch", True))
                 continue
             status = statuses[i]
             if status < 300 or status == 404:
                 continue
             code = replies[i].headers.get("x-ms-error-code") or ""
             transient = status == 429 or status >= 500 or code in _RETRY_CODES
-            out.append(KeyError_(key, f"{code or 'error'}: HTTP {status}", transient))
+            out.append(KeyFailure(key, f"{code or 'error'}: HTTP {status}", transient))
         if len(out) == len(keys) > 1 and all(st == 400 for st in statuses):
             raise BatchRefused(f"every subrequest answered HTTP 400 ({out[0].reason})")
         return out

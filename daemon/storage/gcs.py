@@ -16,7 +16,7 @@ from gcloud.aio.auth import Token
 from gcloud.aio.storage import Storage as GoogleStorage
 
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import BatchRefused, KeyError_, Kind, Listed, ObjectStore, Page
+from daemon.storage.objectstore import BatchRefused, KeyFailure, Kind, Listed, ObjectStore, Page
 
 #: the JSON API's batch limit
 BATCH = 100
@@ -202,7 +202,7 @@ class GCSStorage(ObjectStore):
         if not answer.get("done", True) and not answer.get("resource"):
             raise StorageError(f"{self.description}: copy of {src!r} did not finish")
 
-    async def _delete_batch(self, keys: list[str]) -> list[KeyError_]:
+    async def _delete_batch(self, keys: list[str]) -> list[KeyFailure]:
         """One JSON API batch of objects.delete calls (multipart/mixed)."""
         boundary = "registry-pruned-batch"
         base = f"/storage/v1/b/{quote(self.gcs.bucket, safe='')}/o/"
@@ -235,7 +235,7 @@ class GCSStorage(ObjectStore):
         await self._google().delete(self.gcs.bucket, key, timeout=int(self.retry.read_timeout))
 
 
-def _batch_failures(keys: list[str], content_type: str, body: bytes) -> list[KeyError_]:
+def _batch_failures(keys: list[str], content_type: str, body: bytes) -> list[KeyFailure]:
     """The keys whose part of a batch answer is neither 2xx nor 404 (a missing key is
     deleted); a key without a part failed too (transiently: it is asked again)."""
     match = re.search(r'boundary="?([^";]+)"?', content_type)
@@ -246,12 +246,12 @@ def _batch_failures(keys: list[str], content_type: str, body: bytes) -> list[Key
         status, ident = _PART_STATUS.search(part), _PART_ID.search(part)
         if status is not None and ident is not None:
             answered[int(ident.group(1))] = int(status.group(1))
-    out: list[KeyError_] = []
+    out: list[KeyFailure] = []
     for i, key in enumerate(keys):
         status = answered.get(i)
         if status is None:
-            out.append(KeyError_(key, "no answer in the batch", True))
+            out.append(KeyFailure(key, "no answer in the batch", True))
         elif status >= 300 and status != 404:
             transient = status == 429 or status >= 500
-            out.append(KeyError_(key, f"HTTP {status}", transient))
+            out.append(KeyFailure(key, f"HTTP {status}", transient))
     return out

@@ -103,7 +103,7 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
-class KeyError_:
+class KeyFailure:
     """One key a batch delete did not delete: the service's reason, and whether to retry."""
 
     key: str  # full key
@@ -210,7 +210,7 @@ class ObjectStore(Storage):
         """Server-side copy of the full key ``src`` to ``dst``."""
 
     @abstractmethod
-    async def _delete_batch(self, keys: list[str]) -> list[KeyError_]:
+    async def _delete_batch(self, keys: list[str]) -> list[KeyFailure]:
         """One batch delete of full keys (at most ``batch_max``): the keys not deleted
         (a missing key is deleted). Raise BatchRefused where the service has no batches."""
 

@@ -30,7 +30,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import parse_timestamp
 
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import KeyError_, Kind, Listed, ObjectStore, Page, RetryPolicy
+from daemon.storage.objectstore import KeyFailure, Kind, Listed, ObjectStore, Page, RetryPolicy
 
 __all__ = ["BATCH", "RetryPolicy", "S3Storage", "create", "is_transient"]
 
@@ -416,15 +416,15 @@ class S3Storage(ObjectStore):
         source = {"Bucket": self.bucket, "Key": src}
         await self._client.copy_object(Bucket=self.bucket, Key=dst, CopySource=source)
 
-    async def _delete_batch(self, keys: list[str]) -> list[KeyError_]:
+    async def _delete_batch(self, keys: list[str]) -> list[KeyFailure]:
         """DeleteObjects (Quiet): its per-key errors."""
         delete = {"Objects": [{"Key": k} for k in keys], "Quiet": True}
         answer = await self._client.delete_objects(Bucket=self.bucket, Delete=delete)
-        out: list[KeyError_] = []
+        out: list[KeyFailure] = []
         for error in answer.get("Errors") or ():
             code = str(error.get("Code") or "")
             reason = f"{code or 'error'}: {error.get('Message') or 'no message'}"
-            out.append(KeyError_(str(error.get("Key", "")), reason, code in _RETRY_CODES))
+            out.append(KeyFailure(str(error.get("Key", "")), reason, code in _RETRY_CODES))
         return out
 
     async def _delete_one(self, key: str) -> None:
