@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -23,12 +24,21 @@ from azure.storage.blob.aio import BlobPrefix, BlobServiceClient, ContainerClien
 
 from daemon.config import AzureSettings
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import BatchRefused, KeyFailure, Kind, Listed, ObjectStore, Page
+from daemon.storage.objectstore import (
+    BatchRefused,
+    KeyFailure,
+    Kind,
+    Listed,
+    ObjectStore,
+    Page,
+    listing_query,
+)
 
 #: Blob Batch's limit of subrequests in one batch
 BATCH = 256
 #: List Blobs' largest page
 _PAGE = 5000
+_LIST_QUERY = {"restype": "container", "comp": "list", "maxresults": str(_PAGE)}
 _RETRY_CODES = frozenset({"ServerBusy", "InternalError", "OperationTimedOut", "ServerTimeout"})
 _MISSING_CODES = frozenset({"BlobNotFound", "ResourceNotFound", "ContainerNotFound", ""})
 #: copies the service finishes later are polled this often, this many times
@@ -56,6 +66,9 @@ def classify(exc: BaseException) -> tuple[Kind, str, int] | None:
             return Kind.TRANSIENT, code, status
         if status == 404 and code in _MISSING_CODES:
             return Kind.MISSING, code, status
+        if status in (409, 412):
+            # 412: ConditionNotMet; 409: BlobAlreadyExists for a create
+            return Kind.CONFLICT, code, status
         if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
             return Kind.DENIED, code, status
         return Kind.FATAL, code, status
@@ -85,6 +98,7 @@ class AzureStorage(ObjectStore):
 
     batch_max = BATCH
     container_word = "container"
+    bogus_version = '"0x8D000000000000F"'
     credentials_hint = "accountname/accountkey or credentials, and the container's role assignment"
     driver = "azure"
 
@@ -143,8 +157,9 @@ class AzureStorage(ObjectStore):
 
     # -- Azure's calls ------------------------------------------------------------------
 
-    async def _check_container(self) -> None:
+    async def _check_container(self) -> float | None:
         await self._container().get_container_properties()
+        return None  # the SDK's properties carry no Date: this host's clock is used
 
     async def _list_page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
         """One List Blobs page, its XML parsed here: the SDK's model-driven parse cost ~0.2 ms
@@ -153,12 +168,8 @@ class AzureStorage(ObjectStore):
         send = getattr(getattr(container, "_client", None), "_send_request", None)
         if send is None:
             return await self._list_page_sdk(prefix, delimiter, token)
-        query = {"restype": "container", "comp": "list", "prefix": prefix}
-        query["maxresults"] = str(_PAGE)
-        if delimiter:
-            query["delimiter"] = delimiter
-        if token:
-            query["marker"] = token
+        names = ("prefix", "delimiter", "marker")
+        query = listing_query(names, prefix, delimiter, token, **_LIST_QUERY)
         request = HttpRequest(
             "GET",
             f"{container.url}?{urlencode(query)}",
@@ -204,13 +215,22 @@ class AzureStorage(ObjectStore):
         return Page(objects, prefixes, pages.continuation_token or None)
 
     async def _get(self, key: str, limit: int) -> bytes:
-        # one ranged GET of at most limit + 1 bytes: the blob's size comes with it
+        return (await self._download(key, limit))[0]
+
+    async def _get_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        return await self._download(key, limit)
+
+    async def _download(self, key: str, limit: int) -> tuple[bytes, str]:
+        """Content and ETag: one ranged GET of at most limit + 1 bytes (the size comes with
+        it)."""
         blob = self._container().get_blob_client(key)
         try:
             downloader = await blob.download_blob(offset=0, length=limit + 1, max_concurrency=1)
         except HttpResponseError as exc:
             if exc.status_code == 416:
-                return b""  # a range from offset 0 is invalid only on an empty blob
+                # a range from offset 0 is invalid only on an empty blob
+                properties = await blob.get_blob_properties()
+                return b"", str(properties.etag or "")
             raise
         size = _total(downloader.properties.content_range) or downloader.properties.size
         if size is not None and size > limit:
@@ -218,7 +238,18 @@ class AzureStorage(ObjectStore):
         data = await downloader.readall()
         if len(data) > limit:
             raise self._too_large(key, len(data), limit)
-        return bytes(data)
+        return bytes(data), str(downloader.properties.etag or "")
+
+    async def _put_if(self, key: str, data: bytes, version: str | None) -> str:
+        """Put Blob that must not overwrite (create), or If-Match the ETag (replace)."""
+        blob = self._container().get_blob_client(key)
+        if version is None:
+            answer = await blob.upload_blob(data, overwrite=False)
+        else:
+            answer = await blob.upload_blob(
+                data, overwrite=True, etag=version, match_condition=MatchConditions.IfNotModified
+            )
+        return str(answer.get("etag") or "")
 
     async def _put(self, key: str, data: bytes) -> None:
         await self._container().upload_blob(key, data, overwrite=True)

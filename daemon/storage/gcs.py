@@ -37,6 +37,8 @@ def classify(exc: BaseException) -> tuple[Kind, str, int] | None:
             return Kind.TRANSIENT, str(status), status
         if status == 404:
             return Kind.MISSING, "404", status
+        if status in (409, 412):
+            return Kind.CONFLICT, str(status), status
         if status in (401, 403):
             return Kind.DENIED, str(status), status
         return Kind.FATAL, str(status), status
@@ -65,6 +67,7 @@ class GCSStorage(ObjectStore):
     """A registry store in a GCS bucket below ``<rootdirectory>/docker/registry/v2/``."""
 
     batch_max = BATCH
+    bogus_version = "1"
     credentials_hint = "keyfile/credentials and the service account's bucket roles"
     driver = "gcs"
 
@@ -127,10 +130,11 @@ class GCSStorage(ObjectStore):
 
     # -- GCS's calls ---------------------------------------------------------------------
 
-    async def _check_container(self) -> None:
+    async def _check_container(self) -> float | None:
         await self._google().get_bucket_metadata(
             self.gcs.bucket, timeout=int(self.retry.read_timeout)
         )
+        return None  # the client gives no answer's Date: this host's clock is used
 
     async def _list_page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
         params = {"prefix": prefix, "maxResults": str(_PAGE), "fields": _LIST_FIELDS}
@@ -155,6 +159,13 @@ class GCSStorage(ObjectStore):
         return Page(objects, list(answer.get("prefixes") or ()), answer.get("nextPageToken"))
 
     async def _get(self, key: str, limit: int) -> bytes:
+        return (await self._download(key, limit))[0]
+
+    async def _get_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        return await self._download(key, limit)
+
+    async def _download(self, key: str, limit: int) -> tuple[bytes, str]:
+        """Content and generation."""
         stream = await self._google().download_stream(
             self.gcs.bucket, key, timeout=int(self.retry.read_timeout)
         )
@@ -162,6 +173,7 @@ class GCSStorage(ObjectStore):
             length = response.headers.get("content-length")
             if length is not None and int(length) > limit:
                 raise self._too_large(key, int(length), limit)
+            generation = response.headers.get("x-goog-generation") or ""
             data = bytearray()
             # one read answers what has arrived: read on to the end or past the limit
             while len(data) <= limit:
@@ -171,7 +183,20 @@ class GCSStorage(ObjectStore):
                 data += chunk
         if len(data) > limit:
             raise self._too_large(key, len(data), limit)
-        return bytes(data)
+        return bytes(data), generation
+
+    async def _put_if(self, key: str, data: bytes, version: str | None) -> str:
+        """An upload with ifGenerationMatch: 0 (create) or the generation read (replace)."""
+        answer = await self._google().upload(
+            self.gcs.bucket,
+            key,
+            data,
+            content_type="application/octet-stream",
+            parameters={"ifGenerationMatch": "0" if version is None else version},
+            force_resumable_upload=False,
+            timeout=int(self.retry.read_timeout),
+        )
+        return str(answer.get("generation") or "")
 
     async def _put(self, key: str, data: bytes) -> None:
         await self._google().upload(

@@ -10,6 +10,7 @@ import hashlib
 import random
 import re
 import sys
+import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from daemon.config import StorageSettings
 from daemon.storage.base import (
     RUN_LOG,
     BlobEntry,
+    Conflict,
     DeleteFailure,
     Entry,
     NotFound,
@@ -56,6 +58,7 @@ class Kind(Enum):
     MISSING = "missing"  # the key (or container) does not exist
     TRANSIENT = "transient"  # throttling, 5xx, a dropped connection, a timeout: retry
     DENIED = "denied"  # 401/403: credentials or permissions
+    CONFLICT = "conflict"  # 409/412: a conditional write's condition did not hold
     FATAL = "fatal"  # anything else
 
 
@@ -136,6 +139,10 @@ class ObjectStore(Storage):
     batch_max: int = 1000
     #: the service's word for its namespace, for errors ("bucket", "container")
     container_word: str = "bucket"
+    #: objects over this size are copied by ``_copy_large`` (S3: CopyObject stops at 5 GiB)
+    copy_limit: float = float("inf")
+    #: a version no object has, for the conditional-write probe
+    bogus_version: str = '"0123456789abcdef0123456789abcdef"'
     #: what to check when access is denied
     credentials_hint: str = "the credentials and permissions"
 
@@ -164,6 +171,10 @@ class ObjectStore(Storage):
         self._opened = False
         self._rng = random.Random()
         self._batch_refused = False
+        #: whether the store honours conditional writes; None until asked
+        self._conditional: bool | None = None
+        #: (the store's Date, time.monotonic() when it came) of the last probe
+        self._store_clock: tuple[float, float] | None = None
         #: revision links whose content the last repository scan proved (see _proven_link)
         #: by revisions directory, the raw digests (a set of whole keys took ~220 bytes a link)
         self._proven: dict[str, set[bytes]] = {}
@@ -186,8 +197,9 @@ class ObjectStore(Storage):
         """Close the service client and its connections."""
 
     @abstractmethod
-    async def _check_container(self) -> None:
-        """Raise unless the bucket/container exists and may be read."""
+    async def _check_container(self) -> float | None:
+        """Raise unless the bucket/container exists and may be read; the store's time (its
+        answer's Date) where the answer shows it."""
 
     @abstractmethod
     async def _list_page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
@@ -202,12 +214,25 @@ class ObjectStore(Storage):
         """Write the full key (atomic on every object store)."""
 
     @abstractmethod
+    async def _get_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """The content of the full key and its version (ETag, generation)."""
+
+    @abstractmethod
+    async def _put_if(self, key: str, data: bytes, version: str | None) -> str:
+        """Create the full key if ``version`` is None, else replace it if still at
+        ``version``; the new version. A failed condition is what _classify calls CONFLICT."""
+
+    @abstractmethod
     async def _head(self, key: str) -> tuple[int | None, float | None]:
         """Size and mtime of the full key."""
 
     @abstractmethod
     async def _copy(self, src: str, dst: str) -> None:
         """Server-side copy of the full key ``src`` to ``dst``."""
+
+    async def _copy_large(self, src: str, dst: str, size: int) -> None:
+        """Copy an object over ``copy_limit`` (its requests each through ``_call``)."""
+        raise StorageError(f"{self.description}: no copy above {self.copy_limit} bytes")
 
     @abstractmethod
     async def _delete_batch(self, keys: list[str]) -> list[KeyFailure]:
@@ -343,7 +368,7 @@ class ObjectStore(Storage):
         name = f"{self.container_word} {self.container!r}"
         where = f"{name} at {self.endpoint}"
         try:
-            await self._call(f"check {self.container_word}", self._check_container)
+            date = await self._call(f"check {self.container_word}", self._check_container)
         except ServiceError as exc:
             if exc.missing:
                 setting = f"storage.{self.driver}.{self.container_word}"
@@ -355,6 +380,8 @@ class ObjectStore(Storage):
                     f"access to {where} denied (check {self.credentials_hint}): {exc}"
                 ) from exc
             raise StorageError(f"{where} is not usable: {exc}") from exc
+        if date is not None:
+            self._store_clock = (date, time.monotonic())
         page = await self._call("probe listing", lambda: self._list_page(self.prefix, None, None))
         if not self._entries(page, self.prefix):
             raise StorageError(
@@ -484,7 +511,7 @@ class ObjectStore(Storage):
             async with asyncio.TaskGroup() as group:
                 await split(prefix, group)
         except Exception as exc:
-            await queue.put(_first_error(exc))
+            await queue.put(first_error(exc))
             return
         await queue.put(None)
 
@@ -516,9 +543,13 @@ class ObjectStore(Storage):
 
     async def read(self, key: str, limit: int) -> bytes:
         """The whole object; TooLarge before downloading when its length exceeds ``limit``."""
+        return await self._fetch(key, lambda full: self._get(full, limit))
+
+    async def _fetch(self, key: str, get: Callable[[str], Awaitable[T]]) -> T:
+        """``get`` of the full key through the retries; NotFound where it does not exist."""
         full = self._key(key)
         try:
-            return await self._call(f"read {key!r}", lambda: self._get(full, limit))
+            return await self._call(f"read {key!r}", lambda: get(full))
         except ServiceError as exc:
             if exc.missing:
                 raise NotFound(f"{self.description}: {key} does not exist") from exc
@@ -529,12 +560,27 @@ class ObjectStore(Storage):
         full = self._key(key)
         await self._call(f"write {key!r}", lambda: self._put(full, data))
 
+    def clock(self) -> float | None:
+        """The store's time now, from the Date of the last probe's answer: the service stamps
+        modification times with its own clock, which need not agree with this host's. Date is
+        whole seconds and stamped before the answer arrived: never overestimated."""
+        if self._store_clock is None:
+            return None
+        stamped, at = self._store_clock
+        return stamped + (time.monotonic() - at)
+
     async def move(self, src: str, dst: str) -> bool:
         """Server-side copy then delete: object stores have no rename (online deletes park
-        blobs this way)."""
+        blobs this way). Objects over ``copy_limit`` go through ``_copy_large``."""
+        entry = await self.stat(src)
+        if entry is None:
+            return False
         source, target = self._key(src), self._key(dst)
         try:
-            await self._call(f"move {src!r}", lambda: self._copy(source, target))
+            if entry.size is not None and entry.size > self.copy_limit:
+                await self._copy_large(source, target, entry.size)
+            else:
+                await self._call(f"move {src!r}", lambda: self._copy(source, target))
         except ServiceError as exc:
             if exc.missing:
                 return False
@@ -543,6 +589,48 @@ class ObjectStore(Storage):
         if failures:
             raise StorageError(f"moved {src!r} but cannot remove it: {failures[0].reason}")
         return True
+
+    # -- conditional writes (the lease) --------------------------------------------------------
+
+    async def conditional_writes(self) -> bool:
+        """Whether the store refuses a conditional write whose condition fails (AWS since
+        2024, SeaweedFS 4.x, Azure, GCS: yes; older MinIO and Ceph RGW may ignore them):
+        asked once, on a probe object."""
+        if self._conditional is None:
+            key = "_registry-pruned/conditional-write-probe"
+            await self.write(key, b"probe")
+            honoured = True
+            for version in (None, self.bogus_version):
+                try:
+                    await self.write_if(key, b"must be refused", version)
+                    honoured = False  # written although the condition did not hold
+                except Conflict:
+                    pass
+                except ServiceError:
+                    honoured = False  # not implemented, or an unknown header refused
+            await self.delete_keys([key])
+            self._conditional = honoured
+            if not honoured:
+                self.log.warning(
+                    f"{self.driver} store ignores conditional writes: lease by write-and-settle"
+                )
+        return self._conditional
+
+    async def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """The content and its version for ``write_if``; NotFound if missing."""
+        return await self._fetch(key, lambda full: self._get_versioned(full, limit))
+
+    async def write_if(self, key: str, data: bytes, version: str | None) -> str:
+        """Create (``version`` None) or replace ``key`` if unchanged; Conflict otherwise."""
+        full = self._key(key)
+        try:
+            return await self._call(
+                f"write {key!r} if unchanged", lambda: self._put_if(full, data, version)
+            )
+        except ServiceError as exc:
+            if exc.kind is Kind.CONFLICT:
+                raise Conflict(f"{self.description}: {key} changed: not written") from exc
+            raise
 
     # -- deletes -----------------------------------------------------------------------------
 
@@ -666,6 +754,21 @@ class ObjectStore(Storage):
         return await self.delete_trees([prefix])
 
 
+def listing_query(
+    names: tuple[str, str, str],
+    prefix: str,
+    delimiter: str | None,
+    token: str | None,
+    **fixed: str,
+) -> dict[str, str]:
+    """A listing request's query: ``fixed``, then the prefix, delimiter and continuation
+    under the service's ``names`` for them (the last two where given)."""
+    query = {**fixed, names[0]: prefix}
+    pairs = zip(names[1:], (delimiter, token), strict=True)
+    query.update((name, value) for name, value in pairs if value)
+    return query
+
+
 def failures_of(failed: Mapping[str, str]) -> list[DeleteFailure]:
     return [DeleteFailure(k, reason) for k, reason in failed.items()]
 
@@ -683,7 +786,7 @@ def _dir(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def _first_error(exc: BaseException) -> BaseException:
+def first_error(exc: BaseException) -> BaseException:
     """The first leaf of an exception group (TaskGroup wraps what the listings raised)."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]

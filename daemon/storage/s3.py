@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import email.utils
@@ -30,7 +31,16 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.utils import parse_timestamp
 
 from daemon.storage.base import StorageError
-from daemon.storage.objectstore import KeyFailure, Kind, Listed, ObjectStore, Page, RetryPolicy
+from daemon.storage.objectstore import (
+    KeyFailure,
+    Kind,
+    Listed,
+    ObjectStore,
+    Page,
+    RetryPolicy,
+    first_error,
+    listing_query,
+)
 
 __all__ = ["BATCH", "RetryPolicy", "S3Storage", "create", "is_transient"]
 
@@ -51,6 +61,7 @@ _RETRY_CODES = frozenset(
     }
 )
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_LIST_QUERY = {"list-type": "2", "encoding-type": "url", "max-keys": str(BATCH)}
 
 
 def _client_error_parts(exc: ClientError) -> tuple[str, str, int]:
@@ -202,6 +213,10 @@ class S3Storage(ObjectStore):
     """A registry store in an S3 bucket below ``<rootdirectory>/docker/registry/v2/``."""
 
     batch_max = BATCH
+    #: CopyObject refuses sources over 5 GiB: larger ones are copied in parts
+    copy_limit: float = 5 * 1024**3
+    #: the parts of such a copy (S3: 5 MiB to 5 GiB each, at most 10,000 of them)
+    copy_part_size: int = 512 * 1024**2
     credentials_hint = "accesskey/secretkey and the bucket policy"
     driver = "s3"
 
@@ -288,6 +303,9 @@ class S3Storage(ObjectStore):
             return Kind.TRANSIENT, code, status
         if status == 404 and code in _MISSING_CODES:
             return Kind.MISSING, code, status
+        if status in (409, 412):
+            # 412: a condition did not hold; 409: a concurrent conditional write won
+            return Kind.CONFLICT, code, status
         if status in (401, 403):
             return Kind.DENIED, code, status
         return Kind.FATAL, code, status
@@ -344,17 +362,19 @@ class S3Storage(ObjectStore):
         prepared.stream_output = True  # the length is checked before the body is read
         return await http.send(prepared)
 
-    async def _check_container(self) -> None:
-        await self._client.head_bucket(Bucket=self.bucket)
+    async def _check_container(self) -> float | None:
+        answer = await self._client.head_bucket(Bucket=self.bucket)
+        headers = (answer.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        try:
+            date = email.utils.parsedate_to_datetime(headers.get("date", ""))
+        except (TypeError, ValueError):
+            return None
+        return date.timestamp() if date.tzinfo is not None else None
 
     async def _list_page(self, prefix: str, delimiter: str | None, token: str | None) -> Page:
         """One ListObjectsV2 page, parsed here when the GET is ours."""
-        query = {"list-type": "2", "encoding-type": "url", "prefix": prefix}
-        query["max-keys"] = str(BATCH)
-        if delimiter:
-            query["delimiter"] = delimiter
-        if token:
-            query["continuation-token"] = token
+        names = ("prefix", "delimiter", "continuation-token")
+        query = listing_query(names, prefix, delimiter, token, **_LIST_QUERY)
         response = await self._signed_get("", query)
         if response is None:
             params: dict[str, Any] = {"Prefix": prefix, "MaxKeys": BATCH}
@@ -415,6 +435,71 @@ class S3Storage(ObjectStore):
     async def _copy(self, src: str, dst: str) -> None:
         source = {"Bucket": self.bucket, "Key": src}
         await self._client.copy_object(Bucket=self.bucket, Key=dst, CopySource=source)
+
+    async def _op(self, what: str, operation: str, **params: Any) -> dict[str, Any]:
+        """One client call on the bucket through the layer's retries."""
+        call = getattr(self._client, operation)
+        return await self._call(what, lambda: call(Bucket=self.bucket, **params))
+
+    async def _copy_large(self, src: str, dst: str, size: int) -> None:
+        """A multipart upload of ``dst`` whose parts are server-side copies of ranges of
+        ``src`` (UploadPartCopy); aborted, leaving no parts behind, when any part fails."""
+        source = {"Bucket": self.bucket, "Key": src}
+        part = max(self.copy_part_size, -(-size // 10_000))
+        started = await self._op(f"copy {src!r} in parts", "create_multipart_upload", Key=dst)
+        upload = started["UploadId"]
+
+        async def copy_part(number: int, first: int) -> dict[str, Any]:
+            last = min(first + part, size) - 1
+            answer = await self._op(
+                f"copy part {number} of {src!r}",
+                "upload_part_copy",
+                Key=dst,
+                UploadId=upload,
+                PartNumber=number,
+                CopySource=source,
+                CopySourceRange=f"bytes={first}-{last}",
+            )
+            return {"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]}
+
+        try:
+            # a failed part cancels the others: the upload is aborted at once
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(copy_part(n, first))
+                    for n, first in enumerate(range(0, size, part), 1)
+                ]
+            parts = [task.result() for task in tasks]
+            await self._op(
+                f"complete the copy of {src!r}",
+                "complete_multipart_upload",
+                Key=dst,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException as exc:
+            with contextlib.suppress(StorageError):
+                await self._op(
+                    f"abort the copy of {src!r}", "abort_multipart_upload", Key=dst, UploadId=upload
+                )
+            if isinstance(exc, BaseExceptionGroup):
+                raise first_error(exc) from None
+            raise
+
+    async def _get_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """GetObject: the content and its ETag."""
+        answer = await self._client.get_object(Bucket=self.bucket, Key=key)
+        async with answer["Body"] as body:
+            data: bytes = await body.read(limit + 1)
+        if len(data) > limit:
+            raise self._too_large(key, len(data), limit)
+        return data, str(answer.get("ETag") or "")
+
+    async def _put_if(self, key: str, data: bytes, version: str | None) -> str:
+        """PutObject with If-None-Match: * (create) or If-Match: <ETag> (replace)."""
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        answer = await self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
+        return str(answer.get("ETag") or "")
 
     async def _delete_batch(self, keys: list[str]) -> list[KeyFailure]:
         """DeleteObjects (Quiet): its per-key errors."""
