@@ -281,6 +281,8 @@ def _azure(params: Mapping[str, Any], source: str) -> StorageSettings:
     if not isinstance(creds, dict):
         raise ConfigError(f"{source}: storage.azure.credentials must be a mapping")
     kind = str(creds.get("type") or "shared_key").strip().lower()
+    # "default": the word the companion's mapping of the operator's config uses (issue 15)
+    kind = "default_credentials" if kind == "default" else kind
     if kind not in AZURE_CREDENTIALS:
         raise ConfigError(
             f"{source}: storage.azure.credentials.type ({env}CREDENTIALS_TYPE) {kind!r} "

@@ -85,6 +85,8 @@ def test_azure_every_key_of_the_config_file(tmp_path: Path) -> None:
         "credentials": {"type": "default_credentials"},
     }
     assert from_file(tmp_path, {"azure": workload}).azure.credentials == "default_credentials"
+    workload["credentials"] = {"type": "default"}  # as the companion maps workload identity
+    assert from_file(tmp_path, {"azure": workload}).azure.credentials == "default_credentials"
     shared = {
         "accountname": "acct",
         "container": "c",
