@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -14,6 +17,8 @@ import yaml
 DEFAULT_REGISTRY_CONFIG = Path("/etc/docker/registry/config.yml")
 DEFAULT_LISTEN = "127.0.0.1:8099"
 SOURCES = ("storage", "openshift")
+DRIVERS = ("filesystem", "s3", "azure", "gcs")
+_SUPPORTED = ", ".join(DRIVERS)
 
 
 class ConfigError(Exception):
@@ -59,15 +64,53 @@ class S3Settings:
     ca_bundle: str | None = None
 
 
+#: Azure credential types, as distribution's azure driver names them
+AZURE_CREDENTIALS = ("shared_key", "client_secret", "default_credentials")
+
+
+@dataclass(frozen=True, slots=True)
+class AzureSettings:
+    container: str
+    accountname: str | None = None
+    accountkey: str | None = None
+    realm: str = "core.windows.net"
+    serviceurl: str | None = None  # default https://<accountname>.blob.<realm>
+    connectionstring: str | None = None
+    credentials: str = "shared_key"  # one of AZURE_CREDENTIALS
+    clientid: str | None = None
+    tenantid: str | None = None
+    secret: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The Blob service's URL (a connection string may name another one)."""
+        return (self.serviceurl or f"https://{self.accountname}.blob.{self.realm}").rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class GCSSettings:
+    bucket: str
+    keyfile: str | None = None  # a service account's JSON key file
+    credentials: str | None = field(default=None, repr=False)  # the same, inline (JSON text)
+    emulator: str | None = None  # STORAGE_EMULATOR_HOST: no credentials, plain http
+
+
 @dataclass(frozen=True, slots=True)
 class StorageSettings:
-    driver: str  # filesystem | s3
-    rootdirectory: str  # filesystem: a directory; s3: a key prefix ('' for the bucket root)
+    driver: str  # filesystem | s3 | azure | gcs
+    rootdirectory: str  # filesystem: a directory; object stores: a key prefix ('' = the root)
     s3: S3Settings | None = None
+    azure: AzureSettings | None = None
+    gcs: GCSSettings | None = None
 
     def describe(self) -> str:
+        root = self.rootdirectory.strip("/")
         if self.driver == "s3" and self.s3 is not None:
-            return f"s3://{self.s3.bucket}/{self.rootdirectory.strip('/')}"
+            return f"s3://{self.s3.bucket}/{root}"
+        if self.driver == "azure" and self.azure is not None:
+            return f"azure://{self.azure.accountname or ''}/{self.azure.container}/{root}"
+        if self.driver == "gcs" and self.gcs is not None:
+            return f"gs://{self.gcs.bucket}/{root}"
         return f"filesystem:{self.rootdirectory}"
 
 
@@ -134,6 +177,9 @@ def _apply_env(config: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]
         if not key.startswith("REGISTRY_STORAGE_"):
             continue
         parts = key[len("REGISTRY_STORAGE_") :].lower().split("_")
+        if parts[:2] == ["gcs", "credentials"] and len(parts) > 2:
+            # a service account key's fields have '_' in their names (private_key_id)
+            parts = [*parts[:2], "_".join(parts[2:])]
         node = storage
         for part in parts[:-1]:
             child = node.get(part)
@@ -169,13 +215,18 @@ def registry_read_only_now(settings: Settings, env: Mapping[str, str] | None = N
     return current.registry_read_only
 
 
-def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool]:
+def _storage(
+    config: dict[str, Any], source: str, env: Mapping[str, str] | None = None
+) -> tuple[StorageSettings, bool]:
+    """The storage section of a distribution-style config (env already applied) -> settings,
+    and whether the registry is read-only. ``env``: the variables Google clients read."""
+    env = {} if env is None else env
     storage = config.get("storage") or {}
     drivers = [k for k in storage if k not in ("maintenance", "delete", "redirect", "cache")]
     if len(drivers) != 1:
         found = ", ".join(drivers) or "none"
         raise ConfigError(
-            f"{source}: storage must configure exactly one driver (filesystem or s3), found {found}"
+            f"{source}: storage must configure exactly one driver ({_SUPPORTED}), found {found}"
         )
     driver = drivers[0]
     params = storage[driver] or {}
@@ -207,7 +258,128 @@ def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool
         )
         root = str(params.get("rootdirectory") or "").strip("/")
         return StorageSettings("s3", root, s3), read_only
-    raise ConfigError(f"{source}: storage driver {driver!r} is not supported (filesystem, s3)")
+    if driver == "azure":
+        return _azure(params, source), read_only
+    if driver == "gcs":
+        return _gcs(params, source, env), read_only
+    raise ConfigError(
+        f"{source}: storage driver {driver!r} is not supported; supported: {_SUPPORTED}"
+    )
+
+
+def _text(params: Mapping[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    return None if value is None or value == "" else str(value)
+
+
+def _azure(params: Mapping[str, Any], source: str) -> StorageSettings:
+    """distribution's azure section (accountname, accountkey, container, realm, serviceurl,
+    rootdirectory, credentials) plus a connectionstring."""
+    env = "REGISTRY_STORAGE_AZURE_"
+    container = _text(params, "container")
+    if not container:
+        raise ConfigError(f"{source}: storage.azure.container ({env}CONTAINER) is required")
+    creds = params.get("credentials") or {}
+    if not isinstance(creds, dict):
+        raise ConfigError(f"{source}: storage.azure.credentials must be a mapping")
+    kind = str(creds.get("type") or "shared_key").strip().lower()
+    # "default": the word the companion's mapping of the operator's config uses (issue 15)
+    kind = "default_credentials" if kind == "default" else kind
+    if kind not in AZURE_CREDENTIALS:
+        raise ConfigError(
+            f"{source}: storage.azure.credentials.type ({env}CREDENTIALS_TYPE) {kind!r} "
+            f"is not one of {', '.join(AZURE_CREDENTIALS)}"
+        )
+    settings = AzureSettings(
+        container=container,
+        accountname=_text(params, "accountname"),
+        accountkey=_text(params, "accountkey")
+        or (_text(creds, "secret") if kind == "shared_key" else None),
+        realm=_text(params, "realm") or "core.windows.net",
+        serviceurl=_text(params, "serviceurl"),
+        connectionstring=_text(params, "connectionstring"),
+        credentials=kind,
+        clientid=_text(creds, "clientid"),
+        tenantid=_text(creds, "tenantid"),
+        secret=_text(creds, "secret"),
+    )
+    if settings.connectionstring is None:
+        if not settings.accountname:
+            raise ConfigError(
+                f"{source}: storage.azure.accountname ({env}ACCOUNTNAME) is required "
+                "(or storage.azure.connectionstring)"
+            )
+        if kind == "shared_key":
+            if not settings.accountkey:
+                raise ConfigError(
+                    f"{source}: storage.azure.accountkey ({env}ACCOUNTKEY) is required with "
+                    "shared_key credentials (or set credentials.type to client_secret or "
+                    "default_credentials)"
+                )
+            try:
+                base64.b64decode(settings.accountkey, validate=True)
+            except (binascii.Error, ValueError):
+                raise ConfigError(
+                    f"{source}: storage.azure.accountkey ({env}ACCOUNTKEY) is not a base64 "
+                    "account key (copy it from the storage account's access keys)"
+                ) from None
+        if kind == "client_secret":
+            missing = [k for k in ("clientid", "tenantid", "secret") if not _text(creds, k)]
+            if missing:
+                names = ", ".join(f"storage.azure.credentials.{k}" for k in missing)
+                raise ConfigError(f"{source}: client_secret credentials need {names}")
+    url = settings.serviceurl
+    if url is not None and not re.match(r"https?://[^/]+", url):
+        raise ConfigError(
+            f"{source}: storage.azure.serviceurl ({env}SERVICEURL) {url!r} is not an http(s) URL"
+        )
+    root = str(params.get("rootdirectory") or "").strip("/")
+    return StorageSettings("azure", root, azure=settings)
+
+
+def _gcs(params: Mapping[str, Any], source: str, env: Mapping[str, str]) -> StorageSettings:
+    """distribution's gcs section (bucket, keyfile, credentials, rootdirectory), then
+    Application Default Credentials; STORAGE_EMULATOR_HOST points at an emulator."""
+    bucket = _text(params, "bucket")
+    if not bucket:
+        raise ConfigError(f"{source}: storage.gcs.bucket (REGISTRY_STORAGE_GCS_BUCKET) is required")
+    keyfile = _text(params, "keyfile")
+    credentials: str | None = None
+    if keyfile is not None:
+        _service_account(Path(keyfile), source)
+    inline = params.get("credentials")
+    if inline:
+        if not isinstance(inline, dict):
+            raise ConfigError(f"{source}: storage.gcs.credentials must be a mapping")
+        creds = {str(k): v for k, v in inline.items()}
+        missing = [k for k in ("type", "client_email", "private_key") if not creds.get(k)]
+        if missing:
+            raise ConfigError(
+                f"{source}: storage.gcs.credentials lacks {', '.join(missing)} "
+                "(a service account key's fields)"
+            )
+        credentials = json.dumps(creds)
+    emulator = (env.get("STORAGE_EMULATOR_HOST") or "").strip() or None
+    if emulator is not None and "://" not in emulator:
+        emulator = f"http://{emulator}"
+    gcs = GCSSettings(bucket, keyfile, credentials, emulator.rstrip("/") if emulator else None)
+    root = str(params.get("rootdirectory") or "").strip("/")
+    return StorageSettings("gcs", root, gcs=gcs)
+
+
+def _service_account(path: Path, source: str) -> None:
+    """A keyfile must be a readable service-account (or user) JSON key."""
+    setting = "storage.gcs.keyfile (REGISTRY_STORAGE_GCS_KEYFILE)"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: {setting} {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: {setting} {path} cannot be read: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{source}: {setting} {path} is not a JSON key file") from None
+    if not isinstance(data, dict) or not data.get("type"):
+        raise ConfigError(f"{source}: {setting} {path} is not a Google credentials file")
 
 
 def load_settings(
@@ -231,7 +403,7 @@ def load_settings(
     has_env_storage = any(k.startswith("REGISTRY_STORAGE") for k in env)
     config = _load_file(path, required=explicit or not has_env_storage)
     config = _apply_env(config, env)
-    storage, read_only = _storage(config, str(path) if config else "environment")
+    storage, read_only = _storage(config, str(path) if config else "environment", env)
     if _bool(env.get("REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED", read_only)):
         read_only = True
     values = {k: v for k, v in overrides.items() if v is not None}
@@ -258,5 +430,5 @@ def _from_storage_config(
     config = dict(storage_config)  # _storage only reads it
     # the registry's read-only state is not in its storage config here: the default (False)
     # refuses deletes unless the reference source can tell (openshift: spec.readOnly)
-    storage, _read_only = _storage(config, origin or "storage config")
+    storage, _read_only = _storage(config, origin or "storage config", env)
     return Settings(storage=storage, **values)

@@ -23,7 +23,7 @@ from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
 from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
-from daemon.storage.base import DeleteFailure, Storage, StorageError
+from daemon.storage.base import RUN_LOG, DeleteFailure, Storage, StorageError
 
 T = TypeVar("T")
 BATCH = 1000
@@ -153,6 +153,8 @@ class Engine:
 
     async def run(self) -> Summary:
         """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
+        # the driver's retry warnings carry this run's run_id (its tasks inherit the context)
+        run_log = RUN_LOG.set(self.log)
         try:
             await self._guard()
             self.storage.warm_up()  # after the guard: a refused run starts no helpers
@@ -177,6 +179,7 @@ class Engine:
         finally:
             if self.lease is not None:
                 await self.lease.release()
+            RUN_LOG.reset(run_log)
         self.progress.enter("done")
         return self.summary
 

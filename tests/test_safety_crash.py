@@ -37,8 +37,8 @@ def plant_orphans(registry: Registry, count: int, seed: int) -> set[str]:
 PHASES = ["guard", "scan-repositories", "mark", "sweep", "delete"]
 
 
-def wait_for(daemon: Daemon, run_id: str, phase: str, deleted: int) -> dict:
-    deadline = time.monotonic() + 60
+def wait_for(daemon: Daemon, run_id: str, phase: str, deleted: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         doc = daemon.json("GET", f"/runs/{run_id}")[1]
         progress = doc["progress"]

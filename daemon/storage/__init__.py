@@ -15,6 +15,14 @@ def open_storage(settings: StorageSettings, concurrency: int) -> Storage:
         from daemon.storage import s3
 
         return s3.create(settings, concurrency)
+    if settings.driver == "azure":
+        from daemon.storage import azure
+
+        return azure.AzureStorage(settings, concurrency)
+    if settings.driver == "gcs":
+        from daemon.storage import gcs
+
+        return gcs.GCSStorage(settings, concurrency)
     from daemon.storage.filesystem import FilesystemStorage
 
     return FilesystemStorage(settings.rootdirectory, concurrency)

@@ -6,7 +6,10 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from collections.abc import Set as AbstractSet
+from contextvars import ContextVar
 from typing import TypeVar
+
+import structlog
 
 from daemon import layout
 from daemon.storage.model import (
@@ -32,6 +35,11 @@ __all__ = [
 ]
 
 P = TypeVar("P")
+#: the running run's logger (bound to its run_id), set by the engine for the run's tasks:
+#: drivers shared by successive runs log their retries with the run that caused them
+RUN_LOG: ContextVar[structlog.typing.FilteringBoundLogger | None] = ContextVar(
+    "RUN_LOG", default=None
+)
 #: contents parsed between two turns of the event loop (status requests wait for a turn)
 PARSE_SLICE = 8
 
