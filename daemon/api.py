@@ -19,7 +19,7 @@ from daemon.auth import Authenticator, auth_enabled, create_reviewer, is_loopbac
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.prune import CHECK, DELETE, RunOptions, Summary
-from daemon.report import summary_lines
+from daemon.report import Ending, summary_lines
 from daemon.runs import RUNNING, Busy, Run, RunManager
 from daemon.sources import open_source
 from daemon.sources.base import ReferenceSource
@@ -67,7 +67,15 @@ def _run_response(request: web.Request, run: Run, status: int = 200) -> web.Resp
 def _text(run: Run) -> str:
     doc = run.document()
     summary = Summary(**{k: v for k, v in doc["summary"].items() if k in Summary.__slots__})
-    lines = summary_lines(doc["mode"], summary)
+    ending = Ending(
+        run_id=doc["id"],
+        state=doc["state"],
+        phase=doc.get("phase") or "",
+        error=doc.get("error"),
+        grace=doc.get("grace_seconds"),
+        upload_max_age=doc.get("upload_max_age_seconds"),
+    )
+    lines = summary_lines(doc["mode"], summary, ending)
     if doc["state"] == RUNNING:
         progress = doc["progress"]
         lines = [
@@ -75,8 +83,6 @@ def _text(run: Run) -> str:
             f"{progress.get('blobs_scanned', 0)} blobs scanned, "
             f"{progress.get('candidates', 0)} candidates so far"
         ]
-    elif doc["state"] != "succeeded":
-        lines.append(f"Run {doc['id']} {doc['state']}: {doc.get('error') or 'no error recorded'}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.progress import Progress
 from daemon.prune import CHECK, DELETE, Engine, RunFailed, RunOptions, Stopped
-from daemon.report import summary_lines
+from daemon.report import Ending, summary_lines
 from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, SourceError
 from daemon.storage import open_storage
@@ -152,17 +152,20 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
         # Ctrl-C / SIGTERM stop cooperatively: in-flight batches finish
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, engine.stop.set)
+        limits = {"grace": settings.grace, "upload_max_age": settings.upload_max_age}
         try:
             summary = await task
         except Stopped:
-            print("\n".join(summary_lines(mode, engine.summary)))
+            ending = Ending(state="stopped", phase=engine.progress.phase, **limits)
+            print("\n".join(summary_lines(mode, engine.summary, ending)))
             print("error: stopped before the end; partial counts above", file=sys.stderr)
             return 130
-        print("\n".join(summary_lines(mode, summary)))
+        print("\n".join(summary_lines(mode, summary, Ending(**limits))))
         return 0
     except RunFailed as exc:
         if mode == DELETE and engine.summary.blobs:
-            print("\n".join(summary_lines(mode, engine.summary)))
+            ending = Ending(state="failed", phase=engine.progress.phase, **limits)
+            print("\n".join(summary_lines(mode, engine.summary, ending)))
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ReadOnlyRefused, SourceError, StorageError) as exc:

@@ -57,6 +57,7 @@ class Summary:
     manifest_links: int = 0
     layer_links: int = 0
     uploads: int = 0
+    uploads_kept: int = 0  # younger than the upload age limit
     too_young: int = 0
     failed: int = 0
 
@@ -473,6 +474,8 @@ class Engine:
                     started = entry.mtime if entry else None
                 if started is not None and started < limit:
                     stale.append(prefix)
+                else:
+                    self.summary.uploads_kept += 1
         failures = await self.pruner.remove(self.storage, stale)
         self._count_failures(failures)
         self.summary.uploads += len(stale) - len(failures)

@@ -93,6 +93,7 @@ class Run:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "grace_seconds": self.options.grace,
+            "upload_max_age_seconds": self.options.upload_max_age,
             "online": self.options.online,
             "progress": progress,
             "summary": self.summary.document(),
@@ -288,7 +289,9 @@ class RunManager:
             await self._save(run)
             await self._prune_history()  # before waiters see the end: they may list files
             run.done.set()
-            log.info(
+            # a stopped run is worth a look, a failed one needs one
+            ended = {STOPPED: log.warning, FAILED: log.error}.get(run.state, log.info)
+            ended(
                 "run ended",
                 state=run.state,
                 error=run.error,

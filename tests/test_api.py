@@ -188,6 +188,19 @@ def test_conflict_progress_and_stop_mid_run(big_daemon: Daemon) -> None:
     assert final["state"] == "stopped"
     assert final["progress"]["shards_done"] < 256  # partial counts
     assert big_daemon.json("POST", f"/runs/{first['id']}/stop")[0] == 409
+    # its text says it is partial, never a complete check's last line
+    text = big_daemon.get(f"/runs/{first['id']}", headers={"Accept": "text/plain"})[2].decode()
+    assert "Use mode=delete" not in text
+    if final["phase"] in ("guard", "scan-repositories", "mark"):
+        assert text == f"Run {first['id']} stopped during {final['phase']}: nothing was decided\n"
+    else:
+        assert f"Run {first['id']} stopped during {final['phase']}: counts are partial" in text
+    ended = [
+        json.loads(line)
+        for line in big_daemon.log.read_text().splitlines()
+        if '"run ended"' in line and first["id"] in line
+    ]
+    assert [line["level"] for line in ended] == ["warning"]
 
 
 def test_history_survives_restart_and_kill_marks_interrupted(
