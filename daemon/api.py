@@ -22,7 +22,7 @@ from daemon.prune import CHECK, DELETE, RunOptions, Summary
 from daemon.report import Ending, summary_lines
 from daemon.runs import RUNNING, Busy, Run, RunManager
 from daemon.sources import open_source
-from daemon.sources.base import ReferenceSource
+from daemon.sources.base import ReadOnlyRefused, ReferenceSource
 from daemon.storage import open_storage
 from daemon.storage.base import Storage, StorageError
 
@@ -130,6 +130,9 @@ async def prune(request: web.Request) -> web.StreamResponse:
         run = await manager.start(mode, source, options)
     except Busy as exc:
         return _error(409, str(exc), active=exc.active)
+    except ReadOnlyRefused as exc:
+        # known before anything started: an answer, not a failed run in the history
+        return _error(409, exc.error, hint=exc.hint)
     if wait:
         await run.done.wait()
         return _run_response(request, run, 200)
@@ -194,6 +197,12 @@ async def stop_run(request: web.Request) -> web.Response:
     run = _find(request)
     if run.state != RUNNING:
         return _error(409, f"run {run.id} is {run.state}, not running")
+    if run.saved is not None:
+        return _error(
+            409,
+            f"run {run.id} is a one-shot run of another process",
+            hint="stop it where it runs (Ctrl-C, or SIGTERM to that registry-pruned process)",
+        )
     await request.app[MANAGER].stop(run)
     return web.json_response(run.document(), status=202)
 
@@ -285,7 +294,7 @@ async def build(
     """The app with its storage and run manager, history loaded."""
     storage = open_storage(settings.storage, settings.workers)
 
-    async def sources(name: str) -> ReferenceSource:
+    async def sources(name: str, log: structlog.typing.FilteringBoundLogger) -> ReferenceSource:
         return await open_source(name, settings, log)
 
     holder: dict[str, Metrics] = {}
@@ -300,13 +309,21 @@ async def build(
     holder["m"] = Metrics(lambda: manager.active)
     await manager.load()
     app = make_app(settings, storage, manager, holder["m"], log, auth)
+    # one-shot CLI runs sharing the state directory show up in the history as they go
+    follower: list[asyncio.Task[None]] = []
+
+    async def on_startup(_app: web.Application) -> None:
+        follower.append(asyncio.create_task(manager.follow()))
 
     async def on_shutdown(_app: web.Application) -> None:
+        for task in follower:
+            task.cancel()
         await manager.shutdown()
         await storage.close()
         if auth is not None:
             await auth.close()
 
+    app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     return app, manager, storage
 

@@ -197,22 +197,28 @@ class Engine:
     async def _guard(self) -> None:
         self.progress.enter("guard")
         await self.storage.probe()
+        await self.refusal()
+
+    async def refusal(self) -> None:
+        """Raise ReadOnlyRefused where this run must not start: known before it does."""
         if self.options.mode != DELETE:
             return
         if self.options.online:
             if self.source.online_refusal:
-                raise ReadOnlyRefused(self.source.online_refusal)
+                raise ReadOnlyRefused(self.source.online_refusal, self.source.online_hint)
             return
         read_only = await self.source.registry_read_only()
         if read_only is None:
             read_only = self.options.registry_read_only
         if not read_only:
             raise ReadOnlyRefused(
-                "the registry is not in read-only mode; set it read-only first "
-                "(OpenShift: spec.readOnly in configs.imageregistry.operator.openshift.io/cluster; "
-                "distribution: storage.maintenance.readonly.enabled); with the openshift source "
-                "you may instead ask for online mode (online=true / --online), which relies on "
-                "the grace period and on watching images created during the run"
+                "the registry is not in read-only mode",
+                "set it read-only first (OpenShift: spec.readOnly in "
+                "configs.imageregistry.operator.openshift.io/cluster; distribution: "
+                "storage.maintenance.readonly.enabled), then delete and switch it back; with "
+                "the openshift source you may instead ask for online mode (online=true / "
+                "--online), which relies on the grace period and on watching images created "
+                "during the run",
             )
 
     async def scan_repositories(self) -> Inventory:
