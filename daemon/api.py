@@ -7,7 +7,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,10 @@ async def prune(request: web.Request) -> web.StreamResponse:
     except BadRequest as exc:
         return _error(400, str(exc))
     if request.method == "GET" and mode == DELETE:
-        return _error(405, "deleting needs POST: curl -X POST 'localhost:8099/prune?mode=delete'")
+        return _error(
+            405,
+            f"deleting needs POST: curl -X POST '{_reachable(settings.listen)}/prune?mode=delete'",
+        )
     try:
         run = await manager.start(mode, source, options)
     except Busy as exc:
@@ -225,6 +228,40 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def errors_follow_accept(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With ``Accept: text/plain`` an error is one line of text ending in a newline: what
+    went wrong, then what to do."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if not _wants_text(request) or exc.content_type != "application/json":
+            raise
+        return _text_error(exc.status, exc.text or "", exc.headers)
+    if (
+        response.status < 400
+        or not isinstance(response, web.Response)
+        or response.content_type != "application/json"
+        or not _wants_text(request)
+    ):
+        return response
+    return _text_error(response.status, response.text or "", response.headers)
+
+
+def _text_error(status: int, body: str, headers: Mapping[str, str]) -> web.Response:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    line = " ".join(str(doc.get("error") or body or status).split())
+    if doc.get("hint"):
+        line += "; " + " ".join(str(doc["hint"]).split())
+    kept = {k: v for k, v in headers.items() if k in ("WWW-Authenticate", "Allow", "Location")}
+    return web.Response(text=line + "\n", status=status, headers=kept)
+
+
+@web.middleware
 async def errors_and_access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """JSON bodies for aiohttp's own errors; one debug line per request."""
     started = time.monotonic()
@@ -257,7 +294,7 @@ def make_app(
     log: structlog.typing.FilteringBoundLogger,
     auth: Authenticator | None = None,
 ) -> web.Application:
-    middlewares: list[Any] = [errors_and_access_log]
+    middlewares: list[Any] = [errors_follow_accept, errors_and_access_log]
     if auth is not None:
         # inside the access log, so refused requests are logged with their status
 
@@ -326,6 +363,15 @@ async def build(
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     return app, manager, storage
+
+
+def _reachable(listen: str) -> str:
+    """Where a shell next to the daemon reaches it: its listen address, any-address as
+    localhost."""
+    host, port = split_listen(listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -114,7 +114,10 @@ def test_wait_true_and_delete_needs_post(daemon: Daemon) -> None:
     status, _h, body = daemon.request("GET", "/prune?mode=check&wait=true")
     assert status == 200 and json.loads(body)["state"] == "succeeded"
     status, _h, body = daemon.request("GET", "/prune?mode=delete")
-    assert status == 405 and "POST" in json.loads(body)["error"]
+    assert status == 405
+    assert json.loads(body)["error"] == (
+        f"deleting needs POST: curl -X POST '127.0.0.1:{daemon.port}/prune?mode=delete'"
+    )
     before = daemon.json("GET", "/runs")[1]
     # the registry is writable: delete is refused at once, says how to proceed, and is no run
     status, _h, body = daemon.request("POST", "/prune?mode=delete&wait=true")
@@ -127,6 +130,30 @@ def test_wait_true_and_delete_needs_post(daemon: Daemon) -> None:
     assert status == 409 and "not offered for the storage source" in doc["error"]
     assert "read-only" in doc["hint"]
     assert daemon.json("GET", "/runs")[1] == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "line"),
+    [
+        ("GET", "/prune?mode=delete", 405, "deleting needs POST: curl -X POST '127.0.0.1:{port}"),
+        ("POST", "/prune?mode=zap", 400, "mode must be check or delete, not 'zap'"),
+        ("GET", "/runs/nope", 404, "no run 'nope'; see GET /runs"),
+        ("GET", "/nowhere", 404, "no such path; see the API in the README"),
+        ("POST", "/prune?mode=delete", 409, "the registry is not in read-only mode; set it"),
+    ],
+)
+def test_errors_follow_accept(
+    daemon: Daemon, method: str, path: str, status: int, line: str
+) -> None:
+    """curl -H 'Accept: text/plain' gets one line of text; anything else gets JSON."""
+    expected = line.format(port=daemon.port)
+    got, headers, body = daemon.request(method, path, headers={"Accept": "text/plain"})
+    text = body.decode()
+    assert got == status and headers["Content-Type"].startswith("text/plain")
+    assert text.startswith(expected) and text.endswith("\n") and text.count("\n") == 1
+    got, headers, body = daemon.request(method, path, headers={"Accept": "*/*"})  # curl's
+    assert got == status and json.loads(body)["error"].startswith(expected.split("; ")[0])
+    assert daemon.json("GET", "/runs")[1] == []
 
 
 def test_one_shot_runs_share_the_history(shared: tuple[Registry, Scenario], tmp_path: Path) -> None:

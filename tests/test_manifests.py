@@ -270,16 +270,11 @@ def test_overlays_render_to_valid_objects(renderer: str, variant: str, tmp_path:
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     kinds = sorted(o["kind"] for o in objects)
+    rbac = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding"]
     expected = {
-        "openshift": ["ClusterRole", "ClusterRoleBinding", "Deployment"],
-        "openshift-s3": ["ClusterRole", "ClusterRoleBinding", "Deployment"],
-        "openshift-expose": [
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Deployment",
-            "NetworkPolicy",
-            "Service",
-        ],
+        "openshift": rbac,
+        "openshift-s3": rbac,
+        "openshift-expose": sorted([*rbac, "NetworkPolicy", "Service"]),
         "kubernetes": ["Deployment"],
     }
     expected["openshift-s3-expose"] = expected["openshift-expose"]
@@ -450,9 +445,25 @@ def test_cluster_role_is_exactly_what_the_daemon_calls(
     }
     (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "registry", "namespace": "openshift-image-registry"}
-    ]
+    account = {
+        "kind": "ServiceAccount",
+        "name": "registry",
+        "namespace": "openshift-image-registry",
+    }
+    assert binding["subjects"] == [account]
+    # the rollout check of the read-only guard: the registry's own Deployment, nothing more
+    (local,) = [o for o in objects if o["kind"] == "Role"]
+    assert local["metadata"]["namespace"] == "openshift-image-registry"
+    assert grants(local) == {("get", "deployments.apps")}
+    assert [r.get("resourceNames") for r in local["rules"]] == [["image-registry"]]
+    (local_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert local_binding["metadata"]["namespace"] == "openshift-image-registry"
+    assert local_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": local["metadata"]["name"],
+    }
+    assert local_binding["subjects"] == [account]
     deployment, _ = _pruner(objects)
     assert deployment["metadata"] == {
         "name": "image-registry",
@@ -582,9 +593,10 @@ async def api() -> AsyncIterator[FakeOpenShift]:
 
 def _allow_cluster_role(cluster: FakeCluster) -> None:
     """The daemon's account gets exactly the ClusterRole of manifests/openshift/base."""
-    (role,) = [d for d in _load_all(OPENSHIFT / "base" / "rbac.yaml") if d["kind"] == "ClusterRole"]
-    for verb, resource in grants(role):
-        cluster.allow(PRUNER_USER, verb, resource)
+    roles = [d for d in _load_all(OPENSHIFT / "base" / "rbac.yaml") if d["kind"].endswith("Role")]
+    for role in roles:
+        for verb, resource in grants(role):
+            cluster.allow(PRUNER_USER, verb, resource)
 
 
 async def _run_job(daemon: Daemon, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
