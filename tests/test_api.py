@@ -177,7 +177,8 @@ def test_one_shot_runs_share_the_history(shared: tuple[Registry, Scenario], tmp_
         logged = {json.loads(line)["run_id"] for line in out.stderr.splitlines()}
         deadline = time.monotonic() + 10
         runs: list[dict[str, object]] = []
-        while time.monotonic() < deadline and not runs:
+        # the daemon may have seen it running: wait for it to see the end too
+        while time.monotonic() < deadline and [r["state"] for r in runs] != ["succeeded"]:
             runs = daemon.json("GET", "/runs")[1]
             time.sleep(0.1)
         assert [(r["id"], r["mode"], r["state"]) for r in runs] == [(*logged, "check", "succeeded")]
