@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon import logs
+from daemon import logs, operator_storage
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.prune import CHECK, DELETE, RunOptions
 from daemon.report import Ending, summary_lines
@@ -44,6 +44,36 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=_env("REGISTRY_CONFIG"),
         help="the registry's config.yml (default /etc/docker/registry/config.yml)",
+    )
+    common.add_argument(
+        "--storage-from",
+        choices=("openshift",),
+        default=_env("STORAGE_FROM") or None,
+        help="take the storage from the image registry operator's config and mounted secret "
+        "instead of --registry-config and REGISTRY_STORAGE_*",
+    )
+    common.add_argument(
+        "--storage-secret-dir",
+        type=Path,
+        default=_env("STORAGE_SECRET_DIR", str(operator_storage.DEFAULT_SECRET_DIR)),
+        help="where the secret image-registry-private-configuration is mounted",
+    )
+    common.add_argument(
+        "--pvc-mount",
+        default=_env("PVC_MOUNT", operator_storage.DEFAULT_PVC_MOUNT),
+        help="where the registry's claim is mounted (pvc storage)",
+    )
+    common.add_argument(
+        "--pvc-claim",
+        default=_env("PVC_CLAIM") or None,
+        help="the claim mounted at --pvc-mount; start-up fails if the operator names another",
+    )
+    common.add_argument(
+        "--storage-ca-file",
+        type=Path,
+        default=_env("STORAGE_CA_FILE") or None,
+        help="CA bundle for the storage endpoint (default for a trustedCA: "
+        f"{operator_storage.DEFAULT_CA_FILE})",
     )
     common.add_argument("--state-dir", type=Path, default=_env("STATE_DIR", "state"))
     common.add_argument("--grace", type=_duration, default=_env("GRACE", "1h"))
@@ -94,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("AUTH_RESOURCE", "images.image.openshift.io"),
         help="<plural>.<group> the verbs are checked on",
     )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        metavar="NAME",
+        help="a host name callers use for the daemon besides localhost and IP addresses "
+        "(e.g. its Service's); repeatable; PRUNER_ALLOWED_HOSTS takes them comma-separated",
+    )
     for name, text in ((CHECK, "report what would be deleted"), (DELETE, "delete orphans")):
         one = sub.add_parser(name, parents=[common], help=text)
         one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
@@ -107,9 +145,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _operator_storage(args: argparse.Namespace) -> dict[str, object]:
+    """--storage-from openshift: the registry config the operator's objects amount to."""
+    if args.registry_config is not None:
+        raise ConfigError(
+            "--storage-from openshift replaces --registry-config (PRUNER_REGISTRY_CONFIG): "
+            "give one of them"
+        )
+    # serve logs to stdout; one-shot runs keep stdout for the summary
+    stream = None if args.command == "serve" else sys.stderr
+    log = logs.make_logger(args.log_level, args.log_format, stream)
+    config = asyncio.run(operator_storage.fetch_config(args.kubeconfig, args.api_timeout))
+    mounts = operator_storage.Mounts(
+        secret_dir=args.storage_secret_dir,
+        pvc_mount=args.pvc_mount,
+        pvc_claim=args.pvc_claim,
+        ca_file=args.storage_ca_file,
+        azure_federated_token=os.environ.get("AZURE_FEDERATED_TOKEN_FILE") or None,
+    )
+    storage = operator_storage.storage_config(config, mounts)
+    operator_storage.log_choice(config, log)
+    return storage
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
+    hosts = getattr(args, "allowed_hosts", None)
+    if hosts is None and hasattr(args, "allowed_hosts"):
+        hosts = (_env("ALLOWED_HOSTS") or "").split(",")
+    storage = _operator_storage(args) if args.storage_from == "openshift" else None
     return load_settings(
         args.registry_config,
+        storage_config=storage,
+        storage_origin=f"--storage-from openshift ({operator_storage.CONFIG_NAME})",
         state_dir=args.state_dir,
         grace=args.grace,
         upload_max_age=args.upload_max_age,
@@ -127,6 +194,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         auth_check_verb=getattr(args, "auth_check_verb", None),
         auth_delete_verb=getattr(args, "auth_delete_verb", None),
         auth_resource=getattr(args, "auth_resource", None),
+        allowed_hosts=tuple(h.strip() for h in hosts if h.strip()) if hosts else None,
     )
 
 

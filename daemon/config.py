@@ -95,6 +95,8 @@ class Settings:
     auth_check_verb: str = "get"
     auth_delete_verb: str = "delete"
     auth_resource: str = "images.image.openshift.io"
+    # Host names (besides localhost and IP addresses) the daemon answers to: a Service's
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def _load_file(path: Path, required: bool) -> dict[str, Any]:
@@ -211,10 +213,18 @@ def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool
 def load_settings(
     registry_config: Path | None,
     env: Mapping[str, str] | None = None,
+    *,
+    storage_config: Mapping[str, Any] | None = None,
+    storage_origin: str = "",
     **overrides: Any,
 ) -> Settings:
-    """Build Settings from the registry config file, the environment and explicit overrides."""
+    """Build Settings from the registry config file, the environment and explicit overrides.
+
+    ``storage_config`` (a registry config's ``{"storage": ...}``, named ``storage_origin`` in
+    errors) replaces the file and the REGISTRY_STORAGE_* variables: --storage-from."""
     env = os.environ if env is None else env
+    if storage_config is not None:
+        return _from_storage_config(storage_config, storage_origin, env, overrides)
     explicit = registry_config is not None
     default = env.get("REGISTRY_CONFIGURATION_PATH") or DEFAULT_REGISTRY_CONFIG
     path = registry_config or Path(default)
@@ -233,3 +243,20 @@ def load_settings(
         registry_read_only=read_only,
         **values,
     )
+
+
+def _from_storage_config(
+    storage_config: Mapping[str, Any],
+    origin: str,
+    env: Mapping[str, str],
+    overrides: Mapping[str, Any],
+) -> Settings:
+    """Settings whose storage is ``storage_config``; no file, no REGISTRY_STORAGE_* variables."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("source", "storage") not in SOURCES:
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
+    config = dict(storage_config)  # _storage only reads it
+    # the registry's read-only state is not in its storage config here: the default (False)
+    # refuses deletes unless the reference source can tell (openshift: spec.readOnly)
+    storage, _read_only = _storage(config, origin or "storage config")
+    return Settings(storage=storage, **values)

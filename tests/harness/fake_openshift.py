@@ -306,6 +306,9 @@ class Fault:
     repeat_continue: bool = False  # answer the page with the continue token it was asked with
     action: Callable[[], None] | None = None  # run when the fault fires (a race, made exact)
     times: int | None = 1  # None: every time
+    #: set when a matching request has arrived; the request then waits for ``release``
+    arrived: asyncio.Event | None = None
+    release: asyncio.Event | None = None
     hits: int = 0
 
     def armed(self) -> bool:
@@ -327,6 +330,11 @@ class FakeCluster:
     read_only: bool | None = False  # None: spec has no readOnly key
     #: the registry's Deployment; None: one wholly rolled out with ``read_only``
     deployment: dict[str, Any] | None = None
+    #: the registry's storage as the operator reports it (status.storage), e.g.
+    #: {"s3": {"bucket": ...}, "managementState": "Managed"}; None: no status.storage
+    storage: dict[str, Any] | None = None
+    #: spec.storage; None: the same as ``storage`` (as once the operator has applied it)
+    spec_storage: dict[str, Any] | None = None
     tokens: dict[str, User] = field(default_factory=lambda: {PRUNER_TOKEN: User(PRUNER_USER)})
     #: (user or "group:<g>", verb, "<plural>.<group>" or core "<plural>"); "*" matches any
     allowed: set[tuple[str, str, str]] = field(default_factory=set)
@@ -417,6 +425,13 @@ class FakeCluster:
     def expire_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
         """410 Expired on the continue request for ``page``."""
         return self.fault(resource, page=page, status=410, times=times)
+
+    def hold(self, resource: str, page: int | None = None, **kw: Any) -> Fault:
+        """Hold the next matching request until ``fault.release`` is set (``fault.arrived``
+        tells when it came): a slow answer, made deterministic."""
+        return self.fault(
+            resource, page=page, arrived=asyncio.Event(), release=asyncio.Event(), **kw
+        )
 
     def on_request(self, resource: str, action: Callable[[], None], times: int = 1) -> Fault:
         """Run ``action`` when a request for ``resource`` arrives, then answer it as usual:
@@ -592,6 +607,10 @@ class FakeOpenShift:
         fault = self.cluster.take_fault(resource, page)
         if fault is None:
             return None
+        if fault.arrived is not None:
+            fault.arrived.set()
+        if fault.release is not None:
+            await fault.release.wait()
         if fault.action is not None:
             fault.action()
         if fault.delay:
@@ -735,13 +754,19 @@ class FakeOpenShift:
         spec: dict[str, Any] = {"managementState": "Managed", "replicas": 2}
         if self.cluster.read_only is not None:
             spec["readOnly"] = self.cluster.read_only
+        status: dict[str, Any] = {"readyReplicas": 2}
+        storage, spec_storage = self.cluster.storage, self.cluster.spec_storage
+        if storage is not None:
+            status["storage"] = storage
+        if spec_storage is not None or storage is not None:
+            spec["storage"] = spec_storage if spec_storage is not None else storage
         return web.json_response(
             {
                 "apiVersion": f"{REGISTRY_GROUP}/v1",
                 "kind": "Config",
                 "metadata": {"name": "cluster", "resourceVersion": "1"},
                 "spec": spec,
-                "status": {"readyReplicas": 2},
+                "status": status,
             }
         )
 
@@ -909,3 +934,23 @@ def _cut(request: web.Request) -> None:
     if transport is not None:
         with contextlib.suppress(Exception):
             transport.abort()
+
+
+# -- the operator's secret, as the kubelet mounts it -------------------------------------------
+
+
+def aws_credentials(access_key: str, secret_key: str) -> str:
+    """The shared-credentials file the operator writes in image-registry-private-configuration."""
+    return f"[default]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n"
+
+
+def write_secret_volume(directory: str | Path, data: Mapping[str, str | bytes]) -> Path:
+    """A secret volume's layout: ``<key> -> ..data/<key>``, ``..data -> ..<timestamp>/``."""
+    target = Path(directory)
+    stamp = target / "..2024_05_01_10_00_00.000000001"
+    stamp.mkdir(parents=True)
+    for key, value in data.items():
+        (stamp / key).write_bytes(value.encode() if isinstance(value, str) else value)
+        (target / key).symlink_to(Path("..data") / key)
+    (target / "..data").symlink_to(stamp.name)
+    return target
