@@ -1,5 +1,9 @@
 """``python -m daemon`` and the ``registry-pruned`` script."""
 
+import os
+import signal
+import sys
+
 
 def run() -> int:
     """Run the CLI."""
@@ -7,7 +11,16 @@ def run() -> int:
     # the daemon again, and the CLI's imports would cost each of them ~10 MB and 0.2 s
     from daemon.cli import main
 
-    return main()
+    try:
+        status = main()
+        sys.stdout.flush()  # a pipe's buffer is written here, inside the try, not at exit
+        return status
+    except BrokenPipeError:
+        # `registry-pruned check | head -2`: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's last flush does not raise again, and exit quietly
+        # with the status a shell gives a process that SIGPIPE ended
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

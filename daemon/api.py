@@ -8,7 +8,7 @@ import ipaddress
 import json
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.origin import OriginGuard, allowed_host_names
 from daemon.prune import CHECK, DELETE, RunOptions, Summary
 from daemon.readiness import Readiness
-from daemon.report import summary_lines
+from daemon.report import Ending, summary_lines
 from daemon.runs import RUNNING, Busy, Run, RunManager
 from daemon.sources import open_source
-from daemon.sources.base import ReferenceSource
+from daemon.sources.base import ReadOnlyRefused, ReferenceSource
 from daemon.storage import open_storage
 from daemon.storage.base import Storage
 
@@ -75,7 +75,15 @@ def _run_response(request: web.Request, run: Run, status: int = 200) -> web.Resp
 def _text(run: Run) -> str:
     doc = run.document()
     summary = Summary(**{k: v for k, v in doc["summary"].items() if k in Summary.__slots__})
-    lines = summary_lines(doc["mode"], summary)
+    ending = Ending(
+        run_id=doc["id"],
+        state=doc["state"],
+        phase=doc.get("phase") or "",
+        error=doc.get("error"),
+        grace=doc.get("grace_seconds"),
+        upload_max_age=doc.get("upload_max_age_seconds"),
+    )
+    lines = summary_lines(doc["mode"], summary, ending)
     if doc["state"] == RUNNING:
         progress = doc["progress"]
         lines = [
@@ -83,8 +91,6 @@ def _text(run: Run) -> str:
             f"{progress.get('blobs_scanned', 0)} blobs scanned, "
             f"{progress.get('candidates', 0)} candidates so far"
         ]
-    elif doc["state"] != "succeeded":
-        lines.append(f"Run {doc['id']} {doc['state']}: {doc.get('error') or 'no error recorded'}")
     return "\n".join(lines)
 
 
@@ -127,11 +133,17 @@ async def prune(request: web.Request) -> web.StreamResponse:
     except BadRequest as exc:
         return _error(400, str(exc))
     if request.method == "GET" and mode == DELETE:
-        return _error(405, "deleting needs POST: curl -X POST 'localhost:8099/prune?mode=delete'")
+        return _error(
+            405,
+            f"deleting needs POST: curl -X POST '{_reachable(settings.listen)}/prune?mode=delete'",
+        )
     try:
         run = await manager.start(mode, source, options)
     except Busy as exc:
         return _error(409, str(exc), active=exc.active)
+    except ReadOnlyRefused as exc:
+        # known before anything started: an answer, not a failed run in the history
+        return _error(409, exc.error, hint=exc.hint)
     if wait:
         await run.done.wait()
         return _run_response(request, run, 200)
@@ -197,6 +209,12 @@ async def stop_run(request: web.Request) -> web.Response:
     run = _find(request)
     if run.state != RUNNING:
         return _error(409, f"run {run.id} is {run.state}, not running")
+    if run.saved is not None:
+        return _error(
+            409,
+            f"run {run.id} is a one-shot run of another process",
+            hint="stop it where it runs (Ctrl-C, or SIGTERM to that registry-pruned process)",
+        )
     await request.app[MANAGER].stop(run)
     return web.json_response(run.document(), status=202)
 
@@ -220,6 +238,40 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+@web.middleware
+async def errors_follow_accept(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With ``Accept: text/plain`` an error is one line of text ending in a newline: what
+    went wrong, then what to do."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if not _wants_text(request) or exc.content_type != "application/json":
+            raise
+        return _text_error(exc.status, exc.text or "", exc.headers)
+    if (
+        response.status < 400
+        or not isinstance(response, web.Response)
+        or response.content_type != "application/json"
+        or not _wants_text(request)
+    ):
+        return response
+    return _text_error(response.status, response.text or "", response.headers)
+
+
+def _text_error(status: int, body: str, headers: Mapping[str, str]) -> web.Response:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    line = " ".join(str(doc.get("error") or body or status).split())
+    if doc.get("hint"):
+        line += "; " + " ".join(str(doc["hint"]).split())
+    kept = {k: v for k, v in headers.items() if k in ("WWW-Authenticate", "Allow", "Location")}
+    return web.Response(text=line + "\n", status=status, headers=kept)
 
 
 @web.middleware
@@ -283,8 +335,9 @@ def make_app(
     auth: Authenticator | None = None,
 ) -> web.Application:
     # inside the access log, so refused requests are logged with their status; the origin
-    # guard first: a forged request costs no token review
+    # guard first: a forged request costs no token review. Outermost, errors follow Accept
     middlewares: list[Any] = [
+        errors_follow_accept,
         errors_and_access_log,
         OriginGuard(allowed_hosts(settings), log).middleware(),
         resolve_run,
@@ -326,7 +379,7 @@ async def build(
     """The app with its storage and run manager, history loaded."""
     storage = open_storage(settings.storage, settings.workers)
 
-    async def sources(name: str) -> ReferenceSource:
+    async def sources(name: str, log: structlog.typing.FilteringBoundLogger) -> ReferenceSource:
         return await open_source(name, settings, log)
 
     holder: dict[str, Metrics] = {}
@@ -341,15 +394,32 @@ async def build(
     holder["m"] = Metrics(lambda: manager.active)
     await manager.load()
     app = make_app(settings, storage, manager, holder["m"], log, auth)
+    # one-shot CLI runs sharing the state directory show up in the history as they go
+    follower: list[asyncio.Task[None]] = []
+
+    async def on_startup(_app: web.Application) -> None:
+        follower.append(asyncio.create_task(manager.follow()))
 
     async def on_shutdown(_app: web.Application) -> None:
+        for task in follower:
+            task.cancel()
         await manager.shutdown()
         await storage.close()
         if auth is not None:
             await auth.close()
 
+    app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     return app, manager, storage
+
+
+def _reachable(listen: str) -> str:
+    """Where a shell next to the daemon reaches it: its listen address, any-address as
+    localhost."""
+    host, port = split_listen(listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "localhost"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -7,19 +7,19 @@ import asyncio
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
+
 from daemon import logs, operator_storage
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
-from daemon.progress import Progress
-from daemon.prune import CHECK, DELETE, Engine, RunFailed, RunOptions, Stopped
-from daemon.report import summary_lines
+from daemon.prune import CHECK, DELETE, RunOptions
+from daemon.report import Ending, summary_lines
+from daemon.runs import STOPPED, SUCCEEDED, RunManager
 from daemon.sources import open_source
-from daemon.sources.base import ReadOnlyRefused, SourceError
+from daemon.sources.base import ReadOnlyRefused, ReferenceSource
 from daemon.storage import open_storage
-from daemon.storage.base import StorageError
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -199,47 +199,66 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def run_once(settings: Settings, mode: str, online: bool) -> int:
-    """One run, summary on stdout, logs on stderr; the exit status."""
+    """One run, recorded in the state directory like the daemon's; summary on stdout, logs on
+    stderr; the exit status."""
     log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
-    log = log.bind(run_id=uuid.uuid4().hex[:12], mode=mode, source=settings.source)
     storage = open_storage(settings.storage, settings.workers)
-    source = None
+
+    async def sources(name: str, log: structlog.typing.FilteringBoundLogger) -> ReferenceSource:
+        return await open_source(name, settings, log)
+
+    manager = RunManager(
+        storage, sources, settings.state_dir, settings.history, log, log_end_as_problem=False
+    )
+    options = RunOptions(
+        mode=mode,
+        grace=settings.grace,
+        upload_max_age=settings.upload_max_age,
+        online=online,
+        registry_read_only=settings.registry_read_only,
+    )
     try:
-        source = await open_source(settings.source, settings, log)
-        options = RunOptions(
-            mode=mode,
-            grace=settings.grace,
-            upload_max_age=settings.upload_max_age,
-            online=online,
-            registry_read_only=settings.registry_read_only,
-        )
-        log.info("start prune", dry_run=mode == CHECK, store=storage.description)
-        engine = Engine(storage, source, options, Progress(), log=log)
-        task = asyncio.ensure_future(engine.run())
+        await manager.load()
+        try:
+            run = await manager.start(mode, settings.source, options)
+        except ReadOnlyRefused as exc:
+            print(f"error: {exc.error}", file=sys.stderr)
+            if exc.hint:
+                print(f"hint: {exc.hint}", file=sys.stderr)
+            return 2
         loop = asyncio.get_running_loop()
         # Ctrl-C / SIGTERM stop cooperatively: in-flight batches finish
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, engine.stop.set)
-        try:
-            summary = await task
-        except Stopped:
-            print("\n".join(summary_lines(mode, engine.summary)))
-            print("error: stopped before the end; partial counts above", file=sys.stderr)
-            return 130
-        print("\n".join(summary_lines(mode, summary)))
-        return 0
-    except RunFailed as exc:
-        if mode == DELETE and engine.summary.blobs:
-            print("\n".join(summary_lines(mode, engine.summary)))
-        print(f"error: {exc}", file=sys.stderr)
+            loop.add_signal_handler(sig, run.stop.set)
+        await run.done.wait()
+    except OSError as exc:
+        print(
+            f"error: cannot use the state directory {settings.state_dir}: {exc}; "
+            "pass a writable one with --state-dir DIR",
+            file=sys.stderr,
+        )
         return 1
-    except (ReadOnlyRefused, SourceError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ReadOnlyRefused) else 1
     finally:
-        if source is not None:
-            await source.close()
         await storage.close()
+    ending = Ending(
+        run_id=run.id,
+        state=run.state,
+        phase=run.progress.phase,
+        error=run.error,
+        grace=settings.grace,
+        upload_max_age=settings.upload_max_age,
+    )
+    if run.state == SUCCEEDED:
+        print("\n".join(summary_lines(mode, run.summary, ending)))
+        return 0
+    if run.state == STOPPED:
+        print("\n".join(summary_lines(mode, run.summary, ending)))
+        print("error: stopped before the end; partial counts above", file=sys.stderr)
+        return 130
+    if mode == DELETE and run.summary.blobs:
+        print("\n".join(summary_lines(mode, run.summary, ending)))
+    print(f"error: {run.error}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

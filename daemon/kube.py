@@ -25,6 +25,11 @@ async def api_client(kubeconfig: str | None, context: str | None = None) -> ApiC
         else:
             load_incluster_config(client_configuration=configuration)
     except (ConfigException, OSError, ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
-        where = f"kubeconfig {kubeconfig}" if kubeconfig else "in-cluster service account"
-        raise KubeConfigError(f"cannot load {where}: {exc}") from None
+        if kubeconfig:
+            hint = "check the file, or pass another with --kubeconfig FILE"
+            where = f"kubeconfig {kubeconfig}"
+        else:
+            hint = "outside a cluster, pass --kubeconfig FILE (or set PRUNER_KUBECONFIG)"
+            where = "in-cluster service account"
+        raise KubeConfigError(f"cannot load {where}: {exc}; {hint}") from None
     return ApiClient(configuration)

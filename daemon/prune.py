@@ -57,6 +57,7 @@ class Summary:
     manifest_links: int = 0
     layer_links: int = 0
     uploads: int = 0
+    uploads_kept: int = 0  # younger than the upload age limit
     too_young: int = 0
     failed: int = 0
 
@@ -205,22 +206,28 @@ class Engine:
         self.progress.enter("guard")
         await self.storage.probe()
         self._measure_skew()
+        await self.refusal()
+
+    async def refusal(self) -> None:
+        """Raise ReadOnlyRefused where this run must not start: known before it does."""
         if self.options.mode != DELETE:
             return
         if self.options.online:
             if self.source.online_refusal:
-                raise ReadOnlyRefused(self.source.online_refusal)
+                raise ReadOnlyRefused(self.source.online_refusal, self.source.online_hint)
             return
         read_only = await self.source.registry_read_only()
         if read_only is None:
             read_only = self.options.registry_read_only
         if not read_only:
             raise ReadOnlyRefused(
-                "the registry is not in read-only mode; set it read-only first "
-                "(OpenShift: spec.readOnly in configs.imageregistry.operator.openshift.io/cluster; "
-                "distribution: storage.maintenance.readonly.enabled); with the openshift source "
-                "you may instead ask for online mode (online=true / --online), which relies on "
-                "the grace period and on watching images created during the run"
+                "the registry is not in read-only mode",
+                "set it read-only first (OpenShift: spec.readOnly in "
+                "configs.imageregistry.operator.openshift.io/cluster; distribution: "
+                "storage.maintenance.readonly.enabled), then delete and switch it back; with "
+                "the openshift source you may instead ask for online mode (online=true / "
+                "--online), which relies on the grace period and on watching images created "
+                "during the run",
             )
 
     def _measure_skew(self) -> None:
@@ -601,6 +608,8 @@ class Engine:
                     started = entry.mtime if entry else None
                 if started is not None and started < limit:
                     stale.append(prefix)
+                else:
+                    self.summary.uploads_kept += 1
         failures = await self.pruner.remove(self.storage, stale)
         self._count_failures(failures)
         self.summary.uploads += len(stale) - len(failures)

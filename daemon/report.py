@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from daemon.prune import DELETE, Summary
-from daemon.units import bytes_size
+from daemon.units import bytes_size, duration_text
+
+#: phases before the sweep: a run that ends there has decided nothing
+UNDECIDED = ("starting", "guard", "scan-repositories", "mark")
 
 
-def summary_lines(mode: str, summary: Summary) -> list[str]:
-    """``Would delete N blobs`` ... or ``Deleted N blobs`` ..., plus what else was removed."""
-    if mode == DELETE:
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``1 stale upload``, ``2 stale uploads``."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a run ended, for its summary: a complete run needs none of this."""
+
+    run_id: str = ""
+    state: str = "succeeded"
+    phase: str = ""
+    error: str | None = None
+    grace: float | None = None
+    upload_max_age: float | None = None
+
+
+def summary_lines(mode: str, summary: Summary, ending: Ending | None = None) -> list[str]:
+    """``Would delete N blobs`` ... or ``Deleted N blobs`` ..., plus what else was removed
+    and kept; a run that did not succeed says so instead of looking complete."""
+    ending = ending or Ending()
+    deleting = mode == DELETE
+    if ending.state != "succeeded" and ending.phase in UNDECIDED and not summary.blobs:
+        # nothing was decided: "Would delete 0 blobs" would be a false answer
+        return [
+            f"{_run(ending)} {ending.state} during {ending.phase}: nothing was decided"
+            + _cause(ending)
+        ]
+    if deleting:
+        # the original pruner's exact words, plural or not: scripts parse them
         lines = [
             f"Deleted {summary.blobs} blobs",
             f"Freed up {bytes_size(summary.bytes)} of disk space",
@@ -21,13 +53,35 @@ def summary_lines(mode: str, summary: Summary) -> list[str]:
         ]
         verb = "Would delete"
     if summary.repositories:
-        lines.append(f"{verb} {summary.repositories} repositories")
+        lines.append(f"{verb} {count(summary.repositories, 'repository', 'repositories')}")
     if summary.manifest_links:
-        lines.append(f"{verb} {summary.manifest_links} manifest links")
+        lines.append(f"{verb} {count(summary.manifest_links, 'manifest link')}")
     if summary.uploads:
-        lines.append(f"{verb} {summary.uploads} stale uploads")
+        lines.append(f"{verb} {count(summary.uploads, 'stale upload')}")
     if summary.too_young:
-        lines.append(f"Kept {summary.too_young} blobs younger than the grace period")
-    if mode != DELETE:
-        lines.append("Use mode=delete to actually delete the data")
+        limit = f"the {duration_text(ending.grace)} " if ending.grace is not None else "the "
+        lines.append(f"Kept {count(summary.too_young, 'blob')} younger than {limit}grace period")
+    if summary.uploads_kept:
+        limit = (
+            f" (--upload-max-age {duration_text(ending.upload_max_age)})"
+            if ending.upload_max_age is not None
+            else ""
+        )
+        lines.append(
+            f"Kept {count(summary.uploads_kept, 'upload')} younger than the upload age limit{limit}"
+        )
+    if ending.state == "succeeded":
+        if not deleting:
+            lines.append("Use mode=delete to actually delete the data")
+    else:
+        where = f" during {ending.phase}" if ending.phase else ""
+        lines.append(f"{_run(ending)} {ending.state}{where}: counts are partial{_cause(ending)}")
     return lines
+
+
+def _run(ending: Ending) -> str:
+    return f"Run {ending.run_id}" if ending.run_id else "The run"
+
+
+def _cause(ending: Ending) -> str:
+    return f" ({ending.error})" if ending.error and ending.state != "stopped" else ""

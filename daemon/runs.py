@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import time
@@ -12,13 +13,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import structlog
 
 from daemon.atomic import atomic_write
 from daemon.progress import Progress
-from daemon.prune import Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
+from daemon.prune import DELETE, Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
 
@@ -30,7 +31,8 @@ RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED = (
     "interrupted",
 )
 FINAL = (SUCCEEDED, FAILED, STOPPED, INTERRUPTED)
-SourceFactory = Callable[[str], Awaitable[ReferenceSource]]
+#: opens a reference source by name, logging through the given (run-bound) logger
+SourceFactory = Callable[[str, structlog.typing.FilteringBoundLogger], Awaitable[ReferenceSource]]
 
 
 class Busy(Exception):
@@ -93,6 +95,7 @@ class Run:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "grace_seconds": self.options.grace,
+            "upload_max_age_seconds": self.options.upload_max_age,
             "online": self.options.online,
             "progress": progress,
             "summary": self.summary.document(),
@@ -112,7 +115,11 @@ class RunManager:
         history: int = 50,
         log: structlog.typing.FilteringBoundLogger | None = None,
         on_finish: Callable[[Run], None] | None = None,
+        log_end_as_problem: bool = True,
     ) -> None:
+        #: a one-shot CLI run prints its own end in the pruner's words: there a failure
+        #: logged again would make a one-line cause two lines
+        self.log_end_as_problem = log_end_as_problem
         self.storage = storage
         self.sources = sources
         self.dir = Path(state_dir) / "runs"
@@ -128,35 +135,69 @@ class RunManager:
     async def load(self) -> None:
         """Read the history; a run recorded as running died with its daemon: interrupted."""
         await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
-        docs = await asyncio.to_thread(self._read_all)
-        for doc in docs:
-            if doc.get("state") == RUNNING:
-                doc["state"] = INTERRUPTED
-                doc["finished_at"] = doc.get("finished_at") or _now()
-                doc["error"] = "the daemon stopped while this run was running"
-                await self._save_doc(doc)
-                self.log.warning("run interrupted by a restart", run_id=doc["id"])
-            run = Run(
-                doc["id"],
-                doc.get("mode", ""),
-                doc.get("source", ""),
-                RunOptions(),
-                state=doc["state"],
-                saved=doc,
-            )
-            self.runs[run.id] = run
+        for doc in await asyncio.to_thread(self._read_all):
+            await self._settle(doc)
+            self._remember(doc)
 
-    def _read_all(self) -> list[dict[str, Any]]:
+    async def _settle(self, doc: dict[str, Any]) -> None:
+        """A run recorded as running whose process holds no lock on it died: interrupted."""
+        if doc.get("state") != RUNNING or await asyncio.to_thread(_held, self.lock_path(doc["id"])):
+            return
+        doc["state"] = INTERRUPTED
+        doc["finished_at"] = doc.get("finished_at") or _now()
+        doc["error"] = "the process running it stopped while it was running"
+        await self._save_doc(doc)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.lock_path(doc["id"]).unlink)
+        self.log.warning("run interrupted by a restart", run_id=doc["id"])
+
+    def _remember(self, doc: dict[str, Any]) -> None:
+        run = Run(
+            doc["id"],
+            doc.get("mode", ""),
+            doc.get("source", ""),
+            RunOptions(),
+            state=doc["state"],
+            saved=doc,
+        )
+        self.runs[run.id] = run
+
+    async def refresh(self) -> None:
+        """Take in runs another process (a one-shot CLI run) recorded in the state directory
+        since, and their ends; this process's own runs are its own to record."""
+        known = {r.id: r.state for r in self.runs.values() if r.saved is None}
+        seen = {r.id: r.saved for r in self.runs.values() if r.saved is not None}
+        for doc in await asyncio.to_thread(self._read_all, False):
+            if doc["id"] in known:
+                continue
+            if doc != seen.get(doc["id"]) or doc.get("state") == RUNNING:
+                # a running one may have lost its process since: settle it again
+                await self._settle(doc)
+                self._remember(doc)
+
+    async def follow(self, every: float = 2.0) -> None:
+        """``refresh`` forever (the daemon's background task)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.refresh()
+            except OSError as exc:
+                self.log.warning("cannot read the state directory", error=str(exc))
+
+    def _read_all(self, set_aside: bool = True) -> list[dict[str, Any]]:
         docs = []
         for path in sorted(self.dir.glob("*.json")):
             try:
                 doc = json.loads(path.read_text())
                 if isinstance(doc, dict) and isinstance(doc.get("id"), str):
                     docs.append(doc)
+            except FileNotFoundError:
+                continue  # pruned from the history by another process meanwhile
             except (OSError, ValueError):
                 # a torn file cannot come from our atomic writes; keep it aside for a person
-                with contextlib.suppress(OSError):
-                    path.rename(path.with_suffix(".corrupt"))
+                if set_aside:
+                    with contextlib.suppress(OSError):
+                        path.rename(path.with_suffix(".corrupt"))
         return docs
 
     async def _save_doc(self, doc: dict[str, Any]) -> None:
@@ -170,6 +211,9 @@ class RunManager:
             # the run goes on; its document stays in memory and is saved again later
             self.log.error("cannot save run document", run_id=run.id, error=str(exc))
 
+    def lock_path(self, run_id: str) -> Path:
+        return self.dir / f"{run_id}.lock"
+
     def candidates_path(self, run_id: str) -> Path:
         return self.dir / f"{run_id}.candidates.ndjson"
 
@@ -177,7 +221,11 @@ class RunManager:
         finished = [r for r in self.ordered() if r.state in FINAL]
         for old in finished[self.history :]:
             self.runs.pop(old.id, None)
-            for path in (self.dir / f"{old.id}.json", self.candidates_path(old.id)):
+            for path in (
+                self.dir / f"{old.id}.json",
+                self.candidates_path(old.id),
+                self.lock_path(old.id),
+            ):
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(path.unlink)
 
@@ -199,17 +247,42 @@ class RunManager:
     # -- running -----------------------------------------------------------------------
 
     async def start(self, mode: str, source: str, options: RunOptions) -> Run:
+        """Record and start a run; Busy while one is active, ReadOnlyRefused (and nothing
+        recorded) where the run must not start at all."""
         if self.active is not None:
+            raise Busy(self.active.id)
+        await self._refusal(source, options)
+        if self.active is not None:  # another start won the race while we asked
             raise Busy(self.active.id)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")  # ids sort by start time
         run = Run(f"{stamp}-{uuid.uuid4().hex[:6]}", mode, source, options)
+        # held while this process runs it, taken before the run is recorded: another process
+        # that shares the state directory (a daemon next to a one-shot run) tells a live run
+        # from one whose process died by this lock
+        alive = await asyncio.to_thread(_hold, self.lock_path(run.id))
         self.runs[run.id] = run
         self.active = run
         await self._save(run)
-        self._task = asyncio.create_task(self._execute(run))
+        self._task = asyncio.create_task(self._execute(run, alive))
         return run
 
-    async def _execute(self, run: Run) -> None:
+    async def _refusal(self, source_name: str, options: RunOptions) -> None:
+        """A refusal is no run: ask the guard before anything is recorded."""
+        if options.mode != DELETE:
+            return
+        try:
+            source = await self.sources(source_name, self.log)
+        except (SourceError, StorageError):
+            return  # the run itself fails with this error, where the user can read it
+        try:
+            await Engine(self.storage, source, options, log=self.log).refusal()
+        except SourceError:
+            return  # not a refusal: the run's own guard meets it again and fails visibly
+        finally:
+            with contextlib.suppress(Exception):
+                await source.close()
+
+    async def _execute(self, run: Run, alive: IO[bytes]) -> None:
         log = self.log.bind(run_id=run.id, mode=run.mode, source=run.source)
         buffer: list[str] = []
         path = self.candidates_path(run.id)
@@ -241,7 +314,7 @@ class RunManager:
         state, error = FAILED, None
         state_error: list[str] = []
         try:
-            source = await self.sources(run.source)
+            source = await self.sources(run.source, log)
             engine = Engine(
                 self.storage,
                 source,
@@ -256,7 +329,12 @@ class RunManager:
                 dead_runs=frozenset(r.id for r in self.runs.values() if r.state == INTERRUPTED),
             )
             engine.summary = run.summary
-            log.info("run started", grace=run.options.grace, online=run.options.online)
+            log.info(
+                "run started",
+                grace=run.options.grace,
+                online=run.options.online,
+                store=self.storage.description,
+            )
             try:
                 await engine.run()
                 state = SUCCEEDED
@@ -288,17 +366,25 @@ class RunManager:
             run.duration = time.monotonic() - run.started_mono
             run.finished_at = _now()
             run.state, run.error = state, error
-            self.active = None
-            await self._save(run)
-            await self._prune_history()  # before waiters see the end: they may list files
-            run.done.set()
-            log.info(
+            # logged as the end becomes visible, in one step: whoever sees it can read this
+            # line. A stopped run is worth a look, a failed one needs one
+            ended = {STOPPED: log.warning, FAILED: log.error}.get(run.state, log.info)
+            if not self.log_end_as_problem:
+                ended = log.info
+            ended(
                 "run ended",
                 state=run.state,
                 error=run.error,
                 seconds=round(run.duration, 3),
                 **run.summary.document(),
             )
+            self.active = None
+            await self._save(run)
+            await self._prune_history()  # before waiters see the end: they may list files
+            alive.close()
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.lock_path(run.id).unlink)
+            run.done.set()
             self.on_finish(run)
 
     async def stop(self, run: Run) -> None:
@@ -316,6 +402,26 @@ class RunManager:
                     self._task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._task
+
+
+def _hold(path: Path) -> IO[bytes]:
+    """An exclusive lock on ``path`` for as long as the returned file stays open."""
+    fh = open(path, "ab")  # noqa: SIM115 - held open on purpose, closed when the run ends
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fh
+
+
+def _held(path: Path) -> bool:
+    """True while a live process holds ``path``'s lock (a process that died holds none)."""
+    try:
+        with open(path, "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+    except OSError:
+        return False
 
 
 def _append(path: Path, text: str) -> None:

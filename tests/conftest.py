@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import pytest
 from tests.harness.images import Scenario, build_scenario
 from tests.harness.openshift_scenario import openshift_store  # noqa: F401 - a shared fixture
 from tests.harness.registry import Registry, running_registry
+
+# one-shot CLI runs record themselves in a state directory (default ./state): every process
+# the tests start gets one outside the checkout, unless a test names its own
+os.environ.setdefault("PRUNER_STATE_DIR", tempfile.mkdtemp(prefix="registry-pruned-state-"))
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,12 +114,125 @@ def test_wait_true_and_delete_needs_post(daemon: Daemon) -> None:
     status, _h, body = daemon.request("GET", "/prune?mode=check&wait=true")
     assert status == 200 and json.loads(body)["state"] == "succeeded"
     status, _h, body = daemon.request("GET", "/prune?mode=delete")
-    assert status == 405 and "POST" in json.loads(body)["error"]
-    # the registry is writable: delete is refused, and says how to proceed
+    assert status == 405
+    assert json.loads(body)["error"] == (
+        f"deleting needs POST: curl -X POST '127.0.0.1:{daemon.port}/prune?mode=delete'"
+    )
+    before = daemon.json("GET", "/runs")[1]
+    # the registry is writable: delete is refused at once, says how to proceed, and is no run
     status, _h, body = daemon.request("POST", "/prune?mode=delete&wait=true")
     doc = json.loads(body)
-    assert status == 200 and doc["state"] == "failed" and "read-only" in doc["error"]
-    assert doc["summary"]["blobs"] == 0
+    assert status == 409 and doc["error"] == "the registry is not in read-only mode"
+    assert "storage.maintenance.readonly.enabled" in doc["hint"]
+    # online mode cannot be made safe with the storage source: refused the same way
+    status, _h, body = daemon.request("POST", "/prune?mode=delete&online=true")
+    doc = json.loads(body)
+    assert status == 409 and "not offered for the storage source" in doc["error"]
+    assert "read-only" in doc["hint"]
+    assert daemon.json("GET", "/runs")[1] == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "line"),
+    [
+        ("GET", "/prune?mode=delete", 405, "deleting needs POST: curl -X POST '127.0.0.1:{port}"),
+        ("POST", "/prune?mode=zap", 400, "mode must be check or delete, not 'zap'"),
+        ("GET", "/runs/nope", 404, "no run 'nope'; see GET /runs"),
+        ("GET", "/nowhere", 404, "no such path; see the API in the README"),
+        ("POST", "/prune?mode=delete", 409, "the registry is not in read-only mode; set it"),
+    ],
+)
+def test_errors_follow_accept(
+    daemon: Daemon, method: str, path: str, status: int, line: str
+) -> None:
+    """curl -H 'Accept: text/plain' gets one line of text; anything else gets JSON."""
+    expected = line.format(port=daemon.port)
+    got, headers, body = daemon.request(method, path, headers={"Accept": "text/plain"})
+    text = body.decode()
+    assert got == status and headers["Content-Type"].startswith("text/plain")
+    assert text.startswith(expected) and text.endswith("\n") and text.count("\n") == 1
+    got, headers, body = daemon.request(method, path, headers={"Accept": "*/*"})  # curl's
+    assert got == status and json.loads(body)["error"].startswith(expected.split("; ")[0])
+    assert daemon.json("GET", "/runs")[1] == []
+
+
+def test_one_shot_runs_share_the_history(shared: tuple[Registry, Scenario], tmp_path: Path) -> None:
+    """A one-shot CLI run records itself where the daemon keeps its history, and shows up."""
+    registry, _scenario = shared
+    state = tmp_path / "state"
+    daemon = Daemon(registry.config_path, state, "--grace", "0").start()
+    try:
+        out = pruned(
+            "check",
+            "--registry-config",
+            registry.config_path,
+            "--grace",
+            "0",
+            "--state-dir",
+            state,
+            "--log-level",
+            "info",
+        )
+        assert out.returncode == 0, out.stderr
+        logged = {json.loads(line)["run_id"] for line in out.stderr.splitlines()}
+        deadline = time.monotonic() + 10
+        runs: list[dict[str, object]] = []
+        # the daemon may have seen it running: wait for it to see the end too
+        while time.monotonic() < deadline and [r["state"] for r in runs] != ["succeeded"]:
+            runs = daemon.json("GET", "/runs")[1]
+            time.sleep(0.1)
+        assert [(r["id"], r["mode"], r["state"]) for r in runs] == [(*logged, "check", "succeeded")]
+        body = daemon.get(f"/runs/{runs[0]['id']}/candidates")[2].decode()
+        assert {json.loads(line)["digest"] for line in body.splitlines()} == set(
+            DIGEST.findall(out.stderr)
+        )
+        # a refused one-shot delete records nothing
+        refused = pruned("delete", "--registry-config", registry.config_path, "--state-dir", state)
+        assert refused.returncode == 2
+        assert refused.stderr.startswith("error: the registry is not in read-only mode\nhint: ")
+        assert sorted(p.name for p in (state / "runs").glob("*.json")) == [f"{runs[0]['id']}.json"]
+    finally:
+        daemon.stop()
+
+
+def test_a_live_one_shot_run_is_not_marked_interrupted(
+    shared: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    """A daemon starting next to a running one-shot run leaves it alone while its process
+    holds the run's lock, and marks it interrupted once the process is gone."""
+    registry, _scenario = shared
+    runs = tmp_path / "state" / "runs"
+    runs.mkdir(parents=True)
+    run_id = "20261130T000000.000000-abcdef"
+    (runs / f"{run_id}.json").write_text(
+        json.dumps({"id": run_id, "mode": "check", "source": "storage", "state": "running"})
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(runs / f"{run_id}.lock")],
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    daemon = Daemon(registry.config_path, tmp_path / "state").start()
+    try:
+        assert daemon.json("GET", f"/runs/{run_id}")[1]["state"] == "running"
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if daemon.json("GET", f"/runs/{run_id}")[1]["state"] != "running":
+                break
+            time.sleep(0.1)
+        assert daemon.json("GET", f"/runs/{run_id}")[1]["state"] == "interrupted"
+        assert json.loads((runs / f"{run_id}.json").read_text())["state"] == "interrupted"
+    finally:
+        daemon.stop()
+        holder.kill()
+
+
+HOLD_LOCK = (
+    "import fcntl, sys, time; fh = open(sys.argv[1], 'ab'); fcntl.flock(fh, fcntl.LOCK_EX); "
+    "print('locked', flush=True); time.sleep(120)"
+)
 
 
 @pytest.mark.parametrize(
@@ -188,6 +302,19 @@ def test_conflict_progress_and_stop_mid_run(big_daemon: Daemon) -> None:
     assert final["state"] == "stopped"
     assert final["progress"]["shards_done"] < 256  # partial counts
     assert big_daemon.json("POST", f"/runs/{first['id']}/stop")[0] == 409
+    # its text says it is partial, never a complete check's last line
+    text = big_daemon.get(f"/runs/{first['id']}", headers={"Accept": "text/plain"})[2].decode()
+    assert "Use mode=delete" not in text
+    if final["phase"] in ("guard", "scan-repositories", "mark"):
+        assert text == f"Run {first['id']} stopped during {final['phase']}: nothing was decided\n"
+    else:
+        assert f"Run {first['id']} stopped during {final['phase']}: counts are partial" in text
+    ended = [
+        json.loads(line)
+        for line in big_daemon.log.read_text().splitlines()
+        if '"run ended"' in line and first["id"] in line
+    ]
+    assert [line["level"] for line in ended] == ["warning"]
 
 
 def test_history_survives_restart_and_kill_marks_interrupted(

@@ -56,7 +56,7 @@ async def test_images_decide_exact_removals_and_kept_images_pull(
         assert expected == images["app2"].digests() - {images["app2"].blobs[0].digest}
         assert out.splitlines()[0] == f"Would delete {len(expected)} blobs", out + err
         assert "Would delete 2 repositories" in out  # ns2/gone (no stream), a/b/c (bad name)
-        assert "Would delete 1 manifest links" in out  # ns1/app@app2
+        assert "Would delete 1 manifest link\n" in out  # ns1/app@app2
         code, out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
         assert code == 0, err
     assert out.splitlines()[0] == f"Deleted {len(expected)} blobs"

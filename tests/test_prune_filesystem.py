@@ -39,7 +39,10 @@ def test_check_matches_garbage_collect_digest_for_digest(
     assert lines[0] == f"Would delete {len(peer)} blobs"
     assert re.fullmatch(r"Would free up [0-9.]+ (B|KiB|MiB) of disk space", lines[1])
     assert lines[-1] == "Use mode=delete to actually delete the data"
-    assert "Would delete 1 stale uploads" not in result.stdout  # the upload is minutes old
+    assert "stale upload" not in result.stdout  # the upload is minutes old: kept, and said so
+    assert "Kept 1 upload younger than the upload age limit (--upload-max-age 24h)" in (
+        result.stdout
+    )
     assert blobs_on_disk(registry) == before  # check never changes anything
 
 
@@ -76,7 +79,7 @@ def test_grace_period_keeps_young_blobs(shared: tuple[Registry, Scenario]) -> No
     result = pruned("check", "--registry-config", registry.config_path)  # default 1h
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "Would delete 0 blobs"
-    assert "younger than the grace period" in result.stdout
+    assert "blobs younger than the 1h grace period" in result.stdout
 
 
 def test_delete_refused_while_registry_writable(fresh: tuple[Registry, Scenario]) -> None:
@@ -106,7 +109,7 @@ def test_delete_in_read_only_mode_then_everything_kept_pulls(
     lines = result.stdout.splitlines()
     assert lines[0] == f"Deleted {len(scenario.expected_orphans)} blobs"
     assert lines[1].startswith("Freed up ")
-    assert "Deleted 1 stale uploads" in result.stdout
+    assert "Deleted 1 stale upload\n" in result.stdout
     on_disk = blobs_on_disk(registry)
     assert on_disk == scenario.pushed - scenario.expected_orphans
     v2 = registry.root / "docker/registry/v2/repositories"
@@ -254,3 +257,19 @@ def test_reader_processes_do_not_import_the_cli_again() -> None:
         [sys.executable, "-c", probe, str(script)], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_closed_pipe_ends_the_cli_quietly(shared: tuple[Registry, Scenario]) -> None:
+    """`registry-pruned check | head -2`: the reader left, no traceback follows."""
+    registry, _scenario = shared
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "check", "--registry-config", registry.config_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -428,15 +428,15 @@ def test_read_only_flag_is_read_again_for_every_delete(
     before = blobs_on_disk(registry)
     daemon = Daemon(registry.config_path, tmp_path / "state", "--grace", "0").start()
     try:
-        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
-        assert run["state"] == "failed" and "not in read-only mode" in run["error"], run
+        status, refused = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert status == 409 and "not in read-only mode" in refused["error"], refused
         registry.restart(read_only=True)  # the daemon is not restarted
         _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
         assert run["state"] == "succeeded", run
         assert run["summary"]["blobs"] == len(scenario.expected_orphans)
         registry.restart(read_only=False)
-        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
-        assert run["state"] == "failed" and "not in read-only mode" in run["error"], run
+        status, refused = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert status == 409 and "not in read-only mode" in refused["error"], refused
         registry.config_path.write_text("storage: [not, a, mapping]\n")
         _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
         assert run["state"] == "failed", run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -13,8 +14,8 @@ from daemon import layout, manifests
 from daemon.config import ConfigError, load_settings, parse_duration
 from daemon.cpus import cgroup_quota, usable_cpus
 from daemon.prune import CHECK, DELETE, Summary, parse_started_at
-from daemon.report import summary_lines
-from daemon.units import bytes_size
+from daemon.report import Ending, summary_lines
+from daemon.units import bytes_size, duration_text
 
 H1, H2, H3 = "a" * 64, "b" * 64, "c" * 64
 
@@ -296,6 +297,75 @@ def test_sizes_and_summary_words() -> None:
         "Deleted 13374 blobs",
         "Freed up 2.835 GiB of disk space",
     ]
+
+
+def test_summary_plurals_and_what_was_kept() -> None:
+    limits = Ending(grace=3600, upload_max_age=86400)
+    one = Summary(blobs=1, repositories=1, manifest_links=1, uploads=1, too_young=1, uploads_kept=1)
+    assert summary_lines(DELETE, one, limits) == [
+        "Deleted 1 blobs",  # the original pruner's words, which scripts parse
+        "Freed up 0 B of disk space",
+        "Deleted 1 repository",
+        "Deleted 1 manifest link",
+        "Deleted 1 stale upload",
+        "Kept 1 blob younger than the 1h grace period",
+        "Kept 1 upload younger than the upload age limit (--upload-max-age 24h)",
+    ]
+    two = Summary(repositories=2, manifest_links=2, uploads=2, too_young=2)
+    assert summary_lines(CHECK, two, Ending(grace=1800))[2:] == [
+        "Would delete 2 repositories",
+        "Would delete 2 manifest links",
+        "Would delete 2 stale uploads",
+        "Kept 2 blobs younger than the 30m grace period",
+        "Use mode=delete to actually delete the data",
+    ]
+
+
+def test_summary_of_runs_that_did_not_finish() -> None:
+    stopped_early = Ending(run_id="r1", state="stopped", phase="mark")
+    assert summary_lines(CHECK, Summary(), stopped_early) == [
+        "Run r1 stopped during mark: nothing was decided"
+    ]
+    stopped = Ending(run_id="r1", state="stopped", phase="sweep")
+    assert summary_lines(CHECK, Summary(blobs=3, bytes=3072), stopped) == [
+        "Would delete 3 blobs",
+        "Would free up 3 KiB of disk space",
+        "Run r1 stopped during sweep: counts are partial",
+    ]
+    failed = Ending(run_id="r2", state="failed", phase="delete", error="disk gone")
+    assert summary_lines(DELETE, Summary(blobs=2, bytes=2), failed)[-1] == (
+        "Run r2 failed during delete: counts are partial (disk gone)"
+    )
+    failed_early = Ending(run_id="r3", state="failed", phase="mark", error="bad manifest")
+    assert summary_lines(CHECK, Summary(), failed_early) == [
+        "Run r3 failed during mark: nothing was decided (bad manifest)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (45, "45s"),
+        (1800, "30m"),
+        (3600, "1h"),
+        (5400, "1h30m"),
+        (86400, "24h"),
+        (604800, "7d"),
+    ],
+)
+def test_duration_text_reads_back(seconds: float, text: str) -> None:
+    assert duration_text(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+def test_kubeconfig_errors_say_what_to_do(tmp_path: Path) -> None:
+    from daemon.kube import KubeConfigError, api_client
+
+    with pytest.raises(KubeConfigError, match=r"outside a cluster, pass --kubeconfig FILE"):
+        asyncio.run(api_client(None))
+    with pytest.raises(KubeConfigError, match=r"pass another with --kubeconfig"):
+        asyncio.run(api_client(str(tmp_path / "missing")))
 
 
 def test_started_at_go_format() -> None:

@@ -16,7 +16,13 @@ class SourceError(Exception):
 
 
 class ReadOnlyRefused(Exception):
-    """Delete was asked for while the registry is writable and online mode was not asked for."""
+    """A run refused before it starts (a delete while the registry is writable, online mode
+    where it cannot be made safe): what is wrong, and what to do instead."""
+
+    def __init__(self, error: str, hint: str = "") -> None:
+        super().__init__(f"{error}; {hint}" if hint else error)
+        self.error = error
+        self.hint = hint
 
 
 @dataclass(slots=True)
@@ -31,8 +37,10 @@ class Marks:
 
 class ReferenceSource(ABC):
     name: str = ""
-    #: why online delete cannot be made safe with this source; empty when it can
+    #: why online delete cannot be made safe with this source (empty when it can), and
+    #: what to do instead
     online_refusal: str = ""
+    online_hint: str = ""
 
     @abstractmethod
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:

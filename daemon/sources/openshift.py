@@ -425,8 +425,9 @@ class OpenShiftSource(ReferenceSource):
                 raise ReadOnlyRefused(
                     "spec.readOnly is set, but the registry is not read-only everywhere yet: "
                     f"deployment {REGISTRY_NAMESPACE}/image-registry {problem}; old registry "
-                    "pods may still accept pushes. Wait for `oc -n openshift-image-registry "
-                    "rollout status deployment/image-registry` to finish, then delete again"
+                    "pods may still accept pushes",
+                    "wait for `oc -n openshift-image-registry rollout status "
+                    "deployment/image-registry` to finish, then delete again",
                 )
         return value
 

@@ -48,8 +48,11 @@ class StorageSource(ReferenceSource):
         "online delete is not offered for the storage source: a client that pushes while "
         "the run deletes can find an old orphan layer still present, skip uploading it, and "
         "push a manifest that references it just after the last re-check; nothing in the "
-        "store tells the pruner in time. Put the registry in read-only mode "
-        "(storage.maintenance.readonly.enabled: true), run the delete, then switch it back"
+        "store tells the pruner in time"
+    )
+    online_hint = (
+        "put the registry in read-only mode (storage.maintenance.readonly.enabled: true), "
+        "run the delete without online=true, then switch it back"
     )
 
     def __init__(
