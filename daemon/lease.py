@@ -16,9 +16,10 @@ import uuid
 
 import structlog
 
+from daemon import layout
 from daemon.storage.base import Conflict, NotFound, Storage, StorageError
 
-KEY = "_registry-pruned/lease.json"
+KEY = f"{layout.OWN}lease.json"
 #: settle time as a multiple of the measured write-and-read time (fallback only)
 SETTLE_FACTOR = 3.0
 

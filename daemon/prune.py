@@ -21,6 +21,7 @@ from daemon import layout
 from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
+from daemon.quarantine import PREFIX as QUARANTINE
 from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import RUN_LOG, DeleteFailure, Storage, StorageError
@@ -180,6 +181,11 @@ class Engine:
         finally:
             if self.lease is not None:
                 await self.lease.release()
+                # nothing of ours stays in the store once a delete run is over: the lease's
+                # and the quarantine's directories go where they are empty
+                await self.storage.remove_empty_dirs(
+                    [f"{QUARANTINE}{self.run_id}/", QUARANTINE, layout.OWN]
+                )
             RUN_LOG.reset(run_log)
         self.progress.enter("done")
         return self.summary

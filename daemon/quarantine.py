@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from daemon import layout
 from daemon.storage.base import DeleteFailure, Storage, StorageError
 
-PREFIX = "_registry-pruned/quarantine/"
+PREFIX = f"{layout.OWN}quarantine/"
 
 
 class Quarantine:

@@ -118,7 +118,12 @@ def test_delete_in_read_only_mode_then_everything_kept_pulls(
     # no layer link is left pointing at a deleted blob
     for link in v2.glob("**/_layers/sha256/*/link"):
         assert link.read_text() in on_disk
+    # nothing of ours is left in the store, and distribution's own collector, for real,
+    # finds nothing to do and nothing it cannot read
+    assert not (registry.root / "docker/registry/v2/_registry-pruned").exists()
     assert registry.garbage_collect(dry_run=True) == set()
+    assert registry.garbage_collect(dry_run=False) == set()
+    assert blobs_on_disk(registry) == on_disk
     registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")

@@ -407,16 +407,11 @@ class FilesystemStorage(Storage):
 
     def _write_if(self, key: str, data: bytes, version: str | None) -> str:
         path = self._path(key)
-        head, name = os.path.split(path)
         try:
-            os.makedirs(head, exist_ok=True)
-            # compare and write under an exclusive lock every writer of this key takes; the
-            # lock goes with the process, so a writer that dies leaves nothing to clean up
-            fd = os.open(os.path.join(head, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _locked(path)
         except OSError as exc:
             raise StorageError(f"cannot lock {path}: {exc.strerror}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 with open(path, "rb") as fh:
                     current: str | None = _version(fh.read())
@@ -486,7 +481,7 @@ class FilesystemStorage(Storage):
                 if link:
                     failures.append(DeleteFailure(key, _through(link), kept=True))
                     continue
-                os.unlink(self._path(key))
+                _unlink_with_lock(self._path(key))
             except FileNotFoundError:
                 pass
             except (OSError, StorageError) as exc:
@@ -566,3 +561,44 @@ def _through(link: str) -> str:
 def _version(data: bytes) -> str:
     """A file's version for write_if: its content's digest (a lease's content is unique)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def _lock_path(path: str) -> str:
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.lock")
+
+
+def _locked(path: str) -> int:
+    """An fd holding the exclusive lock every conditional writer of ``path`` takes.
+
+    The lock goes with the process, so a writer that dies leaves nothing to clean up. The
+    lock file may be unlinked by whoever deletes ``path``: a lock taken on an inode no longer
+    at the lock path is no lock, so take it again on the file that is there."""
+    lock = _lock_path(path)
+    while True:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _unlink_with_lock(path: str) -> None:
+    """Unlink ``path`` and, where conditional writes locked it, its lock file (under the lock,
+    so that nothing of ours is left behind and no writer holds a lock on a stale file)."""
+    if not os.path.exists(_lock_path(path)):
+        os.unlink(path)
+        return
+    fd = _locked(path)
+    try:
+        os.unlink(path)
+        os.unlink(_lock_path(path))
+    finally:
+        os.close(fd)
