@@ -202,22 +202,26 @@ class OpenShiftSource(ReferenceSource):
             _request_timeout=limits,
         )
 
-    async def _get(
-        self, path: str, query: list[tuple[str, str]], what: str, permission: str
-    ) -> dict[str, Any]:
-        """GET one JSON object; SourceError on anything but 200 + a JSON object (410: _Expired)."""
+    async def _fetch(self, path: str, query: list[tuple[str, str]], what: str) -> tuple[int, bytes]:
+        """One GET within the request timeout: its status and body; SourceError when it
+        gets no answer."""
         timeout = aiohttp.ClientTimeout(total=self.request_timeout)
         try:
             async with asyncio.timeout(self.request_timeout):
                 async with await self._open(path, query, timeout) as resp:
-                    body = await resp.read()
-                    status = resp.status
+                    return resp.status, await resp.read()
         except TimeoutError:
             raise SourceError(
                 f"openshift: {what}: no answer within {self.request_timeout:g}s"
             ) from None
         except aiohttp.ClientError as exc:
             raise SourceError(f"openshift: {what}: {type(exc).__name__}: {exc}") from None
+
+    async def _get(
+        self, path: str, query: list[tuple[str, str]], what: str, permission: str
+    ) -> dict[str, Any]:
+        """GET one JSON object; SourceError on anything but 200 + a JSON object (410: _Expired)."""
+        status, body = await self._fetch(path, query, what)
         if status != 200:
             if status == 410:
                 raise _Expired(_status_message(body))
@@ -470,18 +474,7 @@ class OpenShiftSource(ReferenceSource):
         namespace, _, name = key.partition("/")
         what = f"reading image stream {key}"
         path = IMAGE_STREAM.format(namespace=namespace, name=name)
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
-        try:
-            async with asyncio.timeout(self.request_timeout):
-                async with await self._open(path, [], timeout) as resp:
-                    body = await resp.read()
-                    status = resp.status
-        except TimeoutError:
-            raise SourceError(
-                f"openshift: {what}: no answer within {self.request_timeout:g}s"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise SourceError(f"openshift: {what}: {type(exc).__name__}: {exc}") from None
+        status, body = await self._fetch(path, [], what)
         if status == 200:
             return True
         if status == 404 and _is_not_found(body):
