@@ -147,7 +147,11 @@ def _load_file(path: Path, required: bool) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         if required:
-            raise ConfigError(f"registry config {path} does not exist") from None
+            raise ConfigError(
+                f"registry config {path} does not exist; pass the registry's config.yml with "
+                "--registry-config FILE (or REGISTRY_CONFIGURATION_PATH), set its storage with "
+                "REGISTRY_STORAGE_* variables, or on OpenShift use --storage-from openshift"
+            ) from None
         return {}
     except OSError as exc:
         raise ConfigError(f"registry config {path} cannot be read: {exc.strerror}") from None
@@ -244,7 +248,9 @@ def _storage(
     if driver == "s3":
         bucket = params.get("bucket")
         if not bucket:
-            raise ConfigError(f"{source}: storage.s3.bucket is required")
+            raise ConfigError(
+                f"{source}: storage.s3.bucket (REGISTRY_STORAGE_S3_BUCKET) is required"
+            )
         s3 = S3Settings(
             bucket=str(bucket),
             region=str(params.get("region") or "us-east-1"),

@@ -214,6 +214,7 @@ def test_wrong_root_and_bad_config_are_clear_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and str(config) in result.stderr
     result = pruned("check", "--registry-config", tmp_path / "missing.yml")
     assert result.returncode == 2 and "missing.yml does not exist" in result.stderr
+    assert "--registry-config FILE" in result.stderr  # and what to do instead
 
 
 def test_json_logs_carry_the_run_id(shared: tuple[Registry, Scenario]) -> None:
