@@ -162,6 +162,7 @@ def _operator_storage(args: argparse.Namespace) -> dict[str, object]:
         pvc_claim=args.pvc_claim,
         ca_file=args.storage_ca_file,
         azure_federated_token=os.environ.get("AZURE_FEDERATED_TOKEN_FILE") or None,
+        azure_service_url=os.environ.get(operator_storage.AZURE_SERVICEURL) or None,
     )
     storage = operator_storage.storage_config(config, mounts)
     operator_storage.log_choice(config, log)

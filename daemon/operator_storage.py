@@ -38,6 +38,9 @@ S3_ACCESSKEY = "REGISTRY_STORAGE_S3_ACCESSKEY"  # from the -user secret, project
 S3_SECRETKEY = "REGISTRY_STORAGE_S3_SECRETKEY"
 AZURE_ACCOUNTKEY = "REGISTRY_STORAGE_AZURE_ACCOUNTKEY"
 GCS_KEYFILE = "REGISTRY_STORAGE_GCS_KEYFILE"
+# the one override of the mapped config: where the Blob service answers (Azure Stack Hub, a
+# private endpoint, an emulator); distribution's serviceurl, named as the registry reads it
+AZURE_SERVICEURL = "REGISTRY_STORAGE_AZURE_SERVICEURL"
 
 # Azure cloudName -> the storage endpoint suffix distribution calls the realm
 AZURE_REALMS = {
@@ -63,6 +66,7 @@ class Mounts:
     pvc_claim: str | None = None  # the claim the pod mounts, when the manifest says
     ca_file: Path | None = None  # explicit --storage-ca-file; None: DEFAULT_CA_FILE if needed
     azure_federated_token: str | None = None  # AZURE_FEDERATED_TOKEN_FILE of the pod's env
+    azure_service_url: str | None = None  # REGISTRY_STORAGE_AZURE_SERVICEURL of the pod's env
 
 
 def _string(params: Mapping[str, Any], where: str, field: str, required: bool = True) -> str:
@@ -271,12 +275,16 @@ def _azure(params: Mapping[str, Any], where: str, mounts: Mounts) -> dict[str, A
         "container": _string(params, where, "container"),
     }
     cloud = _string(params, where, "cloudName", required=False)
-    if cloud:
+    if mounts.azure_service_url:
+        # the endpoint is given: the realm would only have named it
+        out["serviceurl"] = mounts.azure_service_url
+    elif cloud:
         realm = AZURE_REALMS.get(cloud.lower())
         if realm is None:
             raise ConfigError(
                 f"{where}.cloudName {cloud!r} is not a cloud registry-pruned knows "
-                f"({', '.join(sorted(AZURE_REALMS))})"
+                f"({', '.join(sorted(AZURE_REALMS))}): give the Blob service's URL in "
+                f"{AZURE_SERVICEURL}"
             )
         out["realm"] = realm
     key = mounts.secret_dir / AZURE_ACCOUNTKEY

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.azurite import Azurite
+from tests.harness.emulator import Emulator
+from tests.harness.fakegcs import FakeGCS
 from tests.harness.images import Scenario, build_scenario
 from tests.harness.openshift_scenario import openshift_store  # noqa: F401 - a shared fixture
 from tests.harness.registry import Registry, running_registry
@@ -33,6 +36,13 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry,
     """One registry per module with the standard scenario: for tests that only read."""
     with running_registry(tmp_path_factory.mktemp("registry")) as registry:
         yield registry, build_scenario(registry)
+
+
+@pytest.fixture(scope="module")
+def emulators() -> Iterator[dict[str, Emulator]]:
+    """Azurite and fake-gcs-server, one of each per module: "azure" and "gcs"."""
+    with Azurite() as azurite, FakeGCS() as fake_gcs:
+        yield {"azure": azurite, "gcs": fake_gcs}
 
 
 def pruned(

@@ -2,7 +2,8 @@
 
 The mapping is checked key by key for every kind the operator knows; end to end, a companion
 daemon on a store the real registry wrote (filesystem through a claim, S3 on SeaweedFS) finds
-exactly the candidates of an explicit ``--registry-config`` for the same store.
+exactly the candidates of an explicit ``--registry-config`` for the same store; so do Azure
+(Azurite) and GCS (fake-gcs-server) holding a copy of such a store.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 from daemon.config import ConfigError, load_settings
 from daemon.operator_storage import (
     AZURE_ACCOUNTKEY,
+    AZURE_SERVICEURL,
     DEFAULT_CA_FILE,
     GCS_KEYFILE,
     S3_ACCESSKEY,
@@ -30,12 +33,15 @@ from daemon.operator_storage import (
     storage_config,
 )
 from tests.conftest import would_delete
+from tests.harness.azurite import ACCOUNT, KEY, Azurite
 from tests.harness.daemon import Daemon
+from tests.harness.emulator import Emulator
 from tests.harness.fake_openshift import FakeCluster, FakeOpenShift, aws_credentials
 from tests.harness.fake_openshift import write_secret_volume as secret_volume
 from tests.harness.openshift_scenario import Pushed, cluster_for, push_scenario, run_cli
 from tests.harness.registry import Registry, running_registry
 from tests.harness.seaweed import SeaweedFS
+from tests.test_objectstores import cli_env, config_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIM = "image-registry-storage"
@@ -209,6 +215,16 @@ def test_azure_maps_to_distribution_keys(secret: Path, tmp_path: Path) -> None:
     status["azure"]["cloudName"] = "AzureStackCloud"
     with pytest.raises(ConfigError, match=r"status\.storage\.azure\.cloudName 'AzureStackCloud'"):
         storage_config(operator_config(status), Mounts(secret_dir=secret))
+    # Azure Stack Hub, a private endpoint: the URL given replaces the realm
+    url = "https://blob.local.azurestack.external"
+    stack = storage_config(
+        operator_config(status), Mounts(secret_dir=secret, azure_service_url=url)
+    )
+    assert (
+        stack["storage"]["azure"]["serviceurl"] == url and "realm" not in stack["storage"]["azure"]
+    )
+    parsed = load_settings(None, env={}, storage_config=stack).storage.azure
+    assert parsed is not None and parsed.url == url
     # workload identity: no key in the secret, a federated token in the pod
     del status["azure"]["cloudName"]
     empty = secret_volume(tmp_path / "empty", {})
@@ -383,14 +399,26 @@ async def _compare(
     storage: dict[str, Any],
     tmp_path: Path,
     *companion_args: str,
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+    companion_env: dict[str, str] | None = None,
 ) -> set[str]:
-    """The companion's candidates == those of ``check --registry-config`` on the same store."""
+    """The companion's candidates == those of ``check --registry-config`` on the same store
+    (``config``, in ``env``; default: the registry's own config)."""
     cluster = cluster_for(images, skip={"app2"})
     cluster.storage = {**storage, "managementState": "Managed"}
     async with FakeOpenShift(cluster) as api:
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
         code, _out, err = await run_cli(
-            registry, "check", "--log-level", "info", "--log-format", "text", kubeconfig=kubeconfig
+            registry,
+            "check",
+            "--log-level",
+            "info",
+            "--log-format",
+            "text",
+            kubeconfig=kubeconfig,
+            config=config,
+            env=env,
         )
         assert code == 0, err
         expected = would_delete(err)
@@ -404,6 +432,7 @@ async def _compare(
             "--kubeconfig",
             str(kubeconfig),
             *companion_args,
+            env=companion_env if companion_env is not None else env,
         )
         await asyncio.to_thread(daemon.start)
         try:
@@ -522,3 +551,52 @@ async def test_s3_companion_finds_what_the_registry_config_finds(
                 api, tmp_path, "check", "--storage-secret-dir", str(secret)
             )
             assert code != 0 and "certificate" in err.lower(), err
+
+
+@pytest.mark.parametrize("part", ["azure", "gcs"])
+async def test_cloud_companion_finds_what_the_registry_config_finds(
+    part: str,
+    emulators: dict[str, Emulator],
+    openshift_store: tuple[Registry, dict[str, Pushed]],
+    tmp_path: Path,
+) -> None:
+    registry, images = openshift_store
+    emulator = emulators[part]
+    # the operator's layout: the store at the container's or bucket's root
+    name = emulator.create(f"companion-{uuid.uuid4().hex[:10]}")
+    assert emulator.copy_in(registry.root, name) > 0
+    explicit = config_file(emulator, name, tmp_path, rootdirectory="")
+    env = cli_env(emulator)
+    if isinstance(emulator, Azurite):
+        # as the operator reports it on Azure; the endpoint is the pod's override
+        status = {
+            "azure": {"accountName": ACCOUNT, "container": name, "cloudName": "AzurePublicCloud"}
+        }
+        secret = {AZURE_ACCOUNTKEY: f"{KEY}\n"}
+        companion_env = {**env, AZURE_SERVICEURL: emulator.url}
+    else:
+        status = {"gcs": {"bucket": name, "region": "us-east1", "projectID": "openshift-ci"}}
+        key = {
+            "type": "service_account",
+            "project_id": "openshift-ci",
+            "client_email": "image-registry@openshift-ci.iam.gserviceaccount.com",
+            "private_key_id": "0123",
+            "private_key": "-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n",
+        }
+        secret = {GCS_KEYFILE: json.dumps(key)}
+        companion_env = env  # STORAGE_EMULATOR_HOST, as for the registry's own client
+    secret_dir = secret_volume(tmp_path / "secret", secret)
+    before = emulator.keys(name)
+    described = await _compare(
+        registry,
+        images,
+        status,
+        tmp_path,
+        "--storage-secret-dir",
+        str(secret_dir),
+        config=explicit,
+        env=env,
+        companion_env=companion_env,
+    )
+    assert name in described, described
+    assert emulator.keys(name) == before  # checks change nothing

@@ -12,7 +12,6 @@ import re
 import signal
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,6 @@ from tests.test_safety_crash import wait_for
 PARTS = ["azure", "gcs"]
 FAST = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05, read_timeout=5.0)
 ROOT = "reg/root"
-
-
-@pytest.fixture(scope="module")
-def emulators() -> Iterator[dict[str, Emulator]]:
-    with Azurite() as azurite, FakeGCS() as fake_gcs:
-        yield {"azure": azurite, "gcs": fake_gcs}
 
 
 @pytest.fixture(scope="module")

@@ -149,8 +149,15 @@ def cluster_for(images: dict[str, Pushed], skip: set[str]) -> FakeCluster:
     return cluster
 
 
-async def run_cli(registry: Registry, *args: str, kubeconfig: Path) -> tuple[int, str, str]:
-    env = {**os.environ, "KUBECONFIG": ""}
+async def run_cli(
+    registry: Registry,
+    *args: str,
+    kubeconfig: Path,
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> tuple[int, str, str]:
+    """The CLI with --source openshift on ``config`` (default: the registry's own)."""
+    environ = {**os.environ, "KUBECONFIG": "", **(env or {})}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -161,13 +168,13 @@ async def run_cli(registry: Registry, *args: str, kubeconfig: Path) -> tuple[int
         "--kubeconfig",
         str(kubeconfig),
         "--registry-config",
-        str(registry.config_path),
+        str(config or registry.config_path),
         "--grace",
         "0",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
-        env=env,
+        env=environ,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     return proc.returncode or 0, out.decode(), err.decode()
