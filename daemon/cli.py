@@ -13,6 +13,7 @@ from pathlib import Path
 
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
+from daemon.listings import LISTINGS, print_listing
 from daemon.progress import Progress
 from daemon.prune import CHECK, DELETE, Engine, RunFailed, RunOptions, Stopped
 from daemon.report import summary_lines
@@ -20,6 +21,7 @@ from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, SourceError
 from daemon.storage import open_storage
 from daemon.storage.base import StorageError
+from daemon.verify import RECOVER, VERIFY, Finding
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -94,7 +96,13 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("AUTH_RESOURCE", "images.image.openshift.io"),
         help="<plural>.<group> the verbs are checked on",
     )
-    for name, text in ((CHECK, "report what would be deleted"), (DELETE, "delete orphans")):
+    one_shots = (
+        (CHECK, "report what would be deleted"),
+        (DELETE, "delete orphans"),
+        (VERIFY, "prove every kept image whole (exit 1 on any broken one)"),
+        (RECOVER, "openshift: manifests in storage without an Image, under lost-found tags"),
+    )
+    for name, text in one_shots:
         one = sub.add_parser(name, parents=[common], help=text)
         one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
         if name == DELETE:
@@ -104,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
                 default=(_env("ONLINE", "") or "").lower() in ("1", "true", "yes"),
                 help="delete although the registry is writable (relies on the grace period)",
             )
+        if name == RECOVER:
+            one.add_argument(
+                "--apply",
+                action="store_true",
+                help="create the ImageStreamMappings (needs the optional recover ClusterRole)",
+            )
+    listing = sub.add_parser("list", parents=[common], help="list what the store holds (NDJSON)")
+    listing.add_argument("what", choices=LISTINGS)
+    listing.add_argument("repository", nargs="?", help="for manifests: one repository only")
+    listing.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
     return parser
 
 
@@ -130,7 +148,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-async def run_once(settings: Settings, mode: str, online: bool) -> int:
+def _lines(mode: str, engine: Engine) -> list[str]:
+    """The summary in the original words, with what verify or recover found."""
+    if mode == VERIFY:
+        return engine.verification.lines() if engine.verification else []
+    if mode == RECOVER:
+        return engine.recovery.lines() if engine.recovery else []
+    lines = summary_lines(mode, engine.summary)
+    if engine.verification is not None:
+        lines += engine.verification.lines()
+    return lines
+
+
+async def run_once(settings: Settings, mode: str, online: bool, apply: bool = False) -> int:
     """One run, summary on stdout, logs on stderr; the exit status."""
     log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
     log = log.bind(run_id=uuid.uuid4().hex[:12], mode=mode, source=settings.source)
@@ -144,25 +174,31 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
             upload_max_age=settings.upload_max_age,
             online=online,
             registry_read_only=settings.registry_read_only,
+            apply=apply,
         )
         log.info("start prune", dry_run=mode == CHECK, store=storage.description)
         engine = Engine(storage, source, options, Progress(), log=log)
+
+        def found(finding: Finding) -> None:
+            print(finding.message, flush=True)
+
+        engine.on_finding = found
         task = asyncio.ensure_future(engine.run())
         loop = asyncio.get_running_loop()
         # Ctrl-C / SIGTERM stop cooperatively: in-flight batches finish
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, engine.stop.set)
         try:
-            summary = await task
+            await task
         except Stopped:
-            print("\n".join(summary_lines(mode, engine.summary)))
+            print("\n".join(_lines(mode, engine)))
             print("error: stopped before the end; partial counts above", file=sys.stderr)
             return 130
-        print("\n".join(summary_lines(mode, summary)))
+        print("\n".join(_lines(mode, engine)))
         return 0
     except RunFailed as exc:
-        if mode == DELETE and engine.summary.blobs:
-            print("\n".join(summary_lines(mode, engine.summary)))
+        if (mode == DELETE and engine.summary.blobs) or mode in (VERIFY, RECOVER):
+            print("\n".join(_lines(mode, engine)))
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (ReadOnlyRefused, SourceError, StorageError) as exc:
@@ -185,4 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.api import serve
 
         return serve(settings)
-    return asyncio.run(run_once(settings, args.command, getattr(args, "online", False)))
+    if args.command == "list":
+        return asyncio.run(print_listing(settings, args.what, args.repository))
+    return asyncio.run(
+        run_once(
+            settings,
+            args.command,
+            getattr(args, "online", False),
+            getattr(args, "apply", False),
+        )
+    )

@@ -17,13 +17,15 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon import layout
+from daemon import layout, manifests
 from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
 from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import DeleteFailure, Storage, StorageError
+from daemon.verify import RECOVER, VERIFY, Finding, Prior, StoreVerifier, Verification
+from daemon.verifying import TypedParse
 
 T = TypeVar("T")
 BATCH = 1000
@@ -72,6 +74,7 @@ class RunOptions:
     online: bool = False
     online_settle: float = 2.0  # seconds a racing push gets to register its image
     registry_read_only: bool = False  # from the registry's config, where the source cannot tell
+    apply: bool = False  # recover: create the ImageStreamMappings, not only list them
 
 
 class Pruner(ABC):
@@ -118,6 +121,14 @@ def parse_started_at(text: str) -> float | None:
 class Engine:
     """One run over one store with one reference source."""
 
+    # verify and recover (set after construction, like the summary, by whoever records them)
+    on_finding: Callable[[Finding], None] = staticmethod(lambda _f: None)
+    verification: Verification | None = None
+    recovery: Any = None  # daemon.recover.Recovered, for recover runs
+    #: the typed manifest parse verify trusts (module-level: reader processes run it); the
+    #: tests blind it to prove the second reading stands alone
+    typed_parse: TypedParse = staticmethod(manifests.parse)
+
     def __init__(
         self,
         storage: Storage,
@@ -148,6 +159,8 @@ class Engine:
 
     async def run(self) -> Summary:
         """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
+        if self.options.mode in (VERIFY, RECOVER):
+            return await self.examine()
         try:
             await self._guard()
             self.storage.warm_up()  # after the guard: a refused run starts no helpers
@@ -167,6 +180,8 @@ class Engine:
                 await self.source.start_online()
             candidates = await self._stoppable(self.sweep(marks))
             await self.delete(inventory, marks, candidates)
+            if self.options.mode == DELETE:
+                await self._stoppable(self.verify_kept(inventory, marks, candidates))
         except (SourceError, StorageError, LeaseHeld) as exc:
             raise RunFailed(str(exc)) from exc
         finally:
@@ -253,6 +268,7 @@ class Engine:
         self.progress.enter("sweep")
         candidates: list[Candidate] = []
         shards = iter(layout.SHARDS)
+        complete = self.complete_shards = set()
 
         async def worker() -> None:
             for shard in shards:
@@ -261,6 +277,8 @@ class Engine:
                 # enough to hand to a driver that filters in another process
                 members = marks.in_use.shard(int(shard, 16))
                 count, outside = await self.storage.blobs_outside(shard, members)
+                if count - len(outside) == len(members):
+                    complete.add(int(shard, 16))  # verify after a delete asks nothing here
                 del members
                 self.progress.blobs_scanned += count
                 for entry in outside:
@@ -430,6 +448,102 @@ class Engine:
         digests = list(digests)
         stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in digests])
         return [d for d, entry in zip(digests, stats, strict=True) if entry is None]
+
+    # -- verify and recover ---------------------------------------------------------------
+
+    async def examine(self) -> Summary:
+        """A verify or recover run: the repositories walk, then that phase; nothing deleted."""
+        try:
+            await self._guard()
+            self.storage.warm_up()
+            inventory = await self._stoppable(self.scan_repositories())
+            if self.options.mode == RECOVER:
+                from daemon.recover import Recovery
+
+                recovery = Recovery(
+                    self.storage,
+                    self.source,
+                    self.progress,
+                    self.on_finding,
+                    apply=self.options.apply,
+                    log=self.log,
+                    workers=self.storage.concurrency,
+                )
+                self.recovery = recovery.result
+                await self._stoppable(recovery.run(inventory))
+                recovery.verdict()
+            else:
+                await self._stoppable(self.verify_all(inventory))
+        except (SourceError, StorageError) as exc:
+            raise RunFailed(str(exc)) from exc
+        self.progress.enter("done")
+        return self.summary
+
+    async def verify_all(self, inventory: Inventory) -> None:
+        """mode=verify: the reading of the run's source (storage, or the cluster's images)."""
+        if self.source.name == "openshift":
+            from daemon.verify_openshift import OpenShiftVerifier
+
+            verifier: Any = OpenShiftVerifier(
+                self.storage,
+                self.source,
+                self.progress,
+                self.on_finding,
+                log=self.log,
+                workers=self.storage.concurrency,
+            )
+        else:
+            verifier = StoreVerifier(
+                self.storage,
+                self.progress,
+                self.on_finding,
+                log=self.log,
+                workers=self.storage.concurrency,
+                typed=self.typed_parse,
+            )
+        self.verification = verifier.result
+        await verifier.run(inventory)
+        self._verdict()
+
+    async def verify_kept(
+        self, inventory: Inventory, marks: Marks, candidates: list[Candidate]
+    ) -> None:
+        """After a delete: every kept image whole, from what the run already listed."""
+        prior = Prior(
+            in_use=marks.in_use,
+            complete=frozenset(getattr(self, "complete_shards", ())),
+            deleted={c.digest for c in candidates},
+            removed_repositories=set(marks.remove_repositories),
+            removed_revisions=set(marks.remove_revisions),
+        )
+        verifier = StoreVerifier(
+            self.storage,
+            self.progress,
+            self.on_finding,
+            log=self.log,
+            workers=self.storage.concurrency,
+            typed=self.typed_parse,
+            prior=prior,
+        )
+        self.verification = verifier.result
+        await verifier.run(inventory)
+        self._verdict()
+
+    def _verdict(self) -> None:
+        found = self.verification
+        if found is None or found.passed:
+            return
+        names = ", ".join(found.examples)
+        more = (
+            f" and {found.broken - len(found.examples)} more"
+            if found.broken > len(found.examples)
+            else ""
+        )
+        what = "verification after the delete" if found.after_delete else "verification"
+        raise RunFailed(
+            f"{what} found {found.broken} broken images: {names}{more}; "
+            "see GET /runs/<id>/broken (or the Broken lines) for what each one misses"
+        )
 
     async def _remove_repositories(self, marks: Marks) -> None:
         for name in marks.remove_repositories:

@@ -21,6 +21,7 @@ from daemon.progress import Progress
 from daemon.prune import Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
+from daemon.verify import Finding, Verification
 
 RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED = (
     "running",
@@ -63,6 +64,8 @@ class Run:
     started_mono: float = field(default_factory=time.monotonic)
     duration: float | None = None
     saved: dict[str, Any] | None = None  # a run loaded from history
+    verification: Verification | None = None  # verify runs, and delete runs once verified
+    recovery: Any = None  # recover runs: daemon.recover.Recovered
 
     def document(self) -> dict[str, Any]:
         if self.saved is not None:
@@ -98,7 +101,16 @@ class Run:
             "summary": self.summary.document(),
             "notes": self.notes[:100],
             "error": self.error,
+            **self._findings(),
         }
+
+    def _findings(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if self.verification is not None:
+            found["verification"] = self.verification.document()
+        if self.recovery is not None:
+            found["recovery"] = self.recovery.document()
+        return found
 
 
 class RunManager:
@@ -173,11 +185,19 @@ class RunManager:
     def candidates_path(self, run_id: str) -> Path:
         return self.dir / f"{run_id}.candidates.ndjson"
 
+    def findings_path(self, run_id: str) -> Path:
+        """Broken images (verify, and delete runs' verification) or lost manifests (recover)."""
+        return self.dir / f"{run_id}.findings.ndjson"
+
     async def _prune_history(self) -> None:
         finished = [r for r in self.ordered() if r.state in FINAL]
         for old in finished[self.history :]:
             self.runs.pop(old.id, None)
-            for path in (self.dir / f"{old.id}.json", self.candidates_path(old.id)):
+            for path in (
+                self.dir / f"{old.id}.json",
+                self.candidates_path(old.id),
+                self.findings_path(old.id),
+            ):
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(path.unlink)
 
@@ -213,11 +233,21 @@ class RunManager:
         def on_candidate(candidate: Candidate) -> None:
             buffer.append(json.dumps(candidate.document()))
 
+        findings: list[str] = []
+        findings_path = self.findings_path(run.id)
+
+        def on_finding(finding: Finding) -> None:
+            findings.append(json.dumps(finding.document()))
+
         async def flush() -> None:
             if buffer:
                 lines = "\n".join(buffer) + "\n"
                 buffer.clear()
                 await asyncio.to_thread(_append, path, lines)
+            if findings:
+                lines = "\n".join(findings) + "\n"
+                findings.clear()
+                await asyncio.to_thread(_append, findings_path, lines)
 
         async def saver() -> None:
             while True:
@@ -232,6 +262,7 @@ class RunManager:
                     return
 
         await asyncio.to_thread(_append, path, "")
+        await asyncio.to_thread(_append, findings_path, "")
         source: ReferenceSource | None = None
         background = asyncio.create_task(saver())
         state, error = FAILED, None
@@ -252,12 +283,14 @@ class RunManager:
                 dead_runs=frozenset(r.id for r in self.runs.values() if r.state == INTERRUPTED),
             )
             engine.summary = run.summary
+            engine.on_finding = on_finding
             log.info("run started", grace=run.options.grace, online=run.options.online)
             try:
                 await engine.run()
                 state = SUCCEEDED
             finally:
                 run.notes = engine.notes
+                run.verification, run.recovery = engine.verification, engine.recovery
         except Stopped:
             state = STOPPED
         except (RunFailed, ReadOnlyRefused, SourceError, StorageError) as exc:
