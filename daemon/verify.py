@@ -170,6 +170,7 @@ class StoreVerifier:
         self.result = Verification(after_delete=prior is not None)
         self.facts: dict[bytes, Facts | None] = {}
         self.present: dict[bytes, int | None] = {}  # blob -> size (None: present, not sized)
+        self.foreign_present: set[str] = set()  # sha512/sha384 blobs with data
 
     async def run(self, inventory: Inventory) -> Verification:
         self.progress.enter(self.name)
@@ -319,12 +320,19 @@ class StoreVerifier:
                         continue
                 for key in loose_keys(holders.get(raw, ()), text):
                     asks.append((raw, text, key))
+            # digests of other algorithms the typed parse named: their blob data must be here
+            for text in facts.foreign:
+                asks.append((b"", text, loose_keys((), text)[0]))
         for start in range(0, len(asks), 256):
             part = asks[start : start + 256]
             stats = await self.storage.stat_many([key for _r, _t, key in part])
             for (raw, text, _key), stat in zip(part, stats, strict=True):
-                if stat is not None:
+                if stat is None:
+                    continue
+                if raw:
                     named.setdefault(raw, set()).add(text)
+                else:
+                    self.foreign_present.add(text)
         return named
 
     # -- judging ----------------------------------------------------------------------------
@@ -355,6 +363,9 @@ class StoreVerifier:
                     found.append(
                         ("", f'image blob "{text}": {size} bytes where the manifest says {want}')
                     )
+            for text in facts.foreign:
+                if text not in self.foreign_present:
+                    found.append((text, f'image blob "{text}": unknown blob'))
             for child in _digests(facts.children):
                 text = layout.format_digest(child)
                 kid = self.facts.get(child)

@@ -265,6 +265,10 @@ async def test_second_reading_reports_what_a_blind_parse_missed(tmp_path: Path) 
         _result, found = await _verify(registry)
         assert annotated_blob.digest not in {f.digest for f in found}
         assert long.digest not in {f.digest for f in found}
+        # and a sha512 layer gone is a missing blob like any other
+        shutil.rmtree(_blob_dir(registry, long_digest, "sha512"))
+        _result, found = await _verify(registry)
+        assert {f.digest: f.missing for f in found}[long.digest] == [long_digest]
 
 
 def _as_manifest(blob: Blob) -> Manifest:

@@ -643,7 +643,7 @@ class FakeOpenShift:
         self.cluster.mappings.append(body)
         name = image_meta["name"]
         if name not in self.cluster.images:
-            self.cluster.add_image(json.loads(json.dumps(image)))
+            self.cluster.add_image(_with_metadata(image))
         status = stream.setdefault("status", {})
         tags = status.get("tags") or []
         status["tags"] = tags
@@ -817,6 +817,23 @@ def _forbidden(user: User, verb: str, resource: str, group: str) -> str:
         f'{full} is forbidden: User "{user.name}" cannot {verb} resource "{resource}" '
         f'in API group "{group}" at the cluster scope'
     )
+
+
+def _with_metadata(posted: dict[str, Any]) -> dict[str, Any]:
+    """The Image as the API server stores it: metadata filled from the manifest (the config
+    digest becomes dockerImageMetadata.Id, as ImageWithMetadata does), the manifest dropped."""
+    image = json.loads(json.dumps(posted))
+    manifest = json.loads(image.pop("dockerImageManifest", "") or "{}")
+    image.pop("dockerImageConfig", None)
+    meta: dict[str, Any] = {"kind": "DockerImage", "apiVersion": "image.openshift.io/1.0"}
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if isinstance(config, dict) and isinstance(config.get("digest"), str):
+        meta["Id"] = config["digest"]
+    image["dockerImageMetadata"] = meta
+    image["dockerImageMetadataVersion"] = "1.0"
+    image["metadata"].setdefault("uid", fake_digest(f"uid:{image['metadata']['name']}")[7:43])
+    image["metadata"].setdefault("creationTimestamp", CREATED)
+    return image
 
 
 def _bookmark(version: str) -> dict[str, Any]:
