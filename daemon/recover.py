@@ -289,8 +289,8 @@ class Recovery:
         message = _status_message(answer)
         if status == 403:
             return (
-                f"403 Forbidden: the service account needs '{CREATE_MAPPINGS}' (apply "
-                f"manifests/openshift/optional/recover-rbac.yaml): {message}"
+                f"403 Forbidden: the service account needs '{CREATE_MAPPINGS}' (the optional "
+                f"ClusterRole in manifests/openshift/components/recover/rbac.yaml): {message}"
             )
         if status == 404:
             return f"404: {message} (create the image stream first, then run recover again)"

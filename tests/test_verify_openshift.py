@@ -5,8 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import yaml
+
 from tests.harness.fake_openshift import (
     OCI_MANIFEST,
+    PRUNER_USER,
     FakeOpenShift,
     fake_digest,
     make_image,
@@ -14,6 +17,8 @@ from tests.harness.fake_openshift import (
 )
 from tests.harness.openshift_scenario import Pushed, cluster_for, run_cli
 from tests.harness.registry import Registry
+
+MANIFESTS = Path(__file__).resolve().parent.parent / "manifests" / "openshift"
 
 
 def _remove_blob(registry: Registry, digest: str) -> None:
@@ -123,12 +128,33 @@ async def test_recover_lists_then_registers_lost_manifests(
         assert code == 0, out + err
         assert "Would add image" not in out and "Would add 0 images" in out, out
 
-        # without the optional ClusterRole, apply fails and names what to grant
+        # with the base ClusterRole only, apply fails and names what to grant
+        app2_image = cluster.images.pop(app2.manifest.digest)  # gone again
         cluster.rbac = True
-        cluster.allow("*", "get", "*")
-        cluster.allow("*", "list", "*")
-        cluster.images.pop(app2.manifest.digest)
+        for verb, resource in _grants(MANIFESTS / "base" / "rbac.yaml"):
+            cluster.allow(PRUNER_USER, verb, resource)
         code, out, err = await run_cli(registry, "recover", "--apply", kubeconfig=kubeconfig)
-    assert code == 1, out + err
-    assert "create imagestreammappings.image.openshift.io" in err
-    assert "recover-rbac.yaml" in err
+        assert code == 1, out + err
+        assert "create imagestreammappings.image.openshift.io" in err, err
+        assert "components/recover/rbac.yaml" in err
+        # with the optional one, it goes through
+        for verb, resource in _grants(MANIFESTS / "components" / "recover" / "rbac.yaml"):
+            cluster.allow(PRUNER_USER, verb, resource)
+        code, out, err = await run_cli(registry, "recover", "--apply", kubeconfig=kubeconfig)
+        assert code == 0, out + err
+        assert (
+            cluster.images[app2.manifest.digest]["metadata"]["name"]
+            == app2_image["metadata"]["name"]
+        )
+
+
+def _grants(path: Path) -> set[tuple[str, str]]:
+    """(verb, resource.group) of the ClusterRole in one of manifests/openshift's files."""
+    (role,) = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "ClusterRole"]
+    return {
+        (verb, f"{resource}.{group}" if group else resource)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
