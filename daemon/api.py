@@ -96,7 +96,7 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
             raise BadRequest(f"{name} must be given once and be short")
     mode = query.get("mode", "")
     if mode not in MODES:
-        raise BadRequest(f"mode must be one of {', '.join(MODES)}, not {mode[:50]!r}")
+        raise BadRequest(f"mode must be check or delete (or verify, recover), not {mode[:50]!r}")
     source = query.get("source", settings.source)
     if source not in SOURCES:
         raise BadRequest(f"source must be one of {', '.join(SOURCES)}, not {source[:50]!r}")
