@@ -278,7 +278,7 @@ class StoreVerifier:
         """Which referenced blobs have data, and their sizes: one pass per blob shard."""
         wanted: dict[int, set[bytes]] = {}
         prior = self.prior
-        trusted = prior is not None and getattr(self.storage, "listing_proves_data", False)
+        trusted = prior is not None and self.storage.listing_proves_data
         for facts in self.facts.values():
             if facts is None:
                 continue

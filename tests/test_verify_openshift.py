@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 from pathlib import Path
 
 import yaml
 
+from tests.harness.daemon import Daemon
 from tests.harness.fake_openshift import (
     OCI_MANIFEST,
     PRUNER_USER,
@@ -102,6 +105,37 @@ async def test_recover_lists_then_registers_lost_manifests(
         would = [line for line in out.splitlines() if line.startswith("Would add image")]
         assert sorted(would) == sorted(words(r, d) for r, d in lost), out
         assert not cluster.mappings  # the check form changes nothing
+
+        # the same through the daemon: the text answer in the original words, /lost-found
+        daemon = Daemon(
+            registry.config_path,
+            tmp_path / "state",
+            "--source",
+            "openshift",
+            "--kubeconfig",
+            str(kubeconfig),
+        )
+        await asyncio.to_thread(daemon.start)
+        try:
+            status, doc = await asyncio.to_thread(
+                daemon.json, "GET", "/prune?mode=recover&wait=true"
+            )
+            assert status == 200 and doc["state"] == "succeeded", doc
+            assert doc["recovery"]["lost"] == 2 and not doc["recovery"]["applied"]
+            _s, _h, text = await asyncio.to_thread(
+                daemon.get, f"/runs/{doc['id']}", headers={"Accept": "text/plain"}
+            )
+            assert sorted(text.decode().splitlines()[:2]) == sorted(would), text
+            _s, _h, body = await asyncio.to_thread(daemon.get, f"/runs/{doc['id']}/lost-found")
+            rows = [json.loads(line) for line in body.splitlines()]
+            assert {(r["repository"], r["digest"]) for r in rows} == lost
+            assert {r["tag"] for r in rows} == {"lost-found-" + d[7:] for _r, d in lost}
+            # applying needs POST
+            status, _h, _b = await asyncio.to_thread(daemon.get, "/prune?mode=recover&apply=true")
+            assert status == 405
+            assert not cluster.mappings
+        finally:
+            daemon.stop()
 
         code, out, err = await run_cli(registry, "recover", "--apply", kubeconfig=kubeconfig)
         assert code == 0, out + err

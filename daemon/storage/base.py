@@ -34,6 +34,9 @@ class Storage(ABC):
     description: str = ""
     #: how many requests/threads the engine may keep in flight against this driver
     concurrency: int = 8
+    #: a blob shard's listing names only blobs that have data (object stores list the
+    #: ``data`` keys themselves); verify after a delete then trusts the sweep's listing
+    listing_proves_data: bool = False
 
     @abstractmethod
     async def probe(self) -> None:

@@ -246,6 +246,8 @@ def _endpoint_url(regionendpoint: str | None, secure: bool) -> str | None:
 class S3Storage(Storage):
     """A registry store in an S3 bucket below ``<rootdirectory>/docker/registry/v2/``."""
 
+    listing_proves_data = True  # list_blob_shard names ``<hex>/data`` keys only
+
     def __init__(
         self,
         settings: StorageSettings,
