@@ -8,10 +8,10 @@ from typing import Any
 from aiohttp import web
 
 from daemon import listings
-from daemon.recover import Recovered
+from daemon.findings import Recovered, Verification
 from daemon.runs import RUNNING, SUCCEEDED, Run, RunManager
 from daemon.storage.base import Storage, StorageError
-from daemon.verify import RECOVER, VERIFY, Verification
+from daemon.verify import RECOVER, VERIFY
 
 FINDINGS_TEXT_LIMIT = 4 << 20  # bytes of findings a text answer quotes
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
+from daemon.findings import Finding
 from daemon.listings import LISTINGS, print_listing
 from daemon.progress import Progress
 from daemon.prune import CHECK, DELETE, Engine, RunFailed, RunOptions, Stopped
@@ -21,7 +22,7 @@ from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, SourceError
 from daemon.storage import open_storage
 from daemon.storage.base import StorageError
-from daemon.verify import RECOVER, VERIFY, Finding
+from daemon.verify import RECOVER, VERIFY
 
 
 def _env(name: str, default: str | None = None) -> str | None:

@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 import structlog
 
 from daemon import layout, manifests
+from daemon.findings import Finding, Verification
 from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
 from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import DeleteFailure, Storage, StorageError
-from daemon.verify import RECOVER, VERIFY, Finding, Prior, StoreVerifier, Verification
+from daemon.verify import RECOVER, VERIFY, Prior, StoreVerifier
 from daemon.verifying import TypedParse
 
 T = TypeVar("T")

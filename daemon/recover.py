@@ -7,20 +7,20 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
 import structlog
 
 from daemon import layout
+from daemon.findings import Finding, Recovered
 from daemon.inventory import Inventory
 from daemon.progress import Progress
 from daemon.sources.base import SourceError
 from daemon.sources.openshift import OpenShiftSource, _reachable, _status_message, stream_key
 from daemon.sources.openshift_objects import DEFAULT_REGISTRY, StreamRecord, list_stream_records
 from daemon.storage.base import NotFound, Storage, StorageError
-from daemon.verify import MANIFEST_LIMIT, RECOVER, Finding, chunked, in_parallel
+from daemon.verify import MANIFEST_LIMIT, RECOVER, chunked, in_parallel
 
 CONFIG_LIMIT = 16 * 1024 * 1024
 CREATE_MAPPINGS = "create imagestreammappings.image.openshift.io"
@@ -29,35 +29,6 @@ SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 SCHEMA1_LAYER = "application/vnd.docker.container.image.rootfs.diff+x-gtar"
-
-
-@dataclass(slots=True)
-class Recovered:
-    """What a recover run found and did."""
-
-    lost: int = 0  # manifests no Image object of their stream accounts for
-    added: int = 0  # ImageStreamMappings created (apply=true)
-    failed: int = 0
-    skipped: int = 0  # unreadable manifests, repositories that cannot be image streams
-    applied: bool = False
-
-    def document(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_document(cls, doc: dict[str, Any]) -> Recovered:
-        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
-
-    def lines(self) -> list[str]:
-        if not self.applied:
-            lines = [f"Would add {self.lost} images to their image streams under lost-found tags"]
-            if self.lost:
-                lines.append("Use apply=true to actually add them")
-            return lines
-        lines = [f"Added {self.added} images to their image streams under lost-found tags"]
-        if self.failed:
-            lines.append(f"Could not add {self.failed} images (see the log)")
-        return lines
 
 
 def media_type(doc: dict[str, Any]) -> str:

@@ -17,11 +17,11 @@ from typing import Any
 import structlog
 
 from daemon.atomic import atomic_write
+from daemon.findings import Finding, Verification
 from daemon.progress import Progress
 from daemon.prune import Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
-from daemon.verify import Finding, Verification
 
 RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED = (
     "running",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
 
 from daemon import layout, manifests
+from daemon.findings import Finding, Verification
 from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
@@ -29,67 +30,6 @@ CHUNK = 128
 EXAMPLES = 10
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-@dataclass(slots=True)
-class Finding:
-    """One broken image (verify) or one lost manifest (recover), in the original words."""
-
-    kind: str  # broken | lost-found
-    repository: str
-    digest: str
-    reason: str
-    message: str  # the line(s) the original binary prints
-    missing: list[str] = field(default_factory=list)
-    tag: str = ""  # recover: the lost-found tag
-
-    def document(self) -> dict[str, object]:
-        if self.kind == "broken":
-            return {
-                "repository": self.repository,
-                "digest": self.digest,
-                "missing": self.missing,
-                "reason": self.reason,
-                "message": self.message,
-            }
-        return {
-            "repository": self.repository,
-            "digest": self.digest,
-            "tag": self.tag,
-            "reason": self.reason,
-            "message": self.message,
-        }
-
-
-@dataclass(slots=True)
-class Verification:
-    """What a verification counted; ``broken`` 0 means every kept image is whole."""
-
-    images: int = 0  # (repository, manifest) pairs, or Image objects, checked
-    broken: int = 0
-    manifests: int = 0  # distinct manifests read
-    tags: int = 0  # tag links (storage) or image stream tag items (openshift) checked
-    unparsed: int = 0  # digests the typed parse missed that name something of this store
-    foreign: int = 0  # digest strings that name nothing of this store
-    annotations: int = 0  # digest strings in annotations or history: not checked
-    after_delete: bool = False
-    examples: list[str] = field(default_factory=list)  # the first broken digests
-
-    @property
-    def passed(self) -> bool:
-        return self.broken == 0
-
-    def document(self) -> dict[str, object]:
-        return {**asdict(self), "passed": self.passed}
-
-    def lines(self) -> list[str]:
-        """The summary, after the ``Broken ...`` lines."""
-        if self.after_delete:
-            verdict = "passed" if self.passed else "FAILED"
-            return [
-                f"Verification {verdict}: checked {self.images} kept images: {self.broken} broken"
-            ]
-        return [f"Checked {self.images} images: {self.broken} broken"]
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from daemon import layout
+from daemon.findings import Finding, Verification
 from daemon.inventory import Inventory
 from daemon.progress import Progress
 from daemon.sources.base import SourceError
@@ -20,7 +21,7 @@ from daemon.sources.openshift_objects import (
     list_stream_records,
 )
 from daemon.storage.base import Storage
-from daemon.verify import EXAMPLES, VERIFY, Finding, Verification, in_parallel
+from daemon.verify import EXAMPLES, VERIFY, in_parallel
 
 
 class OpenShiftVerifier:

@@ -13,12 +13,13 @@ from typing import Any
 
 from daemon import manifests
 from daemon.config import load_settings
+from daemon.findings import Finding
 from daemon.progress import Progress
 from daemon.prune import DELETE, Engine, RunFailed, RunOptions
 from daemon.sources.storage import StorageSource
 from daemon.storage import open_storage
 from daemon.storage.filesystem import FilesystemStorage
-from daemon.verify import VERIFY, Finding
+from daemon.verify import VERIFY
 from tests.conftest import pruned
 from tests.harness.daemon import Daemon
 from tests.harness.images import (
