@@ -516,6 +516,7 @@ class Engine:
             deleted={c.digest for c in candidates},
             removed_repositories=set(marks.remove_repositories),
             removed_revisions=set(marks.remove_revisions),
+            tags=self.source.name != "openshift",
         )
         verifier = StoreVerifier(
             self.storage,

@@ -43,6 +43,9 @@ class Prior:
     deleted: set[bytes]
     removed_repositories: set[str]
     removed_revisions: set[tuple[str, str]]
+    #: whether the store's tag links name images: not with the openshift source, where
+    #: image streams hold the tags and a stored tag may name a manifest pruned long ago
+    tags: bool = True
 
 
 async def in_parallel(
@@ -139,7 +142,8 @@ class StoreVerifier:
             for hexdigest in sorted(repo.revisions):
                 if prior is None or (repo.name, hexdigest) not in prior.removed_revisions:
                     revisions.append((repo.name, hexdigest))
-            tags += [(repo.name, tag) for tag in sorted(repo.tags)]
+            if prior is None or prior.tags:
+                tags += [(repo.name, tag) for tag in sorted(repo.tags)]
         roots: dict[str, set[bytes]] = {}
         linked: set[tuple[str, bytes]] = set()
 
