@@ -332,3 +332,27 @@ async def test_every_delete_verifies_what_it_kept(
     assert engine.verification is not None and engine.verification.after_delete
     # what the delete had listed served its verification: one walk, one pass over the shards
     assert _Counting.walks == 1 and _Counting.shard_listings == 256
+
+
+def test_second_reading_finds_digests_in_any_key_case_and_nesting() -> None:
+    from daemon.verifying import read_facts
+
+    a, b, c, d = (hashlib.sha256(bytes([i])).hexdigest() for i in range(4))
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "x", "digest": f"sha256:{a}", "size": 2},
+        "layers": [],
+        "deep": [{"x": {"y": [f"SHA256:{b.upper()}"]}}],  # any case, any nesting
+        f"sha256:{c}": "a key",  # a key is a string too
+        "annotations": {"base": f"sha256:{d}"},  # noted, not checked
+        "long": f"sha256:{a}{a}",  # a longer hex run is no sha256 digest
+    }
+    facts = read_facts(manifests.parse, json.dumps(doc).encode())
+    assert facts.blobs == bytes.fromhex(a) and not facts.error
+    assert facts.loose == tuple(sorted((f"sha256:{b}", f"sha256:{c}")))
+    assert facts.noted == 1
+    assert facts.size_of(bytes.fromhex(a)) == 2
+    # an unparsable manifest is a finding, and still read the second way
+    broken = read_facts(manifests.parse, b'{"schemaVersion": 7, "x": "sha256:' + b.encode() + b'"}')
+    assert broken.error and broken.loose == (f"sha256:{b}",)
