@@ -147,9 +147,10 @@ class StoreVerifier:
         roots: dict[str, set[bytes]] = {}
         linked: set[tuple[str, bytes]] = set()
 
-        async def read_revisions(chunk: list[tuple[str, str]]) -> None:
+        async def read_revisions(chunk: list[tuple[str, str]]) -> list[bytes]:
             keys = [layout.revision_dir(r, h) + "link" for r, h in chunk]
             found = await self.storage.read_parsed(keys, 1024, layout.link_digest)
+            accepted: list[bytes] = []
             for (repo, hexdigest), raw in zip(chunk, found, strict=True):
                 if raw is None:
                     continue  # the scan named a directory whose link is gone: no revision
@@ -158,8 +159,10 @@ class StoreVerifier:
                     continue
                 roots.setdefault(repo, set()).add(raw)
                 linked.add((repo, raw))
+                accepted.append(raw)
+            return accepted
 
-        async def read_tags(chunk: list[tuple[str, str]]) -> None:
+        async def read_tags(chunk: list[tuple[str, str]]) -> list[bytes]:
             keys = [tag_link(r, t) for r, t in chunk]
             found = await self.storage.read_parsed(keys, 1024, layout.link_digest)
             for (repo, tag), raw in zip(chunk, found, strict=True):
@@ -171,10 +174,25 @@ class StoreVerifier:
                     continue
                 roots.setdefault(repo, set()).add(raw)
                 self._tag_targets.append((repo, tag, raw))
+            return [raw for raw in found if isinstance(raw, bytes)]
 
         self._tag_targets: list[tuple[str, str, bytes]] = []
-        await in_parallel(chunked(revisions), read_revisions, self.workers)
-        await in_parallel(chunked(tags), read_tags, self.workers)
+        # links and the manifests they name in one pipeline, as the mark phase reads them:
+        # each chunk's new manifests are read by the worker that read its links
+        work: list[Callable[[], Awaitable[list[bytes]]]] = []
+        rev_chunks, tag_chunks = chunked(revisions), chunked(tags)
+        for i in range(max(len(rev_chunks), len(tag_chunks))):
+            if i < len(rev_chunks):
+                work.append(functools.partial(read_revisions, rev_chunks[i]))
+            if i < len(tag_chunks):
+                work.append(functools.partial(read_tags, tag_chunks[i]))
+
+        async def links_then_manifests(step: Callable[[], Awaitable[list[bytes]]]) -> None:
+            named = [raw for raw in await step() if raw not in self.facts]
+            self.facts.update(dict.fromkeys(named))  # claimed: no other worker reads them
+            await self._read_chunk(named)
+
+        await in_parallel(work, links_then_manifests, self.workers)
         # a tag whose manifest has no revision link cannot be pulled: distribution reads
         # manifests through the repository's revision links
         self._unlinked = {
@@ -193,20 +211,22 @@ class StoreVerifier:
 
     # -- reading ----------------------------------------------------------------------------
 
+    async def _read_chunk(self, chunk: list[bytes]) -> None:
+        if not chunk:
+            return
+        keys = [layout.blob_data(raw.hex()) for raw in chunk]
+        found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
+        for raw, facts in zip(chunk, found, strict=True):
+            # read_facts never raises: a ValueError here came from the driver
+            self.facts[raw] = facts if isinstance(facts, Facts) else None
+        self.progress.manifests += len(chunk)
+
     async def _read_manifests(self, roots: Iterable[bytes]) -> None:
-        """Every root manifest, then children and subjects not read yet, level by level."""
+        """Children and subjects not read with the roots, level by level."""
+        pending = sorted(d for d in set(roots) if d not in self.facts)
+        await in_parallel(chunked(pending), self._read_chunk, self.workers)
         pending = sorted(set(roots))
         while pending:
-
-            async def read(chunk: list[bytes]) -> None:
-                keys = [layout.blob_data(raw.hex()) for raw in chunk]
-                found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
-                for raw, facts in zip(chunk, found, strict=True):
-                    # read_facts never raises: a ValueError here came from the driver
-                    self.facts[raw] = facts if isinstance(facts, Facts) else None
-                self.progress.manifests += len(chunk)
-
-            await in_parallel(chunked(pending), read, self.workers)
             following: set[bytes] = set()
             for raw in pending:
                 facts = self.facts[raw]
@@ -214,6 +234,7 @@ class StoreVerifier:
                     following.update(_digests(facts.children))
                     following.update(_digests(facts.subjects))
             pending = sorted(d for d in following if d not in self.facts)
+            await in_parallel(chunked(pending), self._read_chunk, self.workers)
         self.result.manifests = sum(1 for f in self.facts.values() if f is not None)
 
     # -- blobs ------------------------------------------------------------------------------
