@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +144,20 @@ def test_s3_config_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert "AWS_CA_BUNDLE" not in env
     assert "REGISTRY_STORAGE" not in env
     assert env["REGISTRY_LOG_LEVEL"] == "info"
+
+
+def test_no_test_or_benchmark_finds_our_script_through_path() -> None:
+    """Our own executables are found next to the interpreter: the README's commands never
+    put .venv/bin on PATH, and a leftover install there would be tested instead (issue 22)."""
+    root = Path(__file__).resolve().parent.parent
+    through_path = re.compile(
+        r"""which\(\s*["']registry-pruned["']|\[\s*["']registry-pruned["']\s*,"""
+    )
+    found = [
+        f"{path.relative_to(root)}:{n}"
+        for folder in ("tests", "bench")
+        for path in sorted((root / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if through_path.search(line) and path != Path(__file__).resolve()
+    ]
+    assert found == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,9 @@ from daemon.storage.filesystem import FilesystemStorage
 from tests.conftest import check_logged, pruned, would_delete
 from tests.harness.images import RegistryClient, Scenario, skopeo_pull
 from tests.harness.registry import Registry, RegistryError, blobs_on_disk
+
+#: the system's own directories: what PATH holds on a machine where nothing else was installed
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def test_check_matches_garbage_collect_digest_for_digest(
@@ -216,15 +220,17 @@ def test_json_logs_carry_the_run_id(shared: tuple[Registry, Scenario]) -> None:
 
 def test_python_m_and_console_script_agree(shared: tuple[Registry, Scenario]) -> None:
     registry, _scenario = shared
-    script = shutil.which("registry-pruned")
-    if script is None:
-        pytest.fail("the console script registry-pruned is not installed (pip install -e .)")
+    # next to the interpreter, never through PATH: the README's commands do not activate the
+    # venv, and a registry-pruned left on PATH by another install would be tested instead
+    script = Path(sys.executable).with_name("registry-pruned")
+    assert script.exists(), f"{script}: the console script is not installed (pip install -e .)"
     out = subprocess.run(
         [script, "check", "--registry-config", str(registry.config_path), "--grace", "0"],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
+        env={**os.environ, "PATH": SYSTEM_PATH},
     )
     assert (
         out.stdout
