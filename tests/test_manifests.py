@@ -931,8 +931,8 @@ async def test_ci_job_runs_against_the_companion_with_its_cluster_role(
     cluster.add_token(CI_TOKEN, CI_READER)
     for verb, resource in grants(check_role):
         cluster.allow(CI_READER, verb, resource)
-    _config, manifest, layer = _small_store(tmp_path)
-    cluster.add_image(make_image(manifest, layers=[layer], config=fake_digest("cfg")))
+    _config, manifest, layer, image_config = _small_store(tmp_path)
+    cluster.add_image(make_image(manifest, layers=[layer], config=image_config))
     cluster.add_stream(make_image_stream("ns", "app", {"latest": [manifest]}))
     cluster.storage = {"pvc": {"claim": "image-registry-storage"}, "managementState": "Managed"}
     (pvc_pruner,) = _containers(_pruner(render(COMPANION / "pvc"))[0])
