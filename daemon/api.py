@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import signal
 import time
@@ -16,16 +17,18 @@ from aiohttp import web
 
 from daemon import logs
 from daemon.api_views import add_listing_routes, findings_text
-from daemon.auth import Authenticator, auth_enabled, create_reviewer, is_loopback
+from daemon.auth import VERIFIED, Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
 from daemon.metrics import CONTENT_TYPE, Metrics
+from daemon.origin import OriginGuard, allowed_host_names
 from daemon.prune import CHECK, DELETE, RunOptions, Summary
+from daemon.readiness import Readiness
 from daemon.report import summary_lines
 from daemon.runs import RUNNING, Busy, Run, RunManager
 from daemon.sources import open_source
 from daemon.sources.base import ReferenceSource
 from daemon.storage import open_storage
-from daemon.storage.base import Storage, StorageError
+from daemon.storage.base import Storage
 from daemon.verify import RECOVER, VERIFY
 
 PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "apply"}
@@ -35,6 +38,11 @@ SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
 METRICS = web.AppKey("metrics", Metrics)
 LOG = web.AppKey("log", structlog.typing.FilteringBoundLogger)
+READINESS = web.AppKey("readiness", Readiness)
+#: no auth: whoever gets past the origin guard may read everything, /readyz's details too
+OPEN = web.AppKey("open", bool)
+#: the run a /runs/{id}... request names, resolved once (``latest`` included) for every layer
+RUN_ID = web.RequestKey("run_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -148,7 +156,8 @@ async def prune(request: web.Request) -> web.StreamResponse:
 
 
 def _find(request: web.Request) -> Run:
-    run = request.app[MANAGER].get(request.match_info["id"])
+    # never resolve ``latest`` again here: auth decided on the run resolve_run named
+    run = request.app[MANAGER].runs.get(request[RUN_ID])
     if run is None:
         raise web.HTTPNotFound(
             text=json.dumps({"error": f"no run {request.match_info['id'][:80]!r}; see GET /runs"}),
@@ -223,11 +232,15 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    try:
-        await asyncio.wait_for(request.app[STORAGE].probe(), 10)
-    except (StorageError, TimeoutError) as exc:
-        return _error(503, f"storage not ready: {exc or 'timed out'}")
-    return web.json_response({"status": "ready", "storage": request.app[STORAGE].description})
+    error = await request.app[READINESS].error()
+    # probes are anonymous: they learn ready or not, never the store's name or its errors
+    detailed = request.app[OPEN] or request.get(VERIFIED, False)
+    if error is not None:
+        body = {"status": "not ready", "error": error} if detailed else {"status": "not ready"}
+        return web.json_response(body, status=503)
+    if detailed:
+        return web.json_response({"status": "ready", "storage": request.app[STORAGE].description})
+    return web.json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -260,6 +273,33 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         )
 
 
+@web.middleware
+async def resolve_run(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Resolve a route's run id once, before auth awaits anything: ``latest`` then names
+    the same run for the permission check and for the handler."""
+    name = request.match_info.get("id")
+    if name is not None:
+        request[RUN_ID] = request.app[MANAGER].resolve(name)
+    return await handler(request)
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    """--allowed-host names, and the listen address when it is a name."""
+    host, _port = split_listen(settings.listen)
+    names = list(settings.allowed_hosts)
+    if not is_loopback(host) and not _is_address(host):
+        names.append(host)
+    return names
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def make_app(
     settings: Settings,
     storage: Storage,
@@ -268,12 +308,17 @@ def make_app(
     log: structlog.typing.FilteringBoundLogger,
     auth: Authenticator | None = None,
 ) -> web.Application:
-    middlewares: list[Any] = [errors_and_access_log]
+    # inside the access log, so refused requests are logged with their status; the origin
+    # guard first: a forged request costs no token review
+    middlewares: list[Any] = [
+        errors_and_access_log,
+        OriginGuard(allowed_hosts(settings), log).middleware(),
+        resolve_run,
+    ]
     if auth is not None:
-        # inside the access log, so refused requests are logged with their status
 
-        def run_mode(run_id: str) -> str | None:
-            run = manager.get(run_id)
+        def run_mode(request: web.Request) -> str | None:
+            run = manager.runs.get(request.get(RUN_ID, ""))
             return run.mode if run is not None else None
 
         middlewares.append(auth.middleware(run_mode))
@@ -285,6 +330,8 @@ def make_app(
         metrics_,
         log,
     )
+    app[READINESS] = Readiness(storage)
+    app[OPEN] = auth is None
     app.router.add_route("POST", "/prune", prune)
     app.router.add_route("GET", "/prune", prune)
     app.router.add_get("/runs", list_runs)
@@ -347,6 +394,7 @@ def serve(settings: Settings) -> int:
     try:
         host, port = split_listen(settings.listen)
         use_auth = auth_enabled(settings, host)
+        allowed_host_names(allowed_hosts(settings))
     except ConfigError as exc:
         log.error(str(exc))
         return 2

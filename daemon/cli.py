@@ -127,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("AUTH_RESOURCE", "images.image.openshift.io"),
         help="<plural>.<group> the verbs are checked on",
     )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        metavar="NAME",
+        help="a host name callers use for the daemon besides localhost and IP addresses "
+        "(e.g. its Service's); repeatable; PRUNER_ALLOWED_HOSTS takes them comma-separated",
+    )
     one_shots = (
         (CHECK, "report what would be deleted"),
         (DELETE, "delete orphans"),
@@ -180,6 +188,9 @@ def _operator_storage(args: argparse.Namespace) -> dict[str, object]:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    hosts = getattr(args, "allowed_hosts", None)
+    if hosts is None and hasattr(args, "allowed_hosts"):
+        hosts = (_env("ALLOWED_HOSTS") or "").split(",")
     storage = _operator_storage(args) if args.storage_from == "openshift" else None
     return load_settings(
         args.registry_config,
@@ -202,6 +213,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         auth_check_verb=getattr(args, "auth_check_verb", None),
         auth_delete_verb=getattr(args, "auth_delete_verb", None),
         auth_resource=getattr(args, "auth_resource", None),
+        allowed_hosts=tuple(h.strip() for h in hosts if h.strip()) if hosts else None,
     )
 
 

@@ -95,6 +95,8 @@ class Settings:
     auth_check_verb: str = "get"
     auth_delete_verb: str = "delete"
     auth_resource: str = "images.image.openshift.io"
+    # Host names (besides localhost and IP addresses) the daemon answers to: a Service's
+    allowed_hosts: tuple[str, ...] = ()
 
 
 def _load_file(path: Path, required: bool) -> dict[str, Any]:

@@ -110,3 +110,10 @@ def packed_references(data: bytes) -> tuple[bytes, tuple[str, ...]]:
     concatenated, and the foreign digests it names."""
     refs = parse(data)
     return b"".join(refs.blobs) + b"".join(refs.children), tuple(refs.foreign)
+
+
+def split_references(data: bytes) -> tuple[bytes, bytes]:
+    """``parse``, packed: the raw digests of the blobs it references, then of its child
+    manifests (each 32 bytes a digest, concatenated)."""
+    refs = parse(data)
+    return b"".join(refs.blobs), b"".join(refs.children)

@@ -206,11 +206,15 @@ class RunManager:
     def ordered(self) -> list[Run]:
         return sorted(self.runs.values(), key=lambda r: r.id, reverse=True)
 
-    def get(self, run_id: str) -> Run | None:
+    def resolve(self, run_id: str) -> str:
+        """The id ``run_id`` stands for now: ``latest`` is the newest run's (itself if none)."""
         if run_id == "latest":
             ordered = self.ordered()
-            return ordered[0] if ordered else None
-        return self.runs.get(run_id)
+            return ordered[0].id if ordered else run_id
+        return run_id
+
+    def get(self, run_id: str) -> Run | None:
+        return self.runs.get(self.resolve(run_id))
 
     # -- running -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from daemon import logs
-from daemon.api import build
+from daemon.api import READINESS, build
 from daemon.auth import Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import ConfigError, Settings, load_settings
 from tests.conftest import pruned
@@ -205,6 +205,81 @@ async def test_probes_stay_open_and_metrics_do_not(make_app: Any, api: FakeOpenS
     assert (await app.call("GET", "/readyz"))[0] == 200
     assert (await app.call("GET", "/metrics"))[0] == 401
     assert reviews(api, "tokenreviews") == 0
+
+
+async def test_readyz_tells_probes_only_ready_and_is_cached(
+    make_app: Any, api: FakeOpenShift, tmp_path: Path
+) -> None:
+    now = [1000.0]
+    app = await make_app()
+    readiness = app.client.server.app[READINESS]
+    readiness.clock = lambda: now[0]
+    store = tmp_path / "store"
+    assert (await app.call("GET", "/readyz"))[:2] == (200, {"status": "ready"})
+    # a caller that shows a token with the check right gets the store and the error text
+    status, body, _ = await app.call("GET", "/readyz", READER_TOKEN)
+    assert (status, body) == (200, {"status": "ready", "storage": f"filesystem:{store}"})
+    assert (await app.call("GET", "/readyz", NOBODY_TOKEN))[0] == 403
+    assert (await app.call("GET", "/readyz", BAD_TOKEN))[0] == 401
+    # the store goes away: probes within the cache time are answered without asking it
+    store.rename(tmp_path / "store-gone")
+    for _ in range(20):
+        assert (await app.call("GET", "/readyz"))[0] == 200
+    assert readiness.probes == 1
+    now[0] += 6
+    answers = await asyncio.gather(*(app.call("GET", "/readyz") for _ in range(20)))
+    assert {(status, json.dumps(body)) for status, body, _h in answers} == {
+        (503, '{"status": "not ready"}')
+    }
+    assert readiness.probes == 2
+    status, body, _ = await app.call("GET", "/readyz", READER_TOKEN)
+    assert status == 503 and body["status"] == "not ready"
+    assert f"storage root {store} does not exist" in body["error"]
+    (tmp_path / "store-gone").rename(store)
+    assert (await app.call("GET", "/readyz"))[0] == 503  # cached
+    now[0] += 6
+    assert (await app.call("GET", "/readyz"))[:2] == (200, {"status": "ready"})
+    assert readiness.probes == 3
+
+
+async def test_latest_names_one_run_for_the_review_and_the_handler(
+    make_app: Any, api: FakeOpenShift, tmp_path: Path
+) -> None:
+    """A caller with only the check right stops ``latest`` while its review is slow, and a
+    delete run starts meanwhile: the check run it was authorised for is the one it gets."""
+    api.cluster.allow(PRUNER_USER, "*", "*")  # the openshift source lists with this account
+    api.cluster.read_only = True
+    kubeconfig = api.write_kubeconfig(tmp_path / "source-kubeconfig")
+    app = await make_app(kubeconfig=str(kubeconfig))
+    status, check, _ = await app.call("POST", "/prune?mode=check&wait=true", READER_TOKEN)
+    assert status == 200 and check["state"] == "succeeded"
+    late_reader = "late-reader-token-77777777"
+    api.cluster.add_token(late_reader, "system:serviceaccount:ci:late-reader")
+    api.cluster.allow("system:serviceaccount:ci:late-reader", "get", IMAGES)
+
+    review = api.cluster.hold("tokenreviews")
+    stop = asyncio.create_task(app.call("POST", "/runs/latest/stop", late_reader))
+    await asyncio.wait_for(review.arrived.wait(), 10)  # type: ignore[union-attr]
+    # while that review is awaited, a delete run starts and becomes the latest
+    listing = api.cluster.hold("images")
+    status, delete, _ = await app.call("POST", "/prune?mode=delete&source=openshift", DELETER_TOKEN)
+    assert status == 202, delete
+    await asyncio.wait_for(listing.arrived.wait(), 10)  # type: ignore[union-attr]
+    assert (await app.call("GET", "/runs/latest", READER_TOKEN))[1]["id"] == delete["id"]
+
+    review.release.set()  # type: ignore[union-attr]
+    status, answer, _ = await stop
+    assert status == 409, answer
+    assert answer["error"] == f"run {check['id']} is succeeded, not running"
+    status, run, _ = await app.call("GET", f"/runs/{delete['id']}", READER_TOKEN)
+    assert run["state"] == "running"
+    listing.release.set()  # type: ignore[union-attr]
+    for _ in range(200):
+        status, run, _ = await app.call("GET", f"/runs/{delete['id']}", READER_TOKEN)
+        if run["state"] != "running":
+            break
+        await asyncio.sleep(0.05)
+    assert run["state"] == "succeeded", run
 
 
 @pytest.mark.parametrize("resource", ["tokenreviews", "subjectaccessreviews"])

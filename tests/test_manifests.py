@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -26,9 +27,10 @@ import pytest_asyncio
 import yaml
 
 from daemon import cli, logs, operator_storage
-from daemon.api import make_app
+from daemon.api import allowed_hosts, make_app
 from daemon.auth import OPEN_PATHS, auth_enabled
 from daemon.config import DEFAULT_LISTEN, DEFAULT_REGISTRY_CONFIG, Settings, load_settings
+from daemon.origin import OriginGuard
 from tests.harness.daemon import Daemon
 from tests.harness.fake_openshift import (
     PRUNER_USER,
@@ -338,6 +340,8 @@ def _settings(env: dict[str, str], tmp: Path) -> Settings:
         overrides["listen"] = env["PRUNER_LISTEN"]
     if "PRUNER_AUTH" in env:
         overrides["auth"] = env["PRUNER_AUTH"]
+    if "PRUNER_ALLOWED_HOSTS" in env:
+        overrides["allowed_hosts"] = tuple(env["PRUNER_ALLOWED_HOSTS"].split(","))
     return load_settings(Path(config) if config else None, env=env, **overrides)
 
 
@@ -377,6 +381,13 @@ def test_sidecar_agrees_with_the_daemon(renderer: str, variant: str, tmp_path: P
         assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
         ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
         assert DEFAULT_PORT in ports and 5000 in ports  # the registry stays reachable
+        # the CI Job's Host (the Service's name) passes the browser guard
+        guard = OriginGuard(allowed_hosts(_settings(env, tmp_path)))
+        (job_container,) = ci_job()["spec"]["template"]["spec"]["containers"]
+        url = next(e["value"] for e in job_container["env"] if e["name"] == "PRUNER_URL")
+        ci_host = urlsplit(url).hostname or ""
+        assert guard.host_ok(ci_host, False), ci_host
+        assert not guard.host_ok("attacker.example", False)
     else:
         assert "ports" not in pruner
 
@@ -460,7 +471,14 @@ def test_companion_renders_to_valid_objects_the_operator_does_not_own(
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     kinds = sorted(o["kind"] for o in objects)
-    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    expected = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
     if "expose" in variant:
         expected = sorted([*expected, "NetworkPolicy", "Service"])
     assert kinds == expected
@@ -570,6 +588,10 @@ def test_companion_agrees_with_the_daemon(renderer: str, variant: str, tmp_path:
         # the host the CI Job calls
         job_host = _env(ci_job()["spec"]["template"]["spec"]["containers"][0])["PRUNER_URL"]
         assert job_host.startswith(f"http://{service['metadata']['name']}.")
+        # ... which the browser guard lets through
+        settings = _settings({**env, "REGISTRY_STORAGE": "filesystem"}, tmp_path)
+        guard = OriginGuard(allowed_hosts(settings))
+        assert guard.host_ok(urlsplit(job_host).hostname or "", False), job_host
         assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
         (container_port,) = pruner["ports"]
         assert service["spec"]["ports"][0]["targetPort"] == container_port["name"]
@@ -719,7 +741,15 @@ def test_containerfile_agrees_with_the_package() -> None:
     assert spec["ENV"]["PRUNER_LISTEN"] == DEFAULT_LISTEN
     assert spec["VOLUME"] == [spec["ENV"]["PRUNER_STATE_DIR"]]
     assert "/healthz" in spec["HEALTHCHECK"]
-    assert "registry-pruned" in " ".join(spec["RUN"])  # installs the package (from the wheel)
+    # the package goes into a venv in the builder stage (Debian's python3 refuses system
+    # installs, PEP 668), which the final stage copies as it is and puts first on PATH
+    venv = "/opt/registry-pruned"
+    assert any(
+        re.search(rf"--python {venv}/bin/python install .*--no-deps \.$", run)
+        for run in spec["ALL_RUN"]
+    )
+    assert spec["COPY"] == f"--from=builder {venv} {venv}"
+    assert spec["ENV"]["PATH"].startswith(f"{venv}/bin:")
     # no downloads beyond the package registries (pip, apt)
     for run in spec["ALL_RUN"]:
         assert not re.search(r"https?://|\bcurl\s+-|\bwget\b", run), run
@@ -924,8 +954,8 @@ async def test_ci_job_runs_against_the_companion_with_its_cluster_role(
 ) -> None:
     """The Job of ci-job.yaml against a companion-mode daemon: storage from the operator."""
     cluster = api.cluster
-    (role,) = [o for o in render(COMPANION) if o["kind"] == "ClusterRole"]
-    for verb, resource in grants(role):
+    roles = [o for o in render(COMPANION) if o["kind"] in ("ClusterRole", "Role")]
+    for verb, resource in (grant for role in roles for grant in grants(role)):
         cluster.allow(PRUNER_USER, verb, resource)
     (check_role,) = [d for d in _load_all(OPENSHIFT / "ci-job.yaml") if d["kind"] == "ClusterRole"]
     cluster.add_token(CI_TOKEN, CI_READER)

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.fake_openshift import FakeOpenShift, make_image, make_registry_deployment
+from tests.harness.fake_openshift import (
+    OCI_INDEX,
+    SCHEMA2,
+    FakeCluster,
+    FakeOpenShift,
+    make_image,
+    make_image_stream,
+    make_manifest_list,
+    make_registry_deployment,
+)
 from tests.harness.images import (
     RegistryClient,
     config_blob,
@@ -19,10 +28,12 @@ from tests.harness.images import (
 from tests.harness.openshift_scenario import (
     Pushed,
     cluster_for,
+    push,
+    push_index,
     revisions,
     run_cli,
 )
-from tests.harness.registry import Registry, blobs_on_disk
+from tests.harness.registry import Registry, blobs_on_disk, running_registry
 
 
 async def test_images_decide_exact_removals_and_kept_images_pull(
@@ -166,3 +177,64 @@ async def test_image_created_during_online_delete_keeps_its_blobs(
     assert {late.digest, late_cfg.digest, late_layers[0].digest} <= left
     assert not images["app2"].digests() - {images["app2"].blobs[0].digest} & left
     skopeo_pull(registry.url, "ns1/web", "late", tmp_path / "late")
+
+
+async def test_multi_arch_children_without_images_keep_their_blobs(tmp_path: Path) -> None:
+    """Only the index has an Image object (as after an import of the index alone): its
+    children's configs and layers are read from the store and kept."""
+    with running_registry(tmp_path / "registry") as registry:
+        client = RegistryClient(registry.url)
+        rng = random.Random(11)
+        multi = push_index(client, rng, "ns1/app", "multi")
+        orphans = set(client.upload_orphan_blobs("ns1/app", 2, rng))
+        cluster = FakeCluster(read_only=True)
+        children = [(c.digest, a) for c, a in zip(multi.children, ("amd64", "arm64"), strict=True)]
+        cluster.add_image(
+            make_manifest_list(
+                multi.manifest.digest, children, media_type=OCI_INDEX, repository="ns1/app"
+            )
+        )
+        cluster.add_stream(make_image_stream("ns1", "app", {"multi": [multi.manifest.digest]}))
+        before = blobs_on_disk(registry)
+        assert multi.digests() | orphans <= before
+        async with FakeOpenShift(cluster) as api:
+            kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+            code, out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
+            assert code == 0, err
+            assert out.splitlines()[0] == "Deleted 2 blobs", out
+            assert blobs_on_disk(registry) == before - orphans
+            skopeo_pull(registry.url, "ns1/app", "multi", tmp_path / "multi")
+            # a child manifest the store lost: what its layers are is unknown, nothing goes
+            lost = multi.children[1].digest.removeprefix("sha256:")
+            (registry.root / f"docker/registry/v2/blobs/sha256/{lost[:2]}/{lost}/data").unlink()
+            more = set(client.upload_orphan_blobs("ns1/app", 1, rng))
+            left = blobs_on_disk(registry)
+            code, out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
+        assert code == 1, out + err
+        assert f"manifest sha256:{lost}, a child of the stored manifest list" in err
+        assert "is not in the store" in err and "blocks every run" in err
+        assert blobs_on_disk(registry) == left and more <= left
+
+
+async def test_image_without_config_metadata_is_completed_from_the_store(tmp_path: Path) -> None:
+    """A schema2 Image without dockerImageMetadata: its manifest in the store names the
+    config, which is kept; the run goes on."""
+    with running_registry(tmp_path / "registry") as registry:
+        client = RegistryClient(registry.url)
+        rng = random.Random(12)
+        plain = push(client, rng, "ns1/app", "v1", [])
+        orphans = set(client.upload_orphan_blobs("ns1/app", 2, rng))
+        image = make_image(plain.manifest.digest, layers=plain.manifest.layers, media_type=SCHEMA2)
+        image.pop("dockerImageMetadata")
+        cluster = FakeCluster(read_only=True)
+        cluster.add_image(image)
+        cluster.add_stream(make_image_stream("ns1", "app", {"v1": [plain.manifest.digest]}))
+        before = blobs_on_disk(registry)
+        async with FakeOpenShift(cluster) as api:
+            kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+            code, out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
+        assert code == 0, err
+        assert out.splitlines()[0] == "Deleted 2 blobs", out
+        assert blobs_on_disk(registry) == before - orphans
+        assert plain.manifest.config in blobs_on_disk(registry)
+        skopeo_pull(registry.url, "ns1/app", "v1", tmp_path / "v1")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import json
 import os
 import re
 import threading
@@ -15,14 +17,18 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from daemon.config import StorageSettings
 from daemon.inventory import Inventory
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReadOnlyRefused, SourceError
 from daemon.sources.openshift import OpenShiftSource, create
+from daemon.storage import open_storage
 from tests.harness.fake_openshift import (
+    LAYER,
     OCI_INDEX,
     OCI_MANIFEST,
     SCHEMA1,
+    SCHEMA2,
     FakeCluster,
     FakeOpenShift,
     fake_digest,
@@ -143,10 +149,21 @@ async def test_paging_small_pages(fake: FakeOpenShift, source: Any) -> None:
     assert progress.manifests == 25
 
 
-async def test_invalid_config_digest_of_schema2_fails(fake: FakeOpenShift, source: Any) -> None:
-    fake.cluster.add_image(make_image(fake_digest("x"), layers=[fake_digest("l")], config=None))
-    with pytest.raises(SourceError, match=r"dockerImageMetadata\.Id"):
-        await mark(await source())
+async def test_schema2_without_config_and_manifest_fails_saying_how_to_fix(
+    fake: FakeOpenShift, source: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "store").mkdir()
+    storage = open_storage(StorageSettings("filesystem", str(tmp_path / "store")), 2)
+    name = fake_digest("x")
+    for config in (None, "", "not-a-digest"):
+        fake.cluster.add_image(make_image(name, layers=[fake_digest("l")], config=config))
+        with pytest.raises(SourceError) as failed:
+            await (await source()).mark(Inventory(), storage, Progress())
+        message = str(failed.value)
+        assert f"image {name} ({SCHEMA2}) has no dockerImageMetadata.Id" in message
+        assert "is not in the store" in message and "blocks every run" in message
+        assert f"oc delete image {name}" in message
+    await storage.close()
 
 
 async def test_bad_layer_digest_fails(fake: FakeOpenShift, source: Any) -> None:
@@ -492,6 +509,57 @@ async def test_online_watch_sees_new_image(fake: FakeOpenShift, source: Any) -> 
     watch = [q for _, p, q in c.requests if q.get("watch") == "true"]
     assert watch[0]["resourceVersion"] == src.images_version
     assert watch[0]["allowWatchBookmarks"] == "true"
+
+
+async def test_online_watch_reads_what_new_images_leave_out(
+    fake: FakeOpenShift, source: Any, tmp_path: Path
+) -> None:
+    c, d = fake.cluster, fake_digest
+    root = tmp_path / "store"
+
+    def put(doc: dict[str, Any]) -> str:
+        data = json.dumps(doc).encode()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        path = root / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        return digest
+
+    def image_manifest(media_type: str, config: str, layer: str) -> dict[str, Any]:
+        return {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": {"mediaType": "application/json", "digest": config, "size": 1},
+            "layers": [{"mediaType": LAYER, "digest": layer, "size": 1}],
+        }
+
+    plain = put(image_manifest(SCHEMA2, d("cfg"), d("layer")))
+    child = put(image_manifest(OCI_MANIFEST, d("child-cfg"), d("child-l")))
+    index = put(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{"mediaType": OCI_MANIFEST, "digest": child, "size": 1}],
+        }
+    )
+    storage = open_storage(StorageSettings("filesystem", str(root)), 2)
+    src = await source()
+    await src.mark(Inventory(), storage, Progress())
+    await src.start_online()
+    c.add_image(make_image(plain, layers=[d("layer")]))  # no dockerImageMetadata.Id
+    c.add_image(make_manifest_list(index, [child], media_type=OCI_INDEX))  # child: no Image
+    c.add_image(make_manifest_list(d("imported"), [d("elsewhere")]))  # not in the store
+    await wait_seen(src, raws([plain, index, d("elsewhere")]))
+    wanted = raws([d("cfg"), d("child-cfg"), d("child-l")])
+    assert await src.newly_in_use(wanted | {raw(d("nothing"))}) == wanted
+    # a new config-less image whose manifest is not in the store: fail closed
+    c.add_image(make_image(d("ghost"), layers=[d("ghost-l")]))
+    with pytest.raises(SourceError, match="blocks every run"):
+        async with asyncio.timeout(5):
+            while True:
+                await src.newly_in_use([raw(d("ghost-l"))])
+                await asyncio.sleep(0.02)
+    await storage.close()
 
 
 async def test_online_watch_resumes_after_a_drop(fake: FakeOpenShift, source: Any) -> None:

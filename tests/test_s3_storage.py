@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 import pytest_asyncio
@@ -564,6 +564,37 @@ async def test_delete_under_faults(
     for seen in proxy.seen:
         if seen.method == "POST":
             assert set(delete_request_keys(seen.body)) <= asked
+
+
+@session_loop
+async def test_delete_errors_in_another_form_or_for_unsent_keys(
+    weed: SeaweedFS, make_storage: MakeStorage, proxy: FaultProxy
+) -> None:
+    bucket = new_bucket(weed)
+    doomed = hexes(6, seed=31)
+    root = "r/docker/registry/v2/"
+    await weed.seed(bucket, {root + layout.blob_data(h): b"d" for h in doomed})
+    storage = make_storage(bucket, "r", endpoint=proxy.url)
+    # the store refuses every key, but echoes it re-encoded: still a failure of that key
+    echoes = {
+        "url-encoded": lambda key: quote(key, safe=""),
+        "leading slash": lambda key: "/" + key,
+        "both": lambda key: "/" + quote(key, safe=""),
+    }
+    try:
+        for name, form in echoes.items():
+            proxy.inject("delete_errors", 1, code="AccessDenied", key_form=form)
+            failures = await storage.delete_blobs(doomed)
+            assert sorted(f.key for f in failures) == doomed, name
+            assert {f.reason for f in failures} == {"AccessDenied: injected by faultproxy"}
+        # an error naming a key that was not sent: which key stayed is unknown, so all did
+        proxy.inject("delete_errors", 1, code="AccessDenied", key_form=lambda key: key + ".unsent")
+        failures = await storage.delete_blobs(doomed)
+        assert sorted(f.key for f in failures) == doomed
+        assert all("a key it was not sent" in f.reason for f in failures)
+    finally:
+        proxy.clear()
+    assert set(weed.keys(bucket)) == {root + layout.blob_data(h) for h in doomed}
 
 
 @session_loop

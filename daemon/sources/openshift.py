@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +18,13 @@ import aiohttp
 import structlog
 from kubernetes_asyncio.client import ApiClient
 
-from daemon import layout
+from daemon import layout, manifests
 from daemon.config import maintenance_read_only
 from daemon.inventory import DigestSet, Inventory
 from daemon.kube import KubeConfigError, api_client
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
-from daemon.storage.base import Storage
+from daemon.storage.base import Storage, StorageError
 
 IMAGES = "/apis/image.openshift.io/v1/images"
 IMAGE_STREAMS = "/apis/image.openshift.io/v1/imagestreams"
@@ -63,6 +64,8 @@ _NO_CONFIG_TYPES = frozenset(
 )
 _NAMESPACE = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
 _DIGEST_LEN = 32
+MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
+_READ_CHUNK = 64
 
 
 class _Expired(Exception):
@@ -81,6 +84,8 @@ class ImageIndex:
     names: set[bytes] = field(default_factory=set)
     # manifest list digest -> its children's digests concatenated (32 bytes each)
     children: dict[bytes, bytes] = field(default_factory=dict)
+    # schema2/OCI images without a usable dockerImageMetadata.Id -> their media type
+    no_config: dict[bytes, str] = field(default_factory=dict)
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
@@ -109,8 +114,9 @@ def _digest(value: Any, where: str) -> bytes:
         raise SourceError(f"openshift: unexpected answer: {where}: {exc}") from None
 
 
-def image_digests(image: Any) -> tuple[bytes, list[bytes], list[bytes]]:
-    """One Image object -> (its manifest digest, blobs it needs, child manifests)."""
+def image_digests(image: Any) -> tuple[bytes, list[bytes], list[bytes], bool]:
+    """One Image object -> (its manifest digest, blobs it needs, child manifests, whether
+    those blobs are complete: False for a schema2/OCI image whose config it does not name)."""
     image = _obj(image, "an image")
     raw_name = _obj(image.get("metadata"), "image metadata").get("name")
     name = _digest(raw_name, "image metadata.name")
@@ -126,13 +132,17 @@ def image_digests(image: Any) -> tuple[bytes, list[bytes], list[bytes]]:
     media_type = image.get("dockerImageManifestMediaType") or ""
     config = _obj(image.get("dockerImageMetadata"), f"{where} dockerImageMetadata").get("Id")
     if media_type in _CONFIG_TYPES:
-        # without its config the image cannot be pulled: refuse to guess
-        blobs.append(_digest(config, f"{where} dockerImageMetadata.Id (config of {media_type})"))
+        try:
+            blobs.append(layout.parse_digest(config if isinstance(config, str) else ""))
+        except layout.InvalidDigest:
+            # without its config the image cannot be pulled: never guess; the caller reads
+            # the manifest from the store (or fails the run)
+            return name, blobs, children, False
     elif media_type not in _NO_CONFIG_TYPES and isinstance(config, str) and config:
         # unknown or empty media type: keep whatever looks like a blob, it costs nothing
         with contextlib.suppress(layout.InvalidDigest):
             blobs.append(layout.parse_digest(config))
-    return name, blobs, children
+    return name, blobs, children, True
 
 
 def stream_key(repository: str) -> str | None:
@@ -173,6 +183,8 @@ class OpenShiftSource(ReferenceSource):
         self.log = (log or structlog.get_logger()).bind(source=self.name)
         self.images_version = ""  # resourceVersion of the last complete images listing
         self._watch: _ImageWatch | None = None
+        self._storage: Storage | None = None  # the store mark read, for online mode's reads
+        self._known: set[bytes] = set()  # Image names of the last listing
 
     # -- HTTP ---------------------------------------------------------------------------
 
@@ -280,7 +292,9 @@ class OpenShiftSource(ReferenceSource):
 
         def consume(items: list[Any]) -> None:
             for item in items:
-                name, blobs, children = image_digests(item)
+                name, blobs, children, complete = image_digests(item)
+                if not complete:
+                    index.no_config[name] = str(item.get("dockerImageManifestMediaType"))
                 index.names.add(name)
                 index.in_use.add(name)
                 index.in_use.update(blobs)
@@ -320,6 +334,7 @@ class OpenShiftSource(ReferenceSource):
         return streams
 
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
+        self._storage = storage
         index = await self.list_images(progress)
         self.log.info(
             "images listed",
@@ -327,6 +342,8 @@ class OpenShiftSource(ReferenceSource):
             in_use=len(index.in_use),
             manifest_lists=len(index.children),
         )
+        await self._mark_from_store(index, inventory, storage)
+        self._known = index.names
         marks = Marks(in_use=index.in_use)
         valid = {name: stream_key(name) for name in inventory.repositories}
         wanted = {key for key in valid.values() if key is not None}
@@ -358,6 +375,34 @@ class OpenShiftSource(ReferenceSource):
             remove_revisions=len(marks.remove_revisions),
         )
         return marks
+
+    async def _mark_from_store(
+        self, index: ImageIndex, inventory: Inventory, storage: Storage
+    ) -> None:
+        """What the Image objects leave out, read from the manifests in the store: the config
+        of an image without dockerImageMetadata.Id, and the blobs of a stored manifest list's
+        children that have no Image object of their own (recursively)."""
+        todo: dict[bytes, Need] = {
+            name: Need(name, f"image {layout.format_digest(name)} ({media_type})", True)
+            for name, media_type in index.no_config.items()
+        }
+        lists = {digest.hex() for digest in index.children}
+        stored: set[str] = set()
+        if lists:
+            # only lists pushed to this store: an imported one's children are not here
+            for repo in inventory.repositories.values():
+                stored |= repo.revisions & lists
+        for hexdigest in sorted(stored):
+            parent = bytes.fromhex(hexdigest)
+            for child in _split(index.children[parent]):
+                if child not in index.names:
+                    todo.setdefault(child, Need(parent, "manifest list", False))
+        if not todo:
+            return
+        # a nested list read here keeps its children's revision links too (_reachable)
+        found = await read_needed(storage, todo, index.names, index.children)
+        index.in_use.update(found)
+        self.log.info("manifests read from the store", manifests=len(todo), digests=len(found))
 
     # -- guard --------------------------------------------------------------------------
 
@@ -407,6 +452,7 @@ class OpenShiftSource(ReferenceSource):
         if self._watch is None:
             raise SourceError("openshift: online mode: the image watch was not started")
         seen = await self._watch.current()
+        await self._watch.read_pending(self._storage, self._known)
         return {digest for digest in candidates if digest in seen}
 
     async def repositories_now_in_use(self, names: Iterable[str]) -> set[str]:
@@ -445,6 +491,80 @@ class OpenShiftSource(ReferenceSource):
         if self._watch is not None:
             await self._watch.stop()
         await self.api.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """Why a manifest must be read from the store, for the error if it cannot be."""
+
+    image: bytes  # the Image object that needs it
+    what: str  # "manifest list", or "image <digest> (<media type>)" for a config-less one
+    own: bool  # the manifest is the image's own (else a child of the list ``image``)
+
+
+def _split(packed: bytes) -> Iterator[bytes]:
+    for i in range(0, len(packed), _DIGEST_LEN):
+        yield packed[i : i + _DIGEST_LEN]
+
+
+def _unreadable(digest: bytes, need: Need, problem: str) -> SourceError:
+    image = layout.format_digest(need.image)
+    if need.own:
+        return SourceError(
+            f"openshift: {need.what} has no dockerImageMetadata.Id, and its manifest {problem}, "
+            "so its config blob cannot be known. This blocks every run until it is fixed: "
+            f"delete the Image (oc delete image {image}) if nothing needs it, or import or "
+            "push it again so that OpenShift records its metadata"
+        )
+    return SourceError(
+        f"openshift: manifest {layout.format_digest(digest)}, a child of the stored manifest "
+        f"list {image} without an Image object of its own, {problem}: the blobs it needs "
+        "cannot be known, so nothing is deleted. This blocks every run until it is fixed: "
+        f"push the multi-arch image again, or delete the list's Image (oc delete image {image}) "
+        "if nothing needs it"
+    )
+
+
+async def read_needed(
+    storage: Storage | None,
+    todo: dict[bytes, Need],
+    names: AbstractSet[bytes],
+    lists: dict[bytes, bytes] | None = None,
+) -> set[bytes]:
+    """Read the manifests ``todo`` names from the store; every digest they reference, their
+    children's too unless ``names`` (Image objects) covers them; the lists among them into
+    ``lists``. SourceError when one cannot be read or parsed: fail closed."""
+    if storage is None:
+        raise SourceError("openshift: manifests must be read from the store, but none is open")
+    found: set[bytes] = set()
+    queue = list(todo.items())
+    seen = set(todo)
+    while queue:
+        batch, queue = queue[:_READ_CHUNK], queue[_READ_CHUNK:]
+        keys = [layout.blob_data(digest.hex()) for digest, _need in batch]
+        try:
+            answers = await storage.read_parsed(keys, MANIFEST_LIMIT, manifests.split_references)
+        except StorageError as exc:
+            raise SourceError(f"openshift: cannot read manifests from the store: {exc}") from exc
+        for (digest, need), key, refs in zip(batch, keys, answers, strict=True):
+            if refs is None:
+                raise _unreadable(digest, need, f"is not in the store ({storage.location(key)})")
+            if isinstance(refs, ValueError):
+                raise _unreadable(digest, need, f"cannot be parsed: {refs}")
+            blobs, children = refs
+            found.add(digest)
+            found.update(_split(blobs))
+            if children and lists is not None:
+                lists.setdefault(digest, children)
+            for child in _split(children):
+                found.add(child)
+                if child not in names and child not in seen:
+                    seen.add(child)
+                    # a child of a child is still the list's: the same advice applies
+                    queue.append(
+                        (child, need if not need.own else Need(digest, "manifest list", False))
+                    )
+    return found
 
 
 def _count(value: Any, where: str) -> int:
@@ -568,6 +688,10 @@ class _ImageWatch:
         self.source = source
         self.version = resource_version
         self.seen: set[bytes] = set()
+        self.names: set[bytes] = set()  # Image objects added or modified since the listing
+        # what the store must tell: config-less images, and lists to check for children
+        self.pending: dict[bytes, Need] = {}
+        self.lists: dict[bytes, list[bytes]] = {}
         self.failure: str | None = None
         self.connected = asyncio.Event()  # set while a stream is open, or once failed
         self.delivered = False  # the current connection delivered at least one event
@@ -592,6 +716,37 @@ class _ImageWatch:
         if self.failure is not None:
             raise SourceError(self.failure)
         return self.seen
+
+    async def read_pending(self, storage: Storage | None, known: AbstractSet[bytes]) -> None:
+        """Add to ``seen`` what new images need that their objects do not name (read from
+        the store, as mark does); SourceError when a manifest cannot be read."""
+        if not self.pending and not self.lists:
+            return
+        names = known | self.names
+        # copies: the watch adds to both meanwhile; entries go only once their reads succeeded
+        todo, lists = dict(self.pending), dict(self.lists)
+        done = list(todo)
+        if lists and storage is not None:
+            # only a list pushed to this store has its children here (an import's has not)
+            keys = [layout.blob_data(name.hex()) for name in lists]
+            try:
+                stored = await storage.stat_many(keys)
+            except StorageError as exc:
+                raise SourceError(
+                    f"openshift: cannot read manifests from the store: {exc}"
+                ) from exc
+            for (name, children), entry in zip(lists.items(), stored, strict=True):
+                if entry is None:
+                    continue
+                for child in children:
+                    if child not in names:
+                        todo.setdefault(child, Need(name, "manifest list", False))
+        if todo:
+            self.seen.update(await read_needed(storage, todo, names))
+        for name in done:
+            self.pending.pop(name, None)
+        for name in lists:
+            self.lists.pop(name, None)
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -677,10 +832,15 @@ class _ImageWatch:
                 raise _Expired(str(message))
             raise _Retryable(f"watch error {code}: {message}")
         if kind in ("ADDED", "MODIFIED"):
-            name, blobs, children = image_digests(obj)
+            name, blobs, children, complete = image_digests(obj)
             self.seen.add(name)
             self.seen.update(blobs)
             self.seen.update(children)
+            self.names.add(name)
+            if not complete:
+                self.pending[name] = Need(name, f"image {layout.format_digest(name)}", True)
+            if children:
+                self.lists[name] = children
         elif kind not in ("DELETED", "BOOKMARK"):
             raise SourceError(f"openshift: unexpected watch event type {kind!r}")
         version = _obj(obj.get("metadata"), "watch object metadata").get("resourceVersion")

@@ -17,7 +17,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote_plus, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 import aiohttp
 import structlog
@@ -363,6 +363,15 @@ class S3Storage(Storage):
 
     def _relative(self, key: str) -> str:
         return key[len(self.prefix) :] if key.startswith(self.prefix) else key
+
+    def _sent_key(self, answered: str, asked: set[str]) -> str | None:
+        """The relative key of ``asked`` a DeleteObjects error names: as sent, or URL-encoded
+        and/or with a leading slash, as some stores echo it; None when it names none."""
+        for form in (answered, unquote(answered)):
+            key = self._relative(form.lstrip("/"))
+            if key in asked:
+                return key
+        return None
 
     async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``fn(client)`` under the in-flight bound, retrying transient failures."""
@@ -940,10 +949,17 @@ class S3Storage(Storage):
             asked = set(pending)
             again: list[str] = []
             for error in answer.get("Errors") or ():
-                key = self._relative(str(error.get("Key", "")))
-                if key not in asked:
-                    continue
+                key = self._sent_key(str(error.get("Key", "")), asked)
                 code = str(error.get("Code") or "")
+                if key is None:
+                    # an error we cannot pin on a key: any of them may have stayed
+                    reason = (
+                        f"the store reported {code or 'an error'} for a key it was not sent "
+                        f"({str(error.get('Key', ''))[:200]!r}); the whole batch counts as failed"
+                    )
+                    failed.update((k, reason) for k in pending)
+                    again = []
+                    break
                 if code in _RETRY_CODES and attempt < self.retry.attempts:
                     again.append(key)
                 else:

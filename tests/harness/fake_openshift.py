@@ -307,6 +307,9 @@ class Fault:
     repeat_continue: bool = False  # answer the page with the continue token it was asked with
     action: Callable[[], None] | None = None  # run when the fault fires (a race, made exact)
     times: int | None = 1  # None: every time
+    #: set when a matching request has arrived; the request then waits for ``release``
+    arrived: asyncio.Event | None = None
+    release: asyncio.Event | None = None
     hits: int = 0
 
     def armed(self) -> bool:
@@ -425,6 +428,13 @@ class FakeCluster:
     def expire_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
         """410 Expired on the continue request for ``page``."""
         return self.fault(resource, page=page, status=410, times=times)
+
+    def hold(self, resource: str, page: int | None = None, **kw: Any) -> Fault:
+        """Hold the next matching request until ``fault.release`` is set (``fault.arrived``
+        tells when it came): a slow answer, made deterministic."""
+        return self.fault(
+            resource, page=page, arrived=asyncio.Event(), release=asyncio.Event(), **kw
+        )
 
     def on_request(self, resource: str, action: Callable[[], None], times: int = 1) -> Fault:
         """Run ``action`` when a request for ``resource`` arrives, then answer it as usual:
@@ -601,6 +611,10 @@ class FakeOpenShift:
         fault = self.cluster.take_fault(resource, page)
         if fault is None:
             return None
+        if fault.arrived is not None:
+            fault.arrived.set()
+        if fault.release is not None:
+            await fault.release.wait()
         if fault.action is not None:
             fault.action()
         if fault.delay:

@@ -73,6 +73,8 @@ class Fault:
     match: Predicate | None = None
     delay: float = 0.0
     code: str = "InternalError"
+    #: delete_errors: how each key is written back in the answer (e.g. URL-encoded)
+    key_form: Callable[[str], str] | None = None
     injected: int = 0
 
     def wants(self, request: web.Request) -> bool:
@@ -151,11 +153,12 @@ class FaultProxy:
         match: Predicate | None = None,
         delay: float = 0.0,
         code: str = "InternalError",
+        key_form: Callable[[str], str] | None = None,
     ) -> Fault:
         """Arm a fault for the next ``times`` matching requests (first armed, first used)."""
         if kind not in KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {', '.join(KINDS)}")
-        fault = Fault(kind, times, match, delay, code)
+        fault = Fault(kind, times, match, delay, code, key_form)
         self.faults.append(fault)
         return fault
 
@@ -240,7 +243,7 @@ class FaultProxy:
                 await asyncio.sleep(fault.delay)
                 return await self._forward(request, body)
             case "delete_errors":
-                return _xml(200, _delete_errors(body, fault.code))
+                return _xml(200, _delete_errors(body, fault.code, fault.key_form))
             case "ignore_conditions":
                 answer = await self._forward(request, body)
                 if answer.status != 412:
@@ -276,9 +279,10 @@ def _xml(status: int, body: bytes) -> web.Response:
     return web.Response(status=status, body=body, content_type="application/xml")
 
 
-def _delete_errors(body: bytes, code: str) -> bytes:
+def _delete_errors(body: bytes, code: str, key_form: Callable[[str], str] | None) -> bytes:
+    form = key_form or (lambda key: key)
     errors = "".join(
-        f"<Error><Key>{escape(key)}</Key><Code>{escape(code)}</Code>"
+        f"<Error><Key>{escape(form(key))}</Key><Code>{escape(code)}</Code>"
         f"<Message>injected by faultproxy</Message></Error>"
         for key in delete_request_keys(body)
     )
