@@ -1009,4 +1009,4 @@ async def test_ci_job_runs_against_the_companion_with_its_cluster_role(
         (method, path) for method, path, _query in cluster.requests
     }
     left = {p.parent.name for p in (tmp_path / "store").glob("docker/registry/v2/blobs/*/*/*/data")}
-    assert left == {manifest[7:], layer[7:]}  # the orphan went, the image stayed
+    assert left == {manifest[7:], layer[7:], image_config[7:]}  # the orphan went

@@ -56,7 +56,9 @@ def _repository(reference: Any) -> str:
 
 
 def image_record(item: Any) -> ImageRecord:
-    name, blobs, children = image_digests(item)
+    # an image whose config the object does not name is checked without it (its manifest
+    # and layers): verify reports what the object says is missing, nothing it must guess
+    name, blobs, children, _complete = image_digests(item)
     meta = _obj(item.get("metadata"), "image metadata")
     annotations = _obj(meta.get("annotations"), "image annotations")
     return ImageRecord(
