@@ -5,6 +5,7 @@
     python bench/run.py rss [--blobs 100000 --blobs 1000000]  peak RSS of a check, bytes a blob
     python bench/run.py delete [--blobs 50000]                orphans deleted a second
     python bench/run.py status [--blobs 500000]               GET /runs/latest p50/p99 in a run
+    python bench/run.py verify [--blobs 50000]                verify time next to a check's
     python bench/run.py s3 [--blobs 50000] [ARGS...]          bench/s3_check.py (SeaweedFS)
 
 Stores are made by bench/synth.py under ``--work`` (default /tmp/pruned-bench) and kept
@@ -444,9 +445,62 @@ def summarize(results: list[dict[str, Any]]) -> None:
         emit(**line)
 
 
+def bench_verify(work: Path, blobs: int, times: int) -> dict[str, Any]:
+    """mode=verify next to a check, CLI and API, in round robin on the same store."""
+    root, counts = store(work, blobs)
+    config = registry_config(work, root)
+    state = work / "state"
+
+    def cli(mode: str) -> Callable[[], Child]:
+        return lambda: run_child(ours_cmd(mode, config, state))
+
+    daemon = Daemon(config, work / "state-api", "--log-level", "warning", "--grace", "0").start()
+    try:
+
+        def api(mode: str) -> Callable[[], dict[str, Any]]:
+            def one() -> dict[str, Any]:
+                path = f"/prune?mode={mode}&wait=true"
+                status, _h, body = daemon.request("POST", path, timeout=3600)
+                doc = json.loads(body)
+                if status >= 300 or doc.get("state") != "succeeded":
+                    raise RuntimeError(f"API {mode}: {status} {body[:500]!r}")
+                return doc
+
+            return one
+
+        fns = (cli("check"), cli("verify"), api("check"), api("verify"))
+        timings = timed_round_robin(fns, times)
+    finally:
+        daemon.stop()
+    (check_s, check_all, _c), (verify_s, verify_all, verify_run) = timings[:2]
+    (api_check_s, api_check_all, _a), (api_verify_s, api_verify_all, api_doc) = timings[2:]
+    return emit(
+        bench="verify",
+        blobs=counts.get("blobs"),
+        manifests=counts.get("manifests"),
+        check_cli_s=round(check_s, 2),
+        verify_cli_s=round(verify_s, 2),
+        ratio_cli=round(verify_s / check_s, 2),
+        check_api_s=round(api_check_s, 2),
+        verify_api_s=round(api_verify_s, 2),
+        ratio_api=round(api_verify_s / api_check_s, 2),
+        verify_rss_mb=round(verify_run.max_rss_kb / 1024, 1),
+        images_verified=api_doc["verification"]["images"],
+        rounds={
+            "check_cli": [round(x, 2) for x in check_all],
+            "verify_cli": [round(x, 2) for x in verify_all],
+            "check_api": [round(x, 2) for x in api_check_all],
+            "verify_api": [round(x, 2) for x in api_verify_all],
+        },
+        summary=verify_run.stdout.decode(errors="replace").strip().splitlines()[-1:],
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("all", "check", "rss", "delete", "status", "s3"))
+    parser.add_argument(
+        "command", choices=("all", "check", "rss", "delete", "status", "s3", "verify")
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pruned-bench"))
     parser.add_argument("--blobs", type=int, action="append", help="store sizes (repeatable)")
     parser.add_argument("--times", type=int, default=3, help="timed runs after the warm one")
@@ -483,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan += [("delete", n) for n in sizes or (50_000,)]
     if args.command in ("all", "status"):
         plan += [("status", n) for n in sizes or (500_000,)]
+    if args.command in ("all", "verify"):
+        plan += [("verify", n) for n in sizes or (50_000,)]
     for _bench, n in plan:
         store(args.work, n)  # all stores first: generating is not measured
     results: list[dict[str, Any]] = []
@@ -494,6 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(bench_rss(args.work, n))
             elif bench == "delete":
                 results.append(bench_delete(args.work, n))
+            elif bench == "verify":
+                results.append(bench_verify(args.work, n, args.times))
             else:
                 results.append(bench_status(args.work, n))
     summarize(results)

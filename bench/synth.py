@@ -89,7 +89,11 @@ def repo_objects(plan: Plan, first: int, last: int) -> Objects:
     """Repositories [first, last): their manifests, configs, layers and links, as
     (path below ``docker/registry/v2/``, content); the same for the same plan and range."""
     rng = random.Random(plan.seed * 1_000_003 + first)
-    shared = [hashlib.sha256(_shared_layer(plan, i)).hexdigest() for i in range(plan.shared)]
+    # (digest, size): the shared layers' sizes differ (a longer index, a longer layer)
+    shared = [
+        (hashlib.sha256(data).hexdigest(), len(data))
+        for data in (_shared_layer(plan, i) for i in range(plan.shared))
+    ]
     for r in range(first, last):
         repo = f"repositories/{_repo_name(r)}"
         for m in range(plan.manifests_per_repo):
@@ -99,8 +103,7 @@ def repo_objects(plan: Plan, first: int, last: int) -> Objects:
                 yield path, data
                 layers.append((hexd, len(data)))
             if shared:
-                pick = shared[rng.randrange(len(shared))]
-                layers.append((pick, 8 * len(f"shared-{plan.seed}-0")))
+                layers.append(shared[rng.randrange(len(shared))])
             config_hex, path, config = _blob(
                 json.dumps(
                     # unique per (repository, manifest): equal configs would be one blob

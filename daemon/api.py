@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 
 from daemon import logs
+from daemon.api_views import add_listing_routes, findings_text
 from daemon.auth import VERIFIED, Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
 from daemon.metrics import CONTENT_TYPE, Metrics
@@ -28,8 +29,10 @@ from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource
 from daemon.storage import open_storage
 from daemon.storage.base import Storage
+from daemon.verify import RECOVER, VERIFY
 
-PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online"}
+PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "apply"}
+MODES = (CHECK, DELETE, VERIFY, RECOVER)
 MANAGER = web.AppKey("manager", RunManager)
 SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
@@ -68,7 +71,8 @@ def _wants_text(request: web.Request) -> bool:
 def _run_response(request: web.Request, run: Run, status: int = 200) -> web.Response:
     headers = {"Location": f"/runs/{run.id}"}
     if _wants_text(request):
-        return web.Response(text=_text(run) + "\n", status=status, headers=headers)
+        text = findings_text(request.app[MANAGER], run, _text(run))
+        return web.Response(text=text + "\n", status=status, headers=headers)
     return web.json_response(run.document(), status=status, headers=headers)
 
 
@@ -105,11 +109,19 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         if len(query.getall(name)) > 1 or len(query[name]) > 64:
             raise BadRequest(f"{name} must be given once and be short")
     mode = query.get("mode", "")
-    if mode not in (CHECK, DELETE):
-        raise BadRequest(f"mode must be check or delete, not {mode[:50]!r}")
+    if mode not in MODES:
+        raise BadRequest(f"mode must be check or delete (or verify, recover), not {mode[:50]!r}")
     source = query.get("source", settings.source)
     if source not in SOURCES:
         raise BadRequest(f"source must be one of {', '.join(SOURCES)}, not {source[:50]!r}")
+    apply = _bool(query.get("apply", "false"), "apply")
+    if mode == RECOVER and source != "openshift":
+        raise BadRequest(
+            "mode=recover needs the openshift source (source=openshift): it re-registers "
+            "manifests that have no Image object in the cluster"
+        )
+    if apply and mode != RECOVER:
+        raise BadRequest("apply is for mode=recover only")
     try:
         grace = parse_duration(query["grace"]) if "grace" in query else settings.grace
     except ValueError as exc:
@@ -122,6 +134,7 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         upload_max_age=settings.upload_max_age,
         online=online,
         registry_read_only=settings.registry_read_only,
+        apply=apply,
     )
     return mode, source, options, wait
 
@@ -136,6 +149,12 @@ async def prune(request: web.Request) -> web.StreamResponse:
         return _error(
             405,
             f"deleting needs POST: curl -X POST '{_reachable(settings.listen)}/prune?mode=delete'",
+        )
+    if request.method == "GET" and options.apply:
+        return _error(
+            405,
+            "applying needs POST: "
+            f"curl -X POST '{_reachable(settings.listen)}/prune?mode=recover&apply=true'",
         )
     try:
         run = await manager.start(mode, source, options)
@@ -175,7 +194,16 @@ async def get_run(request: web.Request) -> web.Response:
 
 async def candidates(request: web.Request) -> web.StreamResponse:
     run = _find(request)
-    path: Path = request.app[MANAGER].candidates_path(run.id)
+    return await _follow(request, run, request.app[MANAGER].candidates_path(run.id))
+
+
+async def findings(request: web.Request) -> web.StreamResponse:
+    """/runs/<id>/broken and /runs/<id>/lost-found: what verify or recover found."""
+    run = _find(request)
+    return await _follow(request, run, request.app[MANAGER].findings_path(run.id))
+
+
+async def _follow(request: web.Request, run: Run, path: Path) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     offset = 0
@@ -364,6 +392,9 @@ def make_app(
     app.router.add_get("/runs", list_runs)
     app.router.add_get("/runs/{id}", get_run)
     app.router.add_get("/runs/{id}/candidates", candidates)
+    app.router.add_get("/runs/{id}/broken", findings)
+    app.router.add_get("/runs/{id}/lost-found", findings)
+    add_listing_routes(app.router, STORAGE)
     app.router.add_post("/runs/{id}/stop", stop_run)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

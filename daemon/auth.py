@@ -305,8 +305,10 @@ class Authenticator:
         route = request.match_info.route.resource
         canonical = route.canonical if route is not None else ""
         if canonical == "/prune":
-            # any mode=delete, even a repeated one the handler will reject, needs delete
-            return self.delete if "delete" in request.query.getall("mode", []) else self.check
+            # any mode=delete, even a repeated one the handler will reject, needs delete; so
+            # does any apply (recover writing ImageStreamMappings into the cluster)
+            writes = "delete" in request.query.getall("mode", []) or "apply" in request.query
+            return self.delete if writes else self.check
         if canonical == "/runs/{id}/stop":
             # stopping a run interferes with it as much as starting it: its mode's verb
             mode = run_mode(request)

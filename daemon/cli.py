@@ -14,12 +14,15 @@ import structlog
 
 from daemon import logs, operator_storage
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
+from daemon.findings import Finding
+from daemon.listings import LISTINGS, print_listing
 from daemon.prune import CHECK, DELETE, RunOptions
 from daemon.report import Ending, summary_lines
-from daemon.runs import STOPPED, SUCCEEDED, RunManager
+from daemon.runs import STOPPED, SUCCEEDED, Run, RunManager
 from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource
 from daemon.storage import open_storage
+from daemon.verify import RECOVER, VERIFY
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -132,7 +135,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a host name callers use for the daemon besides localhost and IP addresses "
         "(e.g. its Service's); repeatable; PRUNER_ALLOWED_HOSTS takes them comma-separated",
     )
-    for name, text in ((CHECK, "report what would be deleted"), (DELETE, "delete orphans")):
+    one_shots = (
+        (CHECK, "report what would be deleted"),
+        (DELETE, "delete orphans"),
+        (VERIFY, "prove every kept image whole (exit 1 on any broken one)"),
+        (RECOVER, "openshift: manifests in storage without an Image, under lost-found tags"),
+    )
+    for name, text in one_shots:
         one = sub.add_parser(name, parents=[common], help=text)
         one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
         if name == DELETE:
@@ -142,6 +151,16 @@ def _parser() -> argparse.ArgumentParser:
                 default=(_env("ONLINE", "") or "").lower() in ("1", "true", "yes"),
                 help="delete although the registry is writable (relies on the grace period)",
             )
+        if name == RECOVER:
+            one.add_argument(
+                "--apply",
+                action="store_true",
+                help="create the ImageStreamMappings (needs the optional recover ClusterRole)",
+            )
+    listing = sub.add_parser("list", parents=[common], help="list what the store holds (NDJSON)")
+    listing.add_argument("what", choices=LISTINGS)
+    listing.add_argument("repository", nargs="?", help="for manifests: one repository only")
+    listing.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
     return parser
 
 
@@ -199,7 +218,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-async def run_once(settings: Settings, mode: str, online: bool) -> int:
+def _lines(mode: str, run: Run, ending: Ending) -> list[str]:
+    """The summary in the original words, with what verify or recover found."""
+    if mode == VERIFY:
+        return run.verification.lines() if run.verification else []
+    if mode == RECOVER:
+        return run.recovery.lines() if run.recovery else []
+    lines = summary_lines(mode, run.summary, ending)
+    if run.verification is not None:
+        lines += run.verification.lines()
+    return lines
+
+
+async def run_once(settings: Settings, mode: str, online: bool, apply: bool = False) -> int:
     """One run, recorded in the state directory like the daemon's; summary on stdout, logs on
     stderr; the exit status."""
     log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
@@ -208,8 +239,17 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
     async def sources(name: str, log: structlog.typing.FilteringBoundLogger) -> ReferenceSource:
         return await open_source(name, settings, log)
 
+    def found(finding: Finding) -> None:
+        print(finding.message, flush=True)  # the original's Broken/Would add lines, as found
+
     manager = RunManager(
-        storage, sources, settings.state_dir, settings.history, log, log_end_as_problem=False
+        storage,
+        sources,
+        settings.state_dir,
+        settings.history,
+        log,
+        log_end_as_problem=False,
+        on_finding=found,
     )
     options = RunOptions(
         mode=mode,
@@ -217,6 +257,7 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
         upload_max_age=settings.upload_max_age,
         online=online,
         registry_read_only=settings.registry_read_only,
+        apply=apply,
     )
     try:
         await manager.load()
@@ -250,14 +291,14 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
         upload_max_age=settings.upload_max_age,
     )
     if run.state == SUCCEEDED:
-        print("\n".join(summary_lines(mode, run.summary, ending)))
+        print("\n".join(_lines(mode, run, ending)))
         return 0
     if run.state == STOPPED:
-        print("\n".join(summary_lines(mode, run.summary, ending)))
+        print("\n".join(_lines(mode, run, ending)))
         print("error: stopped before the end; partial counts above", file=sys.stderr)
         return 130
-    if mode == DELETE and run.summary.blobs:
-        print("\n".join(summary_lines(mode, run.summary, ending)))
+    if (mode == DELETE and run.summary.blobs) or mode in (VERIFY, RECOVER):
+        print("\n".join(_lines(mode, run, ending)))
     print(f"error: {run.error}", file=sys.stderr)
     return 1
 
@@ -273,4 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.api import serve
 
         return serve(settings)
-    return asyncio.run(run_once(settings, args.command, getattr(args, "online", False)))
+    if args.command == "list":
+        return asyncio.run(print_listing(settings, args.what, args.repository))
+    return asyncio.run(
+        run_once(
+            settings,
+            args.command,
+            getattr(args, "online", False),
+            getattr(args, "apply", False),
+        )
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -56,6 +56,16 @@ class Metrics:
             buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, float("inf")),
             registry=self.registry,
         )
+        self.broken_images = Gauge(
+            "registry_pruned_broken_images",
+            "broken images the last verification found (verify runs, and delete runs' own)",
+            registry=self.registry,
+        )
+        self.verified_images = Gauge(
+            "registry_pruned_verified_images",
+            "images the last verification checked",
+            registry=self.registry,
+        )
         self.registry.register(_ActiveRun(active))
 
     def record(self, run: Run) -> None:
@@ -63,6 +73,9 @@ class Metrics:
         if run.mode == "delete":
             self.blobs_deleted.inc(run.summary.blobs)
             self.bytes_deleted.inc(run.summary.bytes)
+        if run.verification is not None:
+            self.broken_images.set(run.verification.broken)
+            self.verified_images.set(run.verification.images)
         if run.duration is not None:
             self.duration.labels(run.mode).observe(run.duration)
 

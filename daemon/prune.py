@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from daemon import layout
+from daemon import layout, manifests
+from daemon.findings import Finding, Verification
 from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
@@ -25,6 +26,8 @@ from daemon.quarantine import PREFIX as QUARANTINE
 from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import RUN_LOG, DeleteFailure, Storage, StorageError
+from daemon.verify import RECOVER, VERIFY, Prior, StoreVerifier
+from daemon.verifying import TypedParse
 
 T = TypeVar("T")
 BATCH = 1000
@@ -75,6 +78,7 @@ class RunOptions:
     online_settle: float = 2.0  # seconds a racing push gets to register its image
     registry_read_only: bool = False  # from the registry's config, where the source cannot tell
     lease_ttl: float = 60.0  # seconds the store's delete lease lasts without a renewal
+    apply: bool = False  # recover: create the ImageStreamMappings, not only list them
 
 
 class Pruner(ABC):
@@ -121,6 +125,14 @@ def parse_started_at(text: str) -> float | None:
 class Engine:
     """One run over one store with one reference source."""
 
+    # verify and recover (set after construction, like the summary, by whoever records them)
+    on_finding: Callable[[Finding], None] = staticmethod(lambda _f: None)
+    verification: Verification | None = None
+    recovery: Any = None  # daemon.recover.Recovered, for recover runs
+    #: the typed manifest parse verify trusts (module-level: reader processes run it); the
+    #: tests blind it to prove the second reading stands alone
+    typed_parse: TypedParse = staticmethod(manifests.parse)
+
     def __init__(
         self,
         storage: Storage,
@@ -157,6 +169,11 @@ class Engine:
         """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
         # the driver's retry warnings carry this run's run_id (its tasks inherit the context)
         run_log = RUN_LOG.set(self.log)
+        if self.options.mode in (VERIFY, RECOVER):
+            try:
+                return await self.examine()
+            finally:
+                RUN_LOG.reset(run_log)
         try:
             await self._guard()
             self.storage.warm_up()  # after the guard: a refused run starts no helpers
@@ -176,6 +193,8 @@ class Engine:
                 await self.source.start_online()
             candidates = await self._stoppable(self.sweep(marks))
             await self.delete(inventory, marks, candidates)
+            if self.options.mode == DELETE:
+                await self._stoppable(self.verify_kept(inventory, marks, candidates))
         except (SourceError, StorageError, LeaseHeld) as exc:
             raise RunFailed(str(exc)) from exc
         finally:
@@ -293,6 +312,7 @@ class Engine:
         self.progress.enter("sweep")
         candidates: list[Candidate] = []
         shards = iter(layout.SHARDS)
+        complete = self.complete_shards = set()
 
         async def worker() -> None:
             for shard in shards:
@@ -301,6 +321,8 @@ class Engine:
                 # enough to hand to a driver that filters in another process
                 members = marks.in_use.shard(int(shard, 16))
                 count, outside = await self.storage.blobs_outside(shard, members)
+                if count - len(outside) == len(members):
+                    complete.add(int(shard, 16))  # verify after a delete asks nothing here
                 del members
                 self.progress.blobs_scanned += count
                 for entry in outside:
@@ -532,6 +554,103 @@ class Engine:
         digests = list(digests)
         stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in digests])
         return [d for d, entry in zip(digests, stats, strict=True) if entry is None]
+
+    # -- verify and recover ---------------------------------------------------------------
+
+    async def examine(self) -> Summary:
+        """A verify or recover run: the repositories walk, then that phase; nothing deleted."""
+        try:
+            await self._guard()
+            self.storage.warm_up()
+            inventory = await self._stoppable(self.scan_repositories())
+            if self.options.mode == RECOVER:
+                from daemon.recover import Recovery
+
+                recovery = Recovery(
+                    self.storage,
+                    self.source,
+                    self.progress,
+                    self.on_finding,
+                    apply=self.options.apply,
+                    log=self.log,
+                    workers=self.storage.concurrency,
+                )
+                self.recovery = recovery.result
+                await self._stoppable(recovery.run(inventory))
+                recovery.verdict()
+            else:
+                await self._stoppable(self.verify_all(inventory))
+        except (SourceError, StorageError) as exc:
+            raise RunFailed(str(exc)) from exc
+        self.progress.enter("done")
+        return self.summary
+
+    async def verify_all(self, inventory: Inventory) -> None:
+        """mode=verify: the reading of the run's source (storage, or the cluster's images)."""
+        if self.source.name == "openshift":
+            from daemon.verify_openshift import OpenShiftVerifier
+
+            verifier: Any = OpenShiftVerifier(
+                self.storage,
+                self.source,
+                self.progress,
+                self.on_finding,
+                log=self.log,
+                workers=self.storage.concurrency,
+            )
+        else:
+            verifier = StoreVerifier(
+                self.storage,
+                self.progress,
+                self.on_finding,
+                log=self.log,
+                workers=self.storage.concurrency,
+                typed=self.typed_parse,
+            )
+        self.verification = verifier.result
+        await verifier.run(inventory)
+        self._verdict()
+
+    async def verify_kept(
+        self, inventory: Inventory, marks: Marks, candidates: list[Candidate]
+    ) -> None:
+        """After a delete: every kept image whole, from what the run already listed."""
+        prior = Prior(
+            in_use=marks.in_use,
+            complete=frozenset(getattr(self, "complete_shards", ())),
+            deleted={c.digest for c in candidates},
+            removed_repositories=set(marks.remove_repositories),
+            removed_revisions=set(marks.remove_revisions),
+            tags=self.source.name != "openshift",
+        )
+        verifier = StoreVerifier(
+            self.storage,
+            self.progress,
+            self.on_finding,
+            log=self.log,
+            workers=self.storage.concurrency,
+            typed=self.typed_parse,
+            prior=prior,
+        )
+        self.verification = verifier.result
+        await verifier.run(inventory)
+        self._verdict()
+
+    def _verdict(self) -> None:
+        found = self.verification
+        if found is None or found.passed:
+            return
+        names = ", ".join(found.examples)
+        more = (
+            f" and {found.broken - len(found.examples)} more"
+            if found.broken > len(found.examples)
+            else ""
+        )
+        what = "verification after the delete" if found.after_delete else "verification"
+        raise RunFailed(
+            f"{what} found {found.broken} broken images: {names}{more}; "
+            "see GET /runs/<id>/broken (or the Broken lines) for what each one misses"
+        )
 
     async def _remove_repositories(self, inventory: Inventory, marks: Marks) -> None:
         online = self.options.online and self.options.mode == DELETE

@@ -18,6 +18,7 @@ from typing import IO, Any
 import structlog
 
 from daemon.atomic import atomic_write
+from daemon.findings import Finding, Verification
 from daemon.progress import Progress
 from daemon.prune import DELETE, Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
@@ -65,6 +66,8 @@ class Run:
     started_mono: float = field(default_factory=time.monotonic)
     duration: float | None = None
     saved: dict[str, Any] | None = None  # a run loaded from history
+    verification: Verification | None = None  # verify runs, and delete runs once verified
+    recovery: Any = None  # recover runs: daemon.recover.Recovered
 
     def document(self) -> dict[str, Any]:
         if self.saved is not None:
@@ -101,7 +104,16 @@ class Run:
             "summary": self.summary.document(),
             "notes": self.notes[:100],
             "error": self.error,
+            **self._findings(),
         }
+
+    def _findings(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        if self.verification is not None:
+            found["verification"] = self.verification.document()
+        if self.recovery is not None:
+            found["recovery"] = self.recovery.document()
+        return found
 
 
 class RunManager:
@@ -116,7 +128,10 @@ class RunManager:
         log: structlog.typing.FilteringBoundLogger | None = None,
         on_finish: Callable[[Run], None] | None = None,
         log_end_as_problem: bool = True,
+        on_finding: Callable[[Finding], None] | None = None,
     ) -> None:
+        #: told each broken image or lost manifest as a run finds it (the CLI prints them)
+        self.on_finding = on_finding or (lambda _finding: None)
         #: a one-shot CLI run prints its own end in the pruner's words: there a failure
         #: logged again would make a one-line cause two lines
         self.log_end_as_problem = log_end_as_problem
@@ -217,6 +232,10 @@ class RunManager:
     def candidates_path(self, run_id: str) -> Path:
         return self.dir / f"{run_id}.candidates.ndjson"
 
+    def findings_path(self, run_id: str) -> Path:
+        """Broken images (verify, and delete runs' verification) or lost manifests (recover)."""
+        return self.dir / f"{run_id}.findings.ndjson"
+
     async def _prune_history(self) -> None:
         finished = [r for r in self.ordered() if r.state in FINAL]
         for old in finished[self.history :]:
@@ -225,6 +244,7 @@ class RunManager:
                 self.dir / f"{old.id}.json",
                 self.candidates_path(old.id),
                 self.lock_path(old.id),
+                self.findings_path(old.id),
             ):
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(path.unlink)
@@ -290,11 +310,22 @@ class RunManager:
         def on_candidate(candidate: Candidate) -> None:
             buffer.append(json.dumps(candidate.document()))
 
+        findings: list[str] = []
+        findings_path = self.findings_path(run.id)
+
+        def on_finding(finding: Finding) -> None:
+            findings.append(json.dumps(finding.document()))
+            self.on_finding(finding)
+
         async def flush() -> None:
             if buffer:
                 lines = "\n".join(buffer) + "\n"
                 buffer.clear()
                 await asyncio.to_thread(_append, path, lines)
+            if findings:
+                lines = "\n".join(findings) + "\n"
+                findings.clear()
+                await asyncio.to_thread(_append, findings_path, lines)
 
         async def saver() -> None:
             while True:
@@ -309,6 +340,7 @@ class RunManager:
                     return
 
         await asyncio.to_thread(_append, path, "")
+        await asyncio.to_thread(_append, findings_path, "")
         source: ReferenceSource | None = None
         background = asyncio.create_task(saver())
         state, error = FAILED, None
@@ -329,6 +361,7 @@ class RunManager:
                 dead_runs=frozenset(r.id for r in self.runs.values() if r.state == INTERRUPTED),
             )
             engine.summary = run.summary
+            engine.on_finding = on_finding
             log.info(
                 "run started",
                 grace=run.options.grace,
@@ -340,6 +373,7 @@ class RunManager:
                 state = SUCCEEDED
             finally:
                 run.notes = engine.notes
+                run.verification, run.recovery = engine.verification, engine.recovery
         except Stopped:
             state = STOPPED
         except (RunFailed, ReadOnlyRefused, SourceError, StorageError) as exc:

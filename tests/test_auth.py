@@ -183,6 +183,12 @@ async def test_delete_needs_the_delete_verb(make_app: Any) -> None:
     status, check, _ = await app.call("POST", "/prune?mode=check&wait=true", READER_TOKEN)
     assert status == 200
     assert (await app.call("POST", f"/runs/{check['id']}/stop", READER_TOKEN))[0] == 409
+    # recover's apply writes into the cluster: it needs the delete verb; verify only reads
+    apply = "/prune?mode=recover&apply=true&source=openshift"
+    status, body, _ = await app.call("POST", apply, READER_TOKEN)
+    assert status == 403 and body["missing"] == "delete images.image.openshift.io"
+    status, body, _ = await app.call("POST", "/prune?mode=verify&wait=true", READER_TOKEN)
+    assert status == 200 and body["mode"] == "verify", body
 
 
 async def test_verbs_and_resource_are_settable(make_app: Any, api: FakeOpenShift) -> None:

@@ -36,7 +36,6 @@ from tests.harness.fake_openshift import (
     PRUNER_USER,
     FakeCluster,
     FakeOpenShift,
-    fake_digest,
     make_image,
     make_image_stream,
 )
@@ -849,18 +848,39 @@ async def _run_job(daemon: Daemon, tmp_path: Path, **env: str) -> subprocess.Com
     )
 
 
-def _small_store(tmp_path: Path) -> tuple[Path, str, str]:
-    """A store with ns/app holding one image (manifest + layer) and one orphan blob."""
+def _small_store(tmp_path: Path) -> tuple[Path, str, str, str]:
+    """A store with ns/app holding one image (manifest, config, layer) and one orphan blob."""
     root = tmp_path / "store"
     v2 = root / "docker" / "registry" / "v2"
-    digests = {}
-    for name in ("manifest", "layer", "orphan"):
-        data = f"{name} bytes".encode()
-        hexdigest = hashlib.sha256(data).hexdigest()
+    contents = {name: f"{name} bytes".encode() for name in ("layer", "image config", "orphan")}
+    digests = {
+        name: "sha256:" + hashlib.sha256(data).hexdigest() for name, data in contents.items()
+    }
+    # a real manifest: every delete verifies what it kept, and reads it
+    contents["manifest"] = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": digests["image config"],
+                "size": len(contents["image config"]),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": digests["layer"],
+                    "size": len(contents["layer"]),
+                }
+            ],
+        }
+    ).encode()
+    digests["manifest"] = "sha256:" + hashlib.sha256(contents["manifest"]).hexdigest()
+    for name, data in contents.items():
+        hexdigest = digests[name][7:]
         blob = v2 / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data"
         blob.parent.mkdir(parents=True)
         blob.write_bytes(data)
-        digests[name] = "sha256:" + hexdigest
     repo = v2 / "repositories" / "ns" / "app"
     for kind, name in (("_manifests/revisions", "manifest"), ("_layers", "layer")):
         link = repo / kind / "sha256" / digests[name][7:] / "link"
@@ -868,7 +888,7 @@ def _small_store(tmp_path: Path) -> tuple[Path, str, str]:
         link.write_text(digests[name])
     config = tmp_path / "config.yml"
     config.write_text(yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": str(root)}}}))
-    return config, digests["manifest"], digests["layer"]
+    return config, digests["manifest"], digests["layer"], digests["image config"]
 
 
 async def test_ci_job_runs_a_check_against_the_sidecar_with_its_cluster_role(
@@ -880,8 +900,8 @@ async def test_ci_job_runs_a_check_against_the_sidecar_with_its_cluster_role(
     cluster.add_token(CI_TOKEN, CI_READER)
     for verb, resource in grants(check_role):
         cluster.allow(CI_READER, verb, resource)
-    config, manifest, layer = _small_store(tmp_path)
-    cluster.add_image(make_image(manifest, layers=[layer], config=fake_digest("cfg")))
+    config, manifest, layer, image_config = _small_store(tmp_path)
+    cluster.add_image(make_image(manifest, layers=[layer], config=image_config))
     cluster.add_stream(make_image_stream("ns", "app", {"latest": [manifest]}))
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     daemon = Daemon(
@@ -941,8 +961,8 @@ async def test_ci_job_runs_against_the_companion_with_its_cluster_role(
     cluster.add_token(CI_TOKEN, CI_READER)
     for verb, resource in grants(check_role):
         cluster.allow(CI_READER, verb, resource)
-    _config, manifest, layer = _small_store(tmp_path)
-    cluster.add_image(make_image(manifest, layers=[layer], config=fake_digest("cfg")))
+    _config, manifest, layer, image_config = _small_store(tmp_path)
+    cluster.add_image(make_image(manifest, layers=[layer], config=image_config))
     cluster.add_stream(make_image_stream("ns", "app", {"latest": [manifest]}))
     cluster.storage = {"pvc": {"claim": "image-registry-storage"}, "managementState": "Managed"}
     (pvc_pruner,) = _containers(_pruner(render(COMPANION / "pvc"))[0])
@@ -989,4 +1009,4 @@ async def test_ci_job_runs_against_the_companion_with_its_cluster_role(
         (method, path) for method, path, _query in cluster.requests
     }
     left = {p.parent.name for p in (tmp_path / "store").glob("docker/registry/v2/blobs/*/*/*/data")}
-    assert left == {manifest[7:], layer[7:]}  # the orphan went, the image stayed
+    assert left == {manifest[7:], layer[7:], image_config[7:]}  # the orphan went

@@ -51,6 +51,9 @@ class Storage(ABC):
     description: str = ""
     #: how many requests/threads the engine may keep in flight against this driver
     concurrency: int = 8
+    #: a blob shard's listing names only blobs that have data (object stores list the
+    #: ``data`` keys themselves); verify after a delete then trusts the sweep's listing
+    listing_proves_data: bool = False
 
     @abstractmethod
     async def probe(self) -> None:
@@ -79,6 +82,26 @@ class Storage(ABC):
                 for e in outside
             ]
         return len(entries), outside
+
+    async def blob_sizes(self, shard: str, wanted: AbstractSet[bytes]) -> dict[bytes, int]:
+        """The data size of each blob of ``wanted`` (raw digests in ``shard``) that has data;
+        one missing, or without data, is left out. Verify's existence check."""
+        found: dict[bytes, int] = {}
+        unknown: list[str] = []
+        for entry in await self.list_blob_shard(shard):
+            raw = bytes.fromhex(entry.hex)
+            if raw in wanted:
+                if entry.size is None:
+                    unknown.append(entry.hex)
+                else:
+                    found[raw] = entry.size
+        for start in range(0, len(unknown), 256):
+            part = unknown[start : start + 256]
+            stats = await self.stat_many([layout.blob_data(h) for h in part])
+            for hexdigest, stat in zip(part, stats, strict=True):
+                if stat is not None and stat.size is not None:
+                    found[bytes.fromhex(hexdigest)] = stat.size
+        return found
 
     @abstractmethod
     async def stat(self, key: str) -> Entry | None:

@@ -136,6 +136,8 @@ class ObjectStore(Storage):
     Drivers implement the ``_`` service calls below (one request each, no retries of their
     own) and ``_classify``; everything else, retries included, happens here."""
 
+    listing_proves_data = True  # list_blob_shard names ``<hex>/data`` keys only
+
     #: most keys one batch delete request may name
     batch_max: int = 1000
     #: the service's word for its namespace, for errors ("bucket", "container")

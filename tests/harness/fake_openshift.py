@@ -278,6 +278,7 @@ _REASONS = {
     403: "Forbidden",
     404: "NotFound",
     409: "Conflict",
+    422: "Invalid",
     410: "Expired",
     429: "TooManyRequests",
     500: "InternalError",
@@ -341,6 +342,8 @@ class FakeCluster:
     rbac: bool = False  # check the API's own requests against ``allowed`` too
     faults: list[Fault] = field(default_factory=list)
     bookmark_interval: float = 0.5
+    #: the ImageStreamMappings created, as posted (recover with apply=true)
+    mappings: list[dict[str, Any]] = field(default_factory=list)
     #: every request as (method, path, query)
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     watch_connections: int = 0
@@ -574,6 +577,7 @@ class FakeOpenShift:
         app.router.add_get(f"{v1}/imagestreams", self._streams)
         app.router.add_get(f"{v1}/namespaces/{{ns}}/imagestreams", self._streams)
         app.router.add_get(f"{v1}/namespaces/{{ns}}/imagestreams/{{name}}", self._stream)
+        app.router.add_post(f"{v1}/namespaces/{{ns}}/imagestreammappings", self._create_mapping)
         app.router.add_get(f"/apis/{REGISTRY_GROUP}/v1/configs/cluster", self._config)
         app.router.add_get("/apis/apps/v1/namespaces/{ns}/deployments/{name}", self._deployment)
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
@@ -746,6 +750,63 @@ class FakeOpenShift:
         if stream is None:
             return _not_found("imagestreams", name)
         return web.json_response(stream)
+
+    async def _create_mapping(self, request: web.Request) -> web.StreamResponse:
+        """POST an ImageStreamMapping: the Image is created if new, the tag gets a new event
+        on top of its history; the answer is a Success Status, as openshift-apiserver's."""
+        namespace = request.match_info["ns"]
+        answer = await self._fault(request, "imagestreammappings", None, "create", IMAGE_GROUP)
+        if answer is not None:
+            return answer
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            return _status(400, f"the body of the request was in an unknown format: {exc}")
+        meta = body.get("metadata") if isinstance(body, dict) else None
+        image = body.get("image") if isinstance(body, dict) else None
+        image_meta = image.get("metadata") if isinstance(image, dict) else None
+        problems = []
+        if not isinstance(body, dict) or body.get("kind") != "ImageStreamMapping":
+            problems.append("kind: must be ImageStreamMapping")
+        if not isinstance(meta, dict) or not meta.get("name"):
+            problems.append("metadata.name: Required value")
+        elif meta.get("namespace") not in (None, "", namespace):
+            problems.append("metadata.namespace: does not match the request namespace")
+        if not isinstance(body, dict) or not isinstance(body.get("tag"), str) or not body["tag"]:
+            problems.append("tag: Required value")
+        if not isinstance(image_meta, dict) or not str(image_meta.get("name", "")).startswith(
+            "sha256:"
+        ):
+            problems.append("image.metadata.name: Invalid value")
+        elif not image.get("dockerImageReference"):
+            problems.append("image.dockerImageReference: Required value")
+        if problems:
+            return _status(422, f"ImageStreamMapping is invalid: {'; '.join(problems)}")
+        assert isinstance(meta, dict) and isinstance(image, dict) and isinstance(image_meta, dict)
+        stream = self.cluster.streams.get((namespace, meta["name"]))
+        if stream is None:
+            return _not_found("imagestreams", meta["name"])
+        self.cluster.mappings.append(body)
+        name = image_meta["name"]
+        if name not in self.cluster.images:
+            self.cluster.add_image(_with_metadata(image))
+        status = stream.setdefault("status", {})
+        tags = status.get("tags") or []
+        status["tags"] = tags
+        event = {
+            "created": CREATED,
+            "dockerImageReference": image["dockerImageReference"],
+            "image": name,
+            "generation": 1,
+        }
+        for entry in tags:
+            if entry.get("tag") == body["tag"]:
+                entry["items"] = [event, *(entry.get("items") or [])]
+                break
+        else:
+            tags.append({"tag": body["tag"], "items": [event]})
+        success = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+        return web.json_response(success, status=201)
 
     async def _config(self, request: web.Request) -> web.StreamResponse:
         answer = await self._fault(request, "configs", None, "get", REGISTRY_GROUP)
@@ -921,6 +982,23 @@ def _forbidden(user: User, verb: str, resource: str, group: str) -> str:
         f'{full} is forbidden: User "{user.name}" cannot {verb} resource "{resource}" '
         f'in API group "{group}" at the cluster scope'
     )
+
+
+def _with_metadata(posted: dict[str, Any]) -> dict[str, Any]:
+    """The Image as the API server stores it: metadata filled from the manifest (the config
+    digest becomes dockerImageMetadata.Id, as ImageWithMetadata does), the manifest dropped."""
+    image = json.loads(json.dumps(posted))
+    manifest = json.loads(image.pop("dockerImageManifest", "") or "{}")
+    image.pop("dockerImageConfig", None)
+    meta: dict[str, Any] = {"kind": "DockerImage", "apiVersion": "image.openshift.io/1.0"}
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if isinstance(config, dict) and isinstance(config.get("digest"), str):
+        meta["Id"] = config["digest"]
+    image["dockerImageMetadata"] = meta
+    image["dockerImageMetadataVersion"] = "1.0"
+    image["metadata"].setdefault("uid", fake_digest(f"uid:{image['metadata']['name']}")[7:43])
+    image["metadata"].setdefault("creationTimestamp", CREATED)
+    return image
 
 
 def _bookmark(version: str) -> dict[str, Any]:

@@ -1,0 +1,407 @@
+"""Verify: is every kept image whole? (OpenShift's ``-restore-mode=check``, and the proof
+that follows every delete run.)
+
+The storage reading: every linked revision and every tag's current manifest, its blobs
+(present, sizes as the descriptors say), its children recursively and a referrer's subject;
+beside the typed parse, every digest-shaped string of the manifest (daemon.verifying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from daemon import layout, manifests
+from daemon.findings import Finding, Verification
+from daemon.inventory import DigestSet, Inventory
+from daemon.progress import Progress
+from daemon.storage.base import Storage
+from daemon.verifying import Facts, TypedParse, read_facts
+
+VERIFY = "verify"
+RECOVER = "recover"
+MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
+CHUNK = 128
+EXAMPLES = 10
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Prior:
+    """What a delete run already knows, so that its verification walks nothing again."""
+
+    in_use: DigestSet
+    #: first bytes of the shards whose listing held every in-use digest (trusted only where
+    #: a listing proves a blob has data: object stores list ``data`` keys)
+    complete: frozenset[int]
+    deleted: set[bytes]
+    removed_repositories: set[str]
+    removed_revisions: set[tuple[str, str]]
+    #: whether the store's tag links name images: not with the openshift source, where
+    #: image streams hold the tags and a stored tag may name a manifest pruned long ago
+    tags: bool = True
+
+
+async def in_parallel(
+    items: Iterable[T], work: Callable[[T], Awaitable[R]], workers: int
+) -> list[R]:
+    """``work`` of each item, ``workers`` at a time; results in the items' order."""
+    todo = list(enumerate(items))
+    results: list[R | None] = [None] * len(todo)
+    feed = iter(todo)
+
+    async def worker() -> None:
+        for index, item in feed:
+            results[index] = await work(item)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(todo))))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    return results  # type: ignore[return-value]
+
+
+def _digests(packed: bytes) -> list[bytes]:
+    return [packed[i : i + 32] for i in range(0, len(packed), 32)]
+
+
+def tag_link(repository: str, tag: str) -> str:
+    return f"{layout.REPOSITORIES}{repository}/_manifests/tags/{tag}/current/link"
+
+
+def loose_keys(repositories: Iterable[str], digest: str) -> list[str]:
+    """Where a digest string could name something of this store: blob data, layer links."""
+    algo, _, hexdigest = digest.partition(":")
+    keys = [f"blobs/{algo}/{hexdigest[:2]}/{hexdigest}/data"]
+    keys += [f"{layout.REPOSITORIES}{r}/_layers/{algo}/{hexdigest}/link" for r in repositories]
+    return keys
+
+
+class StoreVerifier:
+    """The storage reading of verify, over an inventory (and a delete run's knowledge)."""
+
+    name = VERIFY
+
+    def __init__(
+        self,
+        storage: Storage,
+        progress: Progress,
+        report: Callable[[Finding], None],
+        *,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+        workers: int = 16,
+        typed: TypedParse = manifests.parse,
+        prior: Prior | None = None,
+    ) -> None:
+        self.storage = storage
+        self.progress = progress
+        self.report = report
+        self.log = log or structlog.get_logger()
+        self.workers = max(1, workers)
+        # module-level, so that a reader process can run it (tests pass a blind one)
+        self.read = functools.partial(read_facts, typed)
+        self.prior = prior
+        self.result = Verification(after_delete=prior is not None)
+        self.facts: dict[bytes, Facts | None] = {}
+        self.present: dict[bytes, int | None] = {}  # blob -> size (None: present, not sized)
+        self.foreign_present: set[str] = set()  # sha512/sha384 blobs with data
+
+    async def run(self, inventory: Inventory) -> Verification:
+        self.progress.enter(self.name)
+        roots = await self._roots(inventory)
+        holders: dict[bytes, list[str]] = {}
+        for repo, digests in roots.items():
+            for raw in digests:
+                holders.setdefault(raw, []).append(repo)
+        await self._read_manifests(holders)
+        await self._presence()
+        named = await self._named(holders)
+        self._judge(roots, named)
+        self.log.info("verified", **self.result.document())
+        return self.result
+
+    # -- roots ------------------------------------------------------------------------------
+
+    async def _roots(self, inventory: Inventory) -> dict[str, set[bytes]]:
+        """Per repository: its linked revisions and its tags' current manifests."""
+        prior = self.prior
+        revisions: list[tuple[str, str]] = []
+        tags: list[tuple[str, str]] = []
+        for repo in inventory.repositories.values():
+            if prior is not None and repo.name in prior.removed_repositories:
+                continue
+            for hexdigest in sorted(repo.revisions):
+                if prior is None or (repo.name, hexdigest) not in prior.removed_revisions:
+                    revisions.append((repo.name, hexdigest))
+            if prior is None or prior.tags:
+                tags += [(repo.name, tag) for tag in sorted(repo.tags)]
+        roots: dict[str, set[bytes]] = {}
+        linked: set[tuple[str, bytes]] = set()
+
+        async def read_revisions(chunk: list[tuple[str, str]]) -> list[bytes]:
+            keys = [layout.revision_dir(r, h) + "link" for r, h in chunk]
+            found = await self.storage.read_parsed(keys, 1024, layout.link_digest)
+            accepted: list[bytes] = []
+            for (repo, hexdigest), raw in zip(chunk, found, strict=True):
+                if raw is None:
+                    continue  # the scan named a directory whose link is gone: no revision
+                if isinstance(raw, ValueError) or raw.hex() != hexdigest:
+                    self._broken_link(repo, f"revision link of sha256:{hexdigest}", raw)
+                    continue
+                roots.setdefault(repo, set()).add(raw)
+                linked.add((repo, raw))
+                accepted.append(raw)
+            return accepted
+
+        async def read_tags(chunk: list[tuple[str, str]]) -> list[bytes]:
+            keys = [tag_link(r, t) for r, t in chunk]
+            found = await self.storage.read_parsed(keys, 1024, layout.link_digest)
+            for (repo, tag), raw in zip(chunk, found, strict=True):
+                if raw is None:
+                    continue  # a tag directory without current link: distribution lists no tag
+                self.result.tags += 1
+                if isinstance(raw, ValueError):
+                    self._broken_link(repo, f"current link of tag {tag!r}", raw)
+                    continue
+                roots.setdefault(repo, set()).add(raw)
+                self._tag_targets.append((repo, tag, raw))
+            return [raw for raw in found if isinstance(raw, bytes)]
+
+        self._tag_targets: list[tuple[str, str, bytes]] = []
+        # links and the manifests they name in one pipeline, as the mark phase reads them:
+        # each chunk's new manifests are read by the worker that read its links
+        work: list[Callable[[], Awaitable[list[bytes]]]] = []
+        rev_chunks, tag_chunks = chunked(revisions), chunked(tags)
+        for i in range(max(len(rev_chunks), len(tag_chunks))):
+            if i < len(rev_chunks):
+                work.append(functools.partial(read_revisions, rev_chunks[i]))
+            if i < len(tag_chunks):
+                work.append(functools.partial(read_tags, tag_chunks[i]))
+
+        async def links_then_manifests(step: Callable[[], Awaitable[list[bytes]]]) -> None:
+            named = [raw for raw in await step() if raw not in self.facts]
+            self.facts.update(dict.fromkeys(named))  # claimed: no other worker reads them
+            await self._read_chunk(named)
+
+        await in_parallel(work, links_then_manifests, self.workers)
+        # a tag whose manifest has no revision link cannot be pulled: distribution reads
+        # manifests through the repository's revision links
+        self._unlinked = {
+            (repo, tag, raw) for repo, tag, raw in self._tag_targets if (repo, raw) not in linked
+        }
+        return roots
+
+    def _broken_link(self, repo: str, what: str, raw: bytes | ValueError) -> None:
+        reason = (
+            f"{what} is corrupt: {raw}"
+            if isinstance(raw, ValueError)
+            else (f"{what} names {layout.format_digest(raw)}")
+        )
+        self.result.broken += 1
+        self.report(Finding("broken", repo, "", reason, f'Broken repository "{repo}": {reason}'))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _read_chunk(self, chunk: list[bytes]) -> None:
+        if not chunk:
+            return
+        keys = [layout.blob_data(raw.hex()) for raw in chunk]
+        found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
+        for raw, facts in zip(chunk, found, strict=True):
+            # read_facts never raises: a ValueError here came from the driver
+            self.facts[raw] = facts if isinstance(facts, Facts) else None
+        self.progress.manifests += len(chunk)
+
+    async def _read_manifests(self, roots: Iterable[bytes]) -> None:
+        """Children and subjects not read with the roots, level by level."""
+        pending = sorted(d for d in set(roots) if d not in self.facts)
+        await in_parallel(chunked(pending), self._read_chunk, self.workers)
+        pending = sorted(set(roots))
+        while pending:
+            following: set[bytes] = set()
+            for raw in pending:
+                facts = self.facts[raw]
+                if facts is not None:
+                    following.update(_digests(facts.children))
+                    following.update(_digests(facts.subjects))
+            pending = sorted(d for d in following if d not in self.facts)
+            await in_parallel(chunked(pending), self._read_chunk, self.workers)
+        self.result.manifests = sum(1 for f in self.facts.values() if f is not None)
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    async def _presence(self) -> None:
+        """Which referenced blobs have data, and their sizes: one pass per blob shard."""
+        wanted: dict[int, set[bytes]] = {}
+        prior = self.prior
+        trusted = prior is not None and self.storage.listing_proves_data
+        for facts in self.facts.values():
+            if facts is None:
+                continue
+            candidates = _digests(facts.blobs)
+            candidates += [layout.parse_digest(x) for x in facts.loose if x.startswith("sha256:")]
+            for raw in candidates:
+                if raw in self.facts and self.facts[raw] is not None:
+                    self.present[raw] = self.facts[raw].length  # type: ignore[union-attr]
+                    continue
+                # the sweep listed this in-use digest's whole shard: it has data
+                if trusted and prior and raw[0] in prior.complete and raw in prior.in_use:
+                    self.present[raw] = None
+                    continue
+                wanted.setdefault(raw[0], set()).add(raw)
+        self.progress.shards_total = len(wanted)
+        self.progress.shards_done = 0
+
+        async def ask(shard: int) -> None:
+            sizes = await self.storage.blob_sizes(f"{shard:02x}", wanted[shard])
+            self.present.update(sizes)
+            self.progress.blobs_scanned += len(wanted[shard])
+            self.progress.shards_done += 1
+
+        await in_parallel(sorted(wanted), ask, self.workers)
+
+    async def _named(self, holders: dict[bytes, list[str]]) -> dict[bytes, set[str]]:
+        """Per manifest, the loose digest strings that name a blob or link of this store."""
+        deleted = self.prior.deleted if self.prior is not None else set()
+        named: dict[bytes, set[str]] = {}
+        asks: list[tuple[bytes, str, str]] = []  # (manifest, digest string, key to stat)
+        for raw, facts in self.facts.items():
+            if facts is None:
+                continue
+            for text in facts.loose:
+                if text.startswith("sha256:"):
+                    blob = layout.parse_digest(text)
+                    if blob in self.present or blob in deleted:
+                        named.setdefault(raw, set()).add(text)
+                        continue
+                for key in loose_keys(holders.get(raw, ()), text):
+                    asks.append((raw, text, key))
+            # digests of other algorithms the typed parse named: their blob data must be here
+            for text in facts.foreign:
+                asks.append((b"", text, loose_keys((), text)[0]))
+        for start in range(0, len(asks), 256):
+            part = asks[start : start + 256]
+            stats = await self.storage.stat_many([key for _r, _t, key in part])
+            for (raw, text, _key), stat in zip(part, stats, strict=True):
+                if stat is None:
+                    continue
+                if raw:
+                    named.setdefault(raw, set()).add(text)
+                else:
+                    self.foreign_present.add(text)
+        return named
+
+    # -- judging ----------------------------------------------------------------------------
+
+    def _judge(self, roots: dict[str, set[bytes]], named: dict[bytes, set[str]]) -> None:
+        problems: dict[bytes, list[tuple[str, str]]] = {}
+        deleted = self.prior.deleted if self.prior is not None else set()
+
+        def judge(raw: bytes, visiting: frozenset[bytes]) -> list[tuple[str, str]]:
+            if raw in problems:
+                return problems[raw]
+            digest = layout.format_digest(raw)
+            facts = self.facts.get(raw)
+            found: list[tuple[str, str]] = []
+            if facts is None:
+                found.append((digest, f'image "{digest}": unknown blob'))
+                problems[raw] = found
+                return found
+            if facts.error:
+                found.append(("", f"manifest cannot be parsed: {facts.error}"))
+            for blob in _digests(facts.blobs):
+                text = layout.format_digest(blob)
+                if blob not in self.present:
+                    found.append((text, f'image blob "{text}": unknown blob'))
+                    continue
+                size, want = self.present[blob], facts.size_of(blob)
+                if size is not None and want is not None and size != want:
+                    found.append(
+                        ("", f'image blob "{text}": {size} bytes where the manifest says {want}')
+                    )
+            for text in facts.foreign:
+                if text not in self.foreign_present:
+                    found.append((text, f'image blob "{text}": unknown blob'))
+            for child in _digests(facts.children):
+                text = layout.format_digest(child)
+                kid = self.facts.get(child)
+                if kid is None:
+                    found.append((text, f'child manifest "{text}": unknown blob'))
+                    continue
+                want = facts.size_of(child)
+                if want is not None and want != kid.length:
+                    found.append(
+                        (
+                            "",
+                            f'child manifest "{text}": {kid.length} bytes '
+                            f"where the list says {want}",
+                        )
+                    )
+                if child not in visiting and judge(child, visiting | {raw}):
+                    found.append(("", f'child manifest "{text}": broken'))
+            for subject in _digests(facts.subjects):
+                if self.facts.get(subject) is None:
+                    text = layout.format_digest(subject)
+                    found.append((text, f'subject "{text}": unknown blob'))
+            for text in facts.loose:
+                if text in named.get(raw, ()):
+                    gone = text.startswith("sha256:") and layout.parse_digest(text) in deleted
+                    found.append(
+                        (
+                            text if gone else "",
+                            f'unparsed reference "{text}": names a blob or link of this store '
+                            "that the manifest parser did not read"
+                            + (" (deleted by this run)" if gone else ""),
+                        )
+                    )
+            problems[raw] = found
+            return found
+
+        result = self.result
+        for facts_raw, facts in self.facts.items():
+            if facts is not None:
+                hits = named.get(facts_raw, set())
+                result.unparsed += len(hits)
+                result.foreign += len(facts.loose) - len(hits)
+                result.annotations += facts.noted
+        unlinked: dict[tuple[str, bytes], list[str]] = {}
+        for repo, tag, raw in sorted(self._unlinked):
+            unlinked.setdefault((repo, raw), []).append(tag)
+        for repo in sorted(roots):
+            for raw in sorted(roots[repo]):
+                result.images += 1
+                found = list(judge(raw, frozenset()))
+                for tag in unlinked.get((repo, raw), ()):
+                    found.append(("", f'tag "{tag}": the manifest has no revision link'))
+                if not found:
+                    continue
+                digest = layout.format_digest(raw)
+                result.broken += 1
+                if len(result.examples) < EXAMPLES:
+                    result.examples.append(f"{repo}@{digest}")
+                self.report(
+                    Finding(
+                        "broken",
+                        repo,
+                        digest,
+                        "; ".join(text for _m, text in found),
+                        "\n".join(
+                            f'Broken image "{digest}": {text} (repository "{repo}")'
+                            for _m, text in found
+                        ),
+                        missing=sorted({m for m, _t in found if m}),
+                    )
+                )
+
+
+def chunked(items: Sequence[T], size: int = CHUNK) -> list[list[T]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]

@@ -1,0 +1,358 @@
+"""mode=verify, recover and the listings, on stores the real registry wrote."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from daemon import manifests
+from daemon.config import load_settings
+from daemon.findings import Finding
+from daemon.progress import Progress
+from daemon.prune import DELETE, Engine, RunFailed, RunOptions
+from daemon.sources.storage import StorageSource
+from daemon.storage import open_storage
+from daemon.storage.filesystem import FilesystemStorage
+from daemon.verify import VERIFY
+from tests.conftest import pruned
+from tests.harness.daemon import Daemon
+from tests.harness.images import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER,
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    Blob,
+    Manifest,
+    PushedImage,
+    RegistryClient,
+    Scenario,
+    config_blob,
+    oci_manifest,
+    random_layer,
+    skopeo_pull,
+)
+from tests.harness.registry import Registry, blobs_on_disk, running_registry
+
+BROKEN = re.compile(r'^Broken image "(sha256:[0-9a-f]{64})": .* \(repository "([^"]+)"\)$')
+
+
+def _blob_dir(registry: Registry, digest: str, algo: str = "sha256") -> Path:
+    hexdigest = digest.partition(":")[2]
+    return registry.root / f"docker/registry/v2/blobs/{algo}/{hexdigest[:2]}/{hexdigest}"
+
+
+def _remove_blob(registry: Registry, digest: str) -> None:
+    shutil.rmtree(_blob_dir(registry, digest))
+
+
+def _image(sc: Scenario, repository: str, tag: str | None, **match: Any) -> PushedImage:
+    for image in sc.images:
+        same = all(getattr(image.manifest, k) == v for k, v in match.items())
+        if image.repository == repository and image.tag == tag and not image.deleted and same:
+            return image
+    raise AssertionError(f"no image {repository}:{tag}")
+
+
+def _broken_lines(out: str) -> set[tuple[str, str]]:
+    found = set()
+    for line in out.splitlines():
+        if line.startswith("Broken image"):
+            match = BROKEN.match(line)
+            assert match, line
+            found.add((match.group(2), match.group(1)))
+    return found
+
+
+def test_verify_names_exactly_the_images_whose_blobs_went_missing(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    registry, sc = fresh
+    clean = pruned("verify", "--registry-config", registry.config_path)
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.splitlines() == ["Checked 13 images: 0 broken"], clean.stdout
+
+    v1 = _image(sc, "app", "v1")
+    v2 = _image(sc, "app", "v2")
+    team = _image(sc, "team/sub/app", "latest")
+    listed = _image(sc, "other", "list")
+    artifact = next(i for i in sc.images if b'"subject"' in i.manifest.data)
+    child = listed.manifest.children[0]
+    own_layer = v2.manifest.layers[-1]  # base1 is shared; this one is v2's own
+    _remove_blob(registry, own_layer)  # a layer
+    _remove_blob(registry, team.manifest.config)  # a config
+    _remove_blob(registry, child)  # a child manifest of a manifest list
+    _remove_blob(registry, v1.digest)  # the subject of the artifact (and an image itself)
+    expected = {
+        ("app", v2.digest),
+        ("team/sub/app", team.digest),
+        ("other", child),  # its revision is linked: pulled by digest it is gone
+        ("other", listed.digest),
+        ("app", v1.digest),
+        ("app", artifact.digest),
+    }
+
+    broken = pruned("verify", "--registry-config", registry.config_path)
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert _broken_lines(broken.stdout) == expected, broken.stdout
+    assert "Checked 13 images: 6 broken" in broken.stdout
+    assert f'image blob "{own_layer}": unknown blob' in broken.stdout
+    assert f'child manifest "{child}": unknown blob' in broken.stdout
+    assert f'subject "{v1.digest}": unknown blob' in broken.stdout
+
+    # the same through the daemon: the run fails naming them, /broken streams them
+    daemon = Daemon(registry.config_path, tmp_path / "state").start()
+    try:
+        status, doc = daemon.json("POST", "/prune?mode=verify&wait=true")
+        assert status == 200, doc
+        assert doc["state"] == "failed" and doc["verification"]["broken"] == 6, doc
+        assert f"app@{v2.digest}" in doc["error"]
+        status, _h, body = daemon.get(f"/runs/{doc['id']}/broken")
+        rows = [json.loads(line) for line in body.splitlines()]
+        assert {(r["repository"], r["digest"]) for r in rows} == expected
+        by_digest = {r["digest"]: r for r in rows}
+        assert by_digest[v2.digest]["missing"] == [own_layer]
+        assert by_digest[team.digest]["missing"] == [team.manifest.config]
+        assert by_digest[v1.digest]["missing"] == [v1.digest]
+        assert by_digest[artifact.digest]["missing"] == [v1.digest]
+        assert "unknown blob" in by_digest[listed.digest]["reason"]
+        _s, _h, text = daemon.get(f"/runs/{doc['id']}", headers={"Accept": "text/plain"})
+        assert _broken_lines(text.decode()) == expected
+        assert "Checked 13 images: 6 broken" in text.decode()
+        _s, _h, metrics = daemon.get("/metrics")
+        assert "registry_pruned_broken_images 6.0" in metrics.decode()
+
+        # the listings, straight from the store
+        _s, _h, body = daemon.get("/repositories")
+        repos = {r["repository"]: r for r in map(json.loads, body.splitlines())}
+        assert set(repos) == {"app", "other", "team/sub/app"}
+        assert repos["app"]["tags"] == 3
+        _s, _h, body = daemon.get("/repositories/team/sub/app/manifests")
+        rows = [json.loads(line) for line in body.splitlines()]
+        tags = {r["digest"]: r["tags"] for r in rows}
+        assert tags[team.digest] == ["latest"]
+        assert tags[_image(sc, "team/sub/app", "multi").digest] == ["multi"]
+        assert len(rows) == 4  # latest, multi and its two children
+        status, _h, body = daemon.get("/repositories/nope/manifests")
+        assert status == 404, body
+        _s, _h, body = daemon.get("/blobs")
+        listed_blobs = {json.loads(line)["digest"] for line in body.splitlines()}
+        assert listed_blobs == blobs_on_disk(registry)
+    finally:
+        daemon.stop()
+    cli = pruned("list", "manifests", "app", "--registry-config", registry.config_path)
+    assert cli.returncode == 0, cli.stderr
+    assert {json.loads(line)["digest"] for line in cli.stdout.splitlines()} >= {
+        v2.digest,
+        artifact.digest,
+    }
+
+
+# -- the second reading: a blind typed parse ---------------------------------------------------
+
+
+def blind_parse(data: bytes) -> manifests.References:
+    """A typed parse that reads the config and misses everything else (issue 15's bug)."""
+    doc = json.loads(data)
+    refs = manifests.References("blind")
+    config = doc.get("config") if isinstance(doc, dict) else None
+    if isinstance(config, dict) and str(config.get("digest", "")).startswith("sha256:"):
+        refs.blobs.append(bytes.fromhex(config["digest"][7:]))
+    return refs
+
+
+def _plant_sha512(registry: Registry, repo: str, data: bytes) -> str:
+    """A blob stored under its sha512 digest and linked in _layers/sha512/, as distribution
+    lays out any algorithm (its upload API computes sha256 only, so it is planted)."""
+    hexdigest = hashlib.sha512(data).hexdigest()
+    blob = _blob_dir(registry, "sha512:" + hexdigest, "sha512")
+    blob.mkdir(parents=True)
+    (blob / "data").write_bytes(data)
+    link = registry.root / f"docker/registry/v2/repositories/{repo}/_layers/sha512/{hexdigest}"
+    link.mkdir(parents=True)
+    (link / "link").write_text("sha512:" + hexdigest)
+    return "sha512:" + hexdigest
+
+
+async def _verify(registry: Registry, typed: Any = None) -> tuple[Any, list[Finding]]:
+    settings = load_settings(registry.config_path)
+    storage = open_storage(settings.storage, 4)
+    found: list[Finding] = []
+    engine = Engine(storage, StorageSource(), RunOptions(mode=VERIFY), Progress())
+    engine.on_finding = found.append
+    if typed is not None:
+        engine.typed_parse = typed
+    try:
+        with contextlib.suppress(RunFailed):  # broken images fail the run: asserted below
+            await engine.run()
+    finally:
+        await storage.close()
+    return engine.verification, found
+
+
+async def test_second_reading_reports_what_a_blind_parse_missed(tmp_path: Path) -> None:
+    rng = random.Random(24)
+    with running_registry(tmp_path / "registry") as registry:
+        client = RegistryClient(registry.url)
+        # a schema2 manifest whose layers sit under "Layers": Go's JSON reads it (keys are
+        # case-insensitive there), so the registry accepts it and serves its layers
+        layer = random_layer(rng, media_type=DOCKER_LAYER)
+        cfg = config_blob([layer], media_type=DOCKER_CONFIG)
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST,
+            "config": cfg.with_media_type(DOCKER_CONFIG).descriptor(),
+            "Layers": [layer.descriptor()],
+        }
+        upper = Blob(json.dumps(doc).encode(), DOCKER_MANIFEST)
+        client.upload_blob("upper", layer)
+        client.upload_blob("upper", cfg)
+        client.push_manifest("upper", "v1", _as_manifest(upper))
+        # an OCI manifest with a sha512 layer, linked by the registry under _layers/sha512
+        data = random_layer(rng).data
+        long_digest = _plant_sha512(registry, "long", data)
+        cfg2 = config_blob([], label="sha512")
+        client.upload_blob("long", cfg2)
+        doc2 = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": cfg2.descriptor(),
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": long_digest,
+                    "size": len(data),
+                }
+            ],
+        }
+        long = Blob(json.dumps(doc2).encode(), OCI_MANIFEST)
+        client.push_manifest("long", "v1", _as_manifest(long))
+        # annotations naming a manifest of this store and a digest held elsewhere: counted
+        # apart, not errors (a base image's digest)
+        base_layer = random_layer(rng)
+        base_cfg = config_blob([base_layer], label="annotated")
+        elsewhere = "sha256:" + hashlib.sha256(b"a base image held elsewhere").hexdigest()
+        annotated = oci_manifest(
+            base_cfg,
+            [base_layer],
+            annotations={"org.opencontainers.image.base.digest": upper.digest},
+        )
+        annotated_doc = json.loads(annotated.data)
+        annotated_doc["x-origin"] = {"source": f"quay.io/x/y@{elsewhere}"}
+        annotated_blob = Blob(json.dumps(annotated_doc).encode(), OCI_MANIFEST)
+        client.push_image("annotated", "v1", _as_manifest(annotated_blob), [base_layer, base_cfg])
+        assert (registry.root / "docker/registry/v2/repositories/long/_layers/sha512").is_dir()
+
+        result, found = await _verify(registry, blind_parse)
+        assert result is not None
+        reasons = {f.digest: f.reason for f in found}
+        assert set(reasons) == {upper.digest, long.digest, annotated_blob.digest}, reasons
+        assert f'unparsed reference "{layer.digest}"' in reasons[upper.digest]
+        assert f'unparsed reference "{long_digest}"' in reasons[long.digest]
+        # the blind parse misses this one's layer too; its annotation and the digest held
+        # elsewhere are no findings: counted apart
+        assert reasons[annotated_blob.digest].count("unparsed reference") == 1
+        assert f'unparsed reference "{base_layer.digest}"' in reasons[annotated_blob.digest]
+        assert result.unparsed == 3 and result.broken == 3
+        assert result.annotations == 1 and result.foreign == 1
+        assert result.images == 3
+
+        # the real parse reads the sha512 layer and the annotated image whole
+        _result, found = await _verify(registry)
+        assert annotated_blob.digest not in {f.digest for f in found}
+        assert long.digest not in {f.digest for f in found}
+        # and a sha512 layer gone is a missing blob like any other
+        shutil.rmtree(_blob_dir(registry, long_digest, "sha512"))
+        _result, found = await _verify(registry)
+        assert {f.digest: f.missing for f in found}[long.digest] == [long_digest]
+
+
+def _as_manifest(blob: Blob) -> Manifest:
+    return Manifest(blob.data, blob.media_type)
+
+
+# -- after a delete ---------------------------------------------------------------------------
+
+
+class _Counting(FilesystemStorage):
+    """The real filesystem driver, counting the walks a run makes."""
+
+    walks = 0
+    shard_listings = 0
+
+    async def scan_repositories(self, layers: bool = True) -> Any:
+        type(self).walks += 1
+        async for batch in super().scan_repositories(layers):
+            yield batch
+
+    async def blobs_outside(self, shard: str, members: Any) -> Any:
+        type(self).shard_listings += 1
+        return await super().blobs_outside(shard, members)
+
+
+async def test_every_delete_verifies_what_it_kept(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    registry, sc = fresh
+    registry.restart(read_only=True)
+    out = pruned("delete", "--registry-config", registry.config_path, "--grace", "0")
+    assert out.returncode == 0, out.stderr
+    assert "Verification passed: checked 13 kept images: 0 broken" in out.stdout, out.stdout
+    for repo, ref in sc.kept[:2]:
+        skopeo_pull(registry.url, repo, ref, tmp_path / ref.replace(":", "_"))
+
+    # a kept image loses a layer (a disk fault, a pruner bug): the next delete fails, naming it
+    v2 = _image(sc, "app", "v2")
+    _remove_blob(registry, v2.manifest.layers[-1])
+    settings = load_settings(registry.config_path)
+    storage = _Counting(settings.storage.rootdirectory, 4)
+    found: list[Finding] = []
+    engine = Engine(
+        storage,
+        StorageSource(),
+        RunOptions(mode=DELETE, grace=0, registry_read_only=True),
+        Progress(),
+    )
+    engine.on_finding = found.append
+    try:
+        try:
+            await engine.run()
+            raise AssertionError("the delete should have failed its verification")
+        except RunFailed as exc:
+            assert f"app@{v2.digest}" in str(exc)
+            assert "verification after the delete found 1 broken images" in str(exc)
+    finally:
+        await storage.close()
+    assert {(f.repository, f.digest) for f in found} == {("app", v2.digest)}
+    assert engine.verification is not None and engine.verification.after_delete
+    # what the delete had listed served its verification: one walk, one pass over the shards
+    assert _Counting.walks == 1 and _Counting.shard_listings == 256
+
+
+def test_second_reading_finds_digests_in_any_key_case_and_nesting() -> None:
+    from daemon.verifying import read_facts
+
+    a, b, c, d = (hashlib.sha256(bytes([i])).hexdigest() for i in range(4))
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "x", "digest": f"sha256:{a}", "size": 2},
+        "layers": [],
+        "deep": [{"x": {"y": [f"SHA256:{b.upper()}"]}}],  # any case, any nesting
+        f"sha256:{c}": "a key",  # a key is a string too
+        "annotations": {"base": f"sha256:{d}"},  # noted, not checked
+        "long": f"sha256:{a}{a}",  # a longer hex run is no sha256 digest
+    }
+    facts = read_facts(manifests.parse, json.dumps(doc).encode())
+    assert facts.blobs == bytes.fromhex(a) and not facts.error
+    assert facts.loose == tuple(sorted((f"sha256:{b}", f"sha256:{c}")))
+    assert facts.noted == 1
+    assert facts.size_of(bytes.fromhex(a)) == 2
+    # an unparsable manifest is a finding, and still read the second way
+    broken = read_facts(manifests.parse, b'{"schemaVersion": 7, "x": "sha256:' + b.encode() + b'"}')
+    assert broken.error and broken.loose == (f"sha256:{b}",)
