@@ -111,7 +111,8 @@ def read_facts(typed: TypedParse, data: bytes) -> Facts:
         error = str(exc) or type(exc).__name__
     blobs = b"".join(refs.blobs) if refs else b""
     children = b"".join(refs.children) if refs else b""
-    foreign = tuple(f.lower() for f in refs.foreign) if refs else ()
+    named = (refs.foreign_blobs + refs.foreign_children) if refs else []
+    foreign = tuple(f.lower() for f in named)
     subjects = _subjects(doc) if isinstance(doc, dict) else b""
     explained = {
         layout.format_digest(part[i : i + 32])

@@ -136,7 +136,12 @@ def test_wait_true_and_delete_needs_post(daemon: Daemon) -> None:
     ("method", "path", "status", "line"),
     [
         ("GET", "/prune?mode=delete", 405, "deleting needs POST: curl -X POST '127.0.0.1:{port}"),
-        ("POST", "/prune?mode=zap", 400, "mode must be check or delete, not 'zap'"),
+        (
+            "POST",
+            "/prune?mode=zap",
+            400,
+            "mode must be check or delete (or verify, recover), not 'zap'",
+        ),
         ("GET", "/runs/nope", 404, "no run 'nope'; see GET /runs"),
         ("GET", "/nowhere", 404, "no such path; see the API in the README"),
         ("POST", "/prune?mode=delete", 409, "the registry is not in read-only mode; set it"),
