@@ -15,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from daemon import logs
+from daemon import usage as usage_report
 from daemon.auth import Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
 from daemon.metrics import CONTENT_TYPE, Metrics
@@ -184,6 +185,30 @@ def _read_from(path: Path, offset: int, size: int = 1 << 20) -> bytes:
         return b""
 
 
+async def usage(request: web.Request) -> web.Response:
+    """GET /runs/<id>/usage: per repository, by exclusive bytes; ?top=N; text/plain table."""
+    run = _find(request)
+    top = request.query.get("top")
+    if top is not None and not (top.isdigit() and len(top) < 10):
+        return _error(400, f"top must be a whole number, not {top[:50]!r}")
+    path: Path = request.app[MANAGER].usage_path(run.id)
+    try:
+        document = json.loads(await asyncio.to_thread(path.read_bytes))
+    except FileNotFoundError:
+        why = "is still running" if run.state == RUNNING else f"is a {run.mode} run"
+        if run.state != RUNNING and run.mode == CHECK:
+            why = f"ended {run.state} or its source reports no usage"
+        return _error(
+            404,
+            f"run {run.id} has no usage report: it {why}; a storage-source check that "
+            "succeeds has one (GET /runs/latest/usage)",
+        )
+    document = usage_report.top(document, int(top) if top is not None else None)
+    if _wants_text(request):
+        return web.Response(text=usage_report.table(document) + "\n")
+    return web.json_response(document)
+
+
 async def stop_run(request: web.Request) -> web.Response:
     run = _find(request)
     if run.state != RUNNING:
@@ -264,6 +289,7 @@ def make_app(
     app.router.add_get("/runs", list_runs)
     app.router.add_get("/runs/{id}", get_run)
     app.router.add_get("/runs/{id}/candidates", candidates)
+    app.router.add_get("/runs/{id}/usage", usage)
     app.router.add_post("/runs/{id}/stop", stop_run)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

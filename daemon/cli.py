@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from daemon import logs
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
@@ -20,6 +21,7 @@ from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, SourceError
 from daemon.storage import open_storage
 from daemon.storage.base import StorageError
+from daemon.usage import table as usage_table
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -97,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in ((CHECK, "report what would be deleted"), (DELETE, "delete orphans")):
         one = sub.add_parser(name, parents=[common], help=text)
         one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
+        if name == CHECK:
+            one.add_argument(
+                "--usage",
+                action="store_true",
+                help="also print per-repository usage: exclusive and shared bytes (storage source)",
+            )
         if name == DELETE:
             one.add_argument(
                 "--online",
@@ -130,7 +138,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-async def run_once(settings: Settings, mode: str, online: bool) -> int:
+async def run_once(settings: Settings, mode: str, online: bool, usage: bool = False) -> int:
     """One run, summary on stdout, logs on stderr; the exit status."""
     log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
     log = log.bind(run_id=uuid.uuid4().hex[:12], mode=mode, source=settings.source)
@@ -144,6 +152,7 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
             upload_max_age=settings.upload_max_age,
             online=online,
             registry_read_only=settings.registry_read_only,
+            usage=usage,
         )
         log.info("start prune", dry_run=mode == CHECK, store=storage.description)
         engine = Engine(storage, source, options, Progress(), log=log)
@@ -159,6 +168,8 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
             print("error: stopped before the end; partial counts above", file=sys.stderr)
             return 130
         print("\n".join(summary_lines(mode, summary)))
+        if usage:
+            _print_usage(engine.usage, settings.source)
         return 0
     except RunFailed as exc:
         if mode == DELETE and engine.summary.blobs:
@@ -174,6 +185,14 @@ async def run_once(settings: Settings, mode: str, online: bool) -> int:
         await storage.close()
 
 
+def _print_usage(document: dict[str, Any] | None, source: str) -> None:
+    if document is None:
+        print(f"error: the {source} source reports no per-repository usage", file=sys.stderr)
+        return
+    print()
+    print(usage_table(document))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -185,4 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.api import serve
 
         return serve(settings)
-    return asyncio.run(run_once(settings, args.command, getattr(args, "online", False)))
+    return asyncio.run(
+        run_once(
+            settings,
+            args.command,
+            getattr(args, "online", False),
+            getattr(args, "usage", False),
+        )
+    )

@@ -11,6 +11,7 @@ class Progress:
     phase: str = "starting"
     repositories: int = 0
     manifests: int = 0
+    manifests_total: int = 0  # revisions the mark phase reads (known once the scan is done)
     blobs_scanned: int = 0
     shards_done: int = 0
     shards_total: int = 256

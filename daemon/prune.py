@@ -24,6 +24,7 @@ from daemon.progress import Progress
 from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import DeleteFailure, Storage, StorageError
+from daemon.usage import UsageTally
 
 T = TypeVar("T")
 BATCH = 1000
@@ -72,6 +73,7 @@ class RunOptions:
     online: bool = False
     online_settle: float = 2.0  # seconds a racing push gets to register its image
     registry_read_only: bool = False  # from the registry's config, where the source cannot tell
+    usage: bool = True  # a check also computes per-repository usage (sources that can)
 
 
 class Pruner(ABC):
@@ -143,6 +145,8 @@ class Engine:
         self.pruner: Pruner = Deleter() if options.mode == DELETE else DryRun()
         self.summary = Summary()
         self.notes: list[str] = []
+        #: the per-repository usage report of a check, once its sweep is done
+        self.usage: dict[str, Any] | None = None
         self.started = time.time()
         self.cutoff = self.started - options.grace
 
@@ -237,6 +241,9 @@ class Engine:
     async def mark(self, inventory: Inventory) -> Marks:
         """Phase 2: the reference source builds the in-use set."""
         self.progress.enter("mark")
+        repos = inventory.repositories.values()
+        self.progress.manifests_total = sum(len(r.revisions) for r in repos)
+        self.source.usage_wanted = self.options.mode == CHECK and self.options.usage
         marks = await self.source.mark(inventory, self.storage, self.progress)
         self.notes.extend(marks.notes)
         for note in marks.notes:
@@ -253,6 +260,7 @@ class Engine:
         self.progress.enter("sweep")
         candidates: list[Candidate] = []
         shards = iter(layout.SHARDS)
+        tally = UsageTally(marks.usage, self.cutoff) if marks.usage is not None else None
 
         async def worker() -> None:
             for shard in shards:
@@ -260,7 +268,11 @@ class Engine:
                 # one shard of the in-use set as a plain set: lookups at C speed, and small
                 # enough to hand to a driver that filters in another process
                 members = marks.in_use.shard(int(shard, 16))
-                count, outside = await self.storage.blobs_outside(shard, members)
+                if tally is None:
+                    count, outside = await self.storage.blobs_outside(shard, members)
+                else:
+                    count, outside, sized = await self.storage.blobs_outside_sized(shard, members)
+                    tally.account(int(shard, 16), sized, outside)
                 del members
                 self.progress.blobs_scanned += count
                 for entry in outside:
@@ -269,6 +281,9 @@ class Engine:
                 await asyncio.sleep(0)  # status requests get their turn between shards
 
         await asyncio.gather(*(worker() for _ in range(min(16, self.storage.concurrency))))
+        if tally is not None:
+            marks.usage = None  # its pairs were taken shard by shard
+            self.usage = tally.document((self.progress.candidates, self.progress.candidate_bytes))
         self.log.info(
             "swept",
             blobs=self.progress.blobs_scanned,

@@ -173,11 +173,27 @@ class RunManager:
     def candidates_path(self, run_id: str) -> Path:
         return self.dir / f"{run_id}.candidates.ndjson"
 
+    def usage_path(self, run_id: str) -> Path:
+        # not *.json: load() reads those as run documents
+        return self.dir / f"{run_id}.usage"
+
+    async def _save_usage(self, run_id: str, usage: dict[str, Any]) -> None:
+        data = json.dumps({"run_id": run_id, **usage}, separators=(",", ":")).encode()
+        try:
+            await asyncio.to_thread(atomic_write, self.usage_path(run_id), data)
+        except OSError as exc:
+            # the check itself is sound; only its usage report is missing
+            self.log.error("cannot save the usage report", run_id=run_id, error=str(exc))
+
     async def _prune_history(self) -> None:
         finished = [r for r in self.ordered() if r.state in FINAL]
         for old in finished[self.history :]:
             self.runs.pop(old.id, None)
-            for path in (self.dir / f"{old.id}.json", self.candidates_path(old.id)):
+            for path in (
+                self.dir / f"{old.id}.json",
+                self.candidates_path(old.id),
+                self.usage_path(old.id),
+            ):
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(path.unlink)
 
@@ -258,6 +274,8 @@ class RunManager:
                 state = SUCCEEDED
             finally:
                 run.notes = engine.notes
+            if engine.usage is not None:
+                await self._save_usage(run.id, engine.usage)
         except Stopped:
             state = STOPPED
         except (RunFailed, ReadOnlyRefused, SourceError, StorageError) as exc:

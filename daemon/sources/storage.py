@@ -17,6 +17,7 @@ from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
+from daemon.usage import UsagePairs
 
 MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
 CHUNK = 128
@@ -42,6 +43,10 @@ class StorageSource(ReferenceSource):
         # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md)
         in_use = DigestSet()
         marks = Marks(in_use=in_use)
+        if self.usage_wanted:
+            # each repository reads its own revisions, even one another repository read:
+            # its pairs need the references (the seen set below is not kept then)
+            marks.usage = UsagePairs(inventory)
         seen: set[bytes] = set()  # manifests read or being read (raw: 70 bytes less than hex)
         work = self._chunks(inventory)
 
@@ -98,7 +103,9 @@ class StorageSource(ReferenceSource):
                     f"{repo}: link {link} names {layout.format_digest(raw)}; skipped"
                 )
                 continue
-            if raw not in seen:
+            if marks.usage is not None:
+                todo.append((repo, hexdigest, raw))
+            elif raw not in seen:
                 seen.add(raw)
                 todo.append((repo, hexdigest, raw))
         if not todo:
@@ -122,6 +129,9 @@ class StorageSource(ReferenceSource):
             packed, foreign = refs
             marks.in_use.add(raw)
             marks.in_use.update_packed(packed)
+            if marks.usage is not None:
+                marks.usage.add(repo, raw)
+                marks.usage.add_packed(repo, packed)
             if foreign:
                 marks.notes.append(f"{repo}: sha256:{hexdigest} references {', '.join(foreign)}")
             progress.manifests += 1
