@@ -7,12 +7,13 @@ import asyncio
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon import logs
+from daemon import client, logs
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.progress import Progress
 from daemon.prune import CHECK, DELETE, Engine, RunFailed, RunOptions, Stopped
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("AUTH_RESOURCE", "images.image.openshift.io"),
         help="<plural>.<group> the verbs are checked on",
     )
+    client.add_parsers(sub)
     for name, text in ((CHECK, "report what would be deleted"), (DELETE, "delete orphans")):
         one = sub.add_parser(name, parents=[common], help=text)
         one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
@@ -157,12 +159,20 @@ async def run_once(settings: Settings, mode: str, online: bool, usage: bool = Fa
         log.info("start prune", dry_run=mode == CHECK, store=storage.description)
         engine = Engine(storage, source, options, Progress(), log=log)
         task = asyncio.ensure_future(engine.run())
+        view = client.local_view(sys.stderr)
+        drawing = None
+        if view is not None:
+            drawing = asyncio.ensure_future(_draw(view, engine, mode, task))
         loop = asyncio.get_running_loop()
         # Ctrl-C / SIGTERM stop cooperatively: in-flight batches finish
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, engine.stop.set)
         try:
-            summary = await task
+            try:
+                summary = await task
+            finally:
+                if drawing is not None:
+                    await drawing  # the bar ends before the summary is printed
         except Stopped:
             print("\n".join(summary_lines(mode, engine.summary)))
             print("error: stopped before the end; partial counts above", file=sys.stderr)
@@ -185,6 +195,29 @@ async def run_once(settings: Settings, mode: str, online: bool, usage: bool = Fa
         await storage.close()
 
 
+async def _draw(
+    view: client.ProgressView, engine: Engine, mode: str, task: asyncio.Future[Any]
+) -> None:
+    """The client's bar on stderr, from the engine's own counters, until the run ends."""
+    started = time.monotonic()
+    with view:
+        while True:
+            progress = engine.progress
+            elapsed = time.monotonic() - started
+            doc = {
+                "phase": progress.phase,
+                "progress": {
+                    **progress.snapshot(),
+                    "fraction": 1.0 if task.done() else progress.fraction(mode == DELETE),
+                    "eta_seconds": progress.eta(elapsed, mode == DELETE),
+                },
+            }
+            view.show(doc, final=task.done())
+            if task.done():
+                return
+            await asyncio.sleep(0.2)
+
+
 def _print_usage(document: dict[str, Any] | None, source: str) -> None:
     if document is None:
         print(f"error: the {source} source reports no per-repository usage", file=sys.stderr)
@@ -195,6 +228,8 @@ def _print_usage(document: dict[str, Any] | None, source: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in client.COMMANDS:
+        return client.main(args)
     try:
         settings = settings_from(args)
     except ConfigError as exc:

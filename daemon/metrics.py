@@ -32,6 +32,19 @@ class _ActiveRun(Collector):
                 if isinstance(value, int):
                     progress.add_metric([name], value)
         yield progress
+        fraction = GaugeMetricFamily(
+            "registry_pruned_run_fraction", "how far the active run is, 0..1 over its phases"
+        )
+        eta = GaugeMetricFamily(
+            "registry_pruned_run_eta_seconds", "seconds the active run should still take"
+        )
+        if run is not None:
+            done, left = run.estimate()
+            fraction.add_metric([], done)
+            if left is not None:
+                eta.add_metric([], left)
+        yield fraction
+        yield eta
 
 
 class Metrics:

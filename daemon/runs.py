@@ -64,6 +64,18 @@ class Run:
     duration: float | None = None
     saved: dict[str, Any] | None = None  # a run loaded from history
 
+    def estimate(self, elapsed: float | None = None) -> tuple[float, float | None]:
+        """``fraction`` (0..1) and ``eta_seconds`` (None while unknown or once ended)."""
+        if elapsed is None:
+            elapsed = time.monotonic() - self.started_mono
+        deleting = self.mode == "delete"
+        if self.state == SUCCEEDED:
+            return 1.0, 0.0
+        fraction = self.progress.fraction(deleting)
+        if self.state != RUNNING:
+            return fraction, None
+        return fraction, self.progress.eta(elapsed, deleting)
+
     def document(self) -> dict[str, Any]:
         if self.saved is not None:
             return self.saved
@@ -74,16 +86,7 @@ class Run:
         progress["elapsed_seconds"] = round(elapsed, 3)
         if elapsed > 0:
             progress["blobs_per_second"] = round(self.progress.blobs_scanned / elapsed, 1)
-        if self.state == RUNNING and self.progress.phase == "sweep" and self.progress.shards_done:
-            spent = time.monotonic() - self.progress.phase_started
-            left = self.progress.shards_total - self.progress.shards_done
-            progress["eta_seconds"] = round(spent / self.progress.shards_done * left, 1)
-        if self.state == RUNNING and self.progress.phase == "delete" and self.progress.candidates:
-            spent = time.monotonic() - self.progress.phase_started
-            done = self.progress.deleted + self.progress.errors
-            if done:
-                left = self.progress.candidates - done
-                progress["eta_seconds"] = round(spent / done * left, 1)
+        progress["fraction"], progress["eta_seconds"] = self.estimate(elapsed)
         return {
             "id": self.id,
             "mode": self.mode,
@@ -208,6 +211,15 @@ class RunManager:
             return ordered[0] if ordered else None
         return self.runs.get(run_id)
 
+    def _repositories_last_seen(self) -> int:
+        """Repositories the newest finished run found: how far a scan is, for the ETA."""
+        for run in self.ordered():
+            if run.state in FINAL:
+                found = run.document().get("progress", {}).get("repositories", 0)
+                if isinstance(found, int) and found > 0:
+                    return found
+        return 0
+
     # -- running -----------------------------------------------------------------------
 
     async def start(self, mode: str, source: str, options: RunOptions) -> Run:
@@ -215,6 +227,7 @@ class RunManager:
             raise Busy(self.active.id)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")  # ids sort by start time
         run = Run(f"{stamp}-{uuid.uuid4().hex[:6]}", mode, source, options)
+        run.progress.repositories_expected = self._repositories_last_seen()
         self.runs[run.id] = run
         self.active = run
         await self._save(run)
