@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from daemon import logs
+from daemon import logs, page
 from daemon import usage as usage_report
 from daemon.auth import Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
@@ -284,6 +284,7 @@ def make_app(
         metrics_,
         log,
     )
+    app.router.add_get("/", page.index)
     app.router.add_route("POST", "/prune", prune)
     app.router.add_route("GET", "/prune", prune)
     app.router.add_get("/runs", list_runs)
