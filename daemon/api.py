@@ -320,6 +320,7 @@ async def build(
     )
     holder["m"] = Metrics(lambda: manager.active)
     await manager.load()
+    holder["m"].restore(r.document() for r in reversed(manager.ordered()))
     app = make_app(settings, storage, manager, holder["m"], log, auth)
 
     async def on_shutdown(_app: web.Application) -> None:

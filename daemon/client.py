@@ -34,17 +34,35 @@ class ClientError(Exception):
 class Daemon:
     """The daemon's HTTP API, with the bearer token when one is given."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        token_file: str | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        self.token_file = token_file
         self.timeout = timeout
+
+    def _token(self) -> str | None:
+        if self.token_file:
+            # read at each request: the kubelet rotates a projected token while a run goes on
+            try:
+                with open(self.token_file) as fh:
+                    return fh.read().strip()
+            except OSError as exc:
+                raise ClientError(f"cannot read the token file {self.token_file}: {exc}") from None
+        return self.token
 
     def request(
         self, method: str, path: str, accept: str = "application/json"
     ) -> tuple[int, bytes]:
         headers = {"Accept": accept, CLIENT_HEADER[0]: CLIENT_HEADER[1]}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.url + path, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -317,6 +335,11 @@ def add_parsers(sub: Any) -> None:
         default=os.environ.get("PRUNER_TOKEN"),
         help="bearer token when the daemon checks them (or PRUNER_TOKEN)",
     )
+    common.add_argument(
+        "--token-file",
+        default=os.environ.get("PRUNER_TOKEN_FILE"),
+        help="read the token from this file at each request, e.g. a projected token",
+    )
     run = sub.add_parser(
         "run", parents=[common], help="start a run on a running daemon and follow it"
     )
@@ -338,7 +361,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    daemon = Daemon(args.url, args.token)
+    daemon = Daemon(args.url, args.token, token_file=args.token_file)
     try:
         return COMMANDS[args.command](daemon, args)
     except ClientError as exc:
