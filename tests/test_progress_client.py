@@ -64,12 +64,20 @@ def test_fraction_grows_over_the_phases() -> None:
     progress.enter("report")
     seen.append(progress.fraction(False))
     assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 1.0
-    assert 0.65 in seen and 0.825 in seen  # mark done; half the sweep
+    assert 0.55 in seen and 0.775 in seen  # mark done; half the sweep
     assert progress.eta(10.0, False) == 0.0
+    # half way through the mark, 4 s into it: 4 s more of mark, and the sweep weighs as much
     progress.enter("mark")
+    progress.phase_started -= 4.0
     progress.manifests = 50
-    # at the pace so far: 10 s for 42.5% leaves 13.5 s
-    assert progress.eta(10.0, False) == pytest.approx(10 * (1 - 0.425) / 0.425, abs=0.1)
+    assert progress.eta(10.0, False) == pytest.approx(4 + 8 * 0.45 / 0.45, abs=0.1)
+    # before a phase's own pace is known: the whole run's pace (10 s for 10% leaves 90 s)
+    progress.enter("scan-repositories")
+    progress.repositories = 5
+    assert progress.fraction(False) == 0.05
+    assert progress.eta(10.0, False) == pytest.approx(190.0, abs=0.1)
+    progress.repositories_expected = 0
+    assert progress.eta(10.0, False) is None
 
 
 def test_fraction_and_eta_while_a_check_runs(daemon: Daemon) -> None:
