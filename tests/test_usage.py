@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Iterator
@@ -13,9 +14,11 @@ from daemon.inventory import Inventory
 from daemon.usage import UsagePairs, UsageTally, size_record
 from tests.conftest import pruned
 from tests.harness.daemon import Daemon
+from tests.harness.fake_openshift import FakeOpenShift
 from tests.harness.images import Scenario
+from tests.harness.openshift_scenario import Pushed, cluster_for
 from tests.harness.registry import Registry
-from tests.harness.usage import expected_usage
+from tests.harness.usage import expected_usage, file_size, tally
 
 
 @pytest.fixture
@@ -130,3 +133,43 @@ def test_pairs_stay_compact_and_exact_across_flushes() -> None:
     assert rows["b"]["exclusive_bytes"] == 0 and rows["c"]["shared_bytes"] == 30
     assert doc["totals"]["shared"] == {"blobs": 5_002, "bytes": 50_020}
     assert json.dumps(doc)  # plain JSON
+
+
+async def test_openshift_source_reports_usage_per_image_stream(
+    openshift_store: tuple[Registry, dict[str, Pushed]], tmp_path: Path
+) -> None:
+    registry, images = openshift_store
+    refs: dict[str, set[str]] = {}
+    for pushed in images.values():
+        if pushed.repo not in ("ns2/gone", "a/b/c"):  # no image stream: removed, nothing kept
+            refs.setdefault(pushed.repo, set()).update(pushed.digests())
+    expected = tally(refs, file_size(registry))
+    async with FakeOpenShift(cluster_for(images, skip=set())) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        daemon = Daemon(
+            registry.config_path,
+            tmp_path / "state",
+            "--grace",
+            "0",
+            "--source",
+            "openshift",
+            "--kubeconfig",
+            str(kubeconfig),
+            env={"KUBECONFIG": ""},
+        )
+        await asyncio.to_thread(daemon.start)
+        try:
+            status, run = await asyncio.to_thread(
+                daemon.json, "POST", "/prune?mode=check&wait=true"
+            )
+            assert status == 200 and run["state"] == "succeeded", run
+            status, report = await asyncio.to_thread(daemon.json, "GET", f"/runs/{run['id']}/usage")
+        finally:
+            daemon.stop()
+    assert status == 200
+    rows = {r["repository"]: r for r in report["repositories"]}
+    for repo, want in expected.items():
+        assert {k: rows[repo][k] for k in want} == want, repo
+    assert rows["ns2/gone"]["bytes"] == rows["a/b/c"]["bytes"] == 0
+    assert expected["ns1/app"]["shared_bytes"] > 0  # the base layer, in three streams
+    assert report["repositories"][0]["repository"] == "ns1/app"
