@@ -125,10 +125,11 @@ def test_run_in_a_pipe_prints_plain_progress_then_the_summary(daemon: Daemon) ->
     assert "Would delete" in status.stdout
 
 
-def test_run_on_a_terminal_draws_a_bar(daemon: Daemon) -> None:
+def on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """``python -m daemon ARGS`` with stderr on a pseudo-terminal: (exit, stdout, terminal)."""
     main, child = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "check", "--url", daemon.url],
+        [sys.executable, "-m", "daemon", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=child,
@@ -150,10 +151,23 @@ def test_run_on_a_terminal_draws_a_bar(daemon: Daemon) -> None:
         seen += chunk
     out, _err = proc.communicate(timeout=60)
     os.close(main)
-    assert proc.returncode == 0, seen.decode(errors="replace")
-    text = seen.decode(errors="replace")
-    assert "━" in text and "100%" in text  # rich's bar, finished
-    assert out.decode().startswith("Would delete ")
+    return proc.returncode, out.decode(), seen.decode(errors="replace")
+
+
+def test_run_on_a_terminal_draws_a_bar(daemon: Daemon) -> None:
+    code, out, terminal = on_a_terminal("run", "check", "--url", daemon.url)
+    assert code == 0, terminal
+    assert "━" in terminal and "100%" in terminal  # rich's bar, finished
+    assert out.startswith("Would delete ")
+
+
+def test_one_shot_check_draws_the_bar_on_a_terminal(synth_store: Path) -> None:
+    code, out, terminal = on_a_terminal(
+        "check", "--registry-config", str(synth_store), "--grace", "0"
+    )
+    assert code == 0, terminal
+    assert "━" in terminal and "100%" in terminal
+    assert out.startswith("Would delete 3000 blobs")
 
 
 def test_stop_and_a_refused_run(daemon: Daemon) -> None:
