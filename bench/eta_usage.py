@@ -124,7 +124,8 @@ def bench_rss(work: Path, blobs: int) -> None:
     root, counts = store(work, blobs)
     config = registry_config(work, root)
     state = work / "state"
-    run_child(ours_cmd("check", config, state))  # warm the page cache
+    # both warm: usage stats every in-use blob's data file, which a plain check never opens
+    run_child(ours_cmd("check", config, state, "--usage"))
     plain = run_child(ours_cmd("check", config, state))
     usage = run_child(ours_cmd("check", config, state, "--usage"))
     total = counts["blobs"]

@@ -27,7 +27,7 @@ from daemon.sources.base import ReferenceSource
 from daemon.storage import open_storage
 from daemon.storage.base import Storage, StorageError
 
-PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online"}
+PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "usage"}
 MANAGER = web.AppKey("manager", RunManager)
 SETTINGS = web.AppKey("settings", Settings)
 STORAGE = web.AppKey("storage", Storage)
@@ -103,12 +103,15 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         raise BadRequest(f"grace: {exc}") from None
     online = _bool(query.get("online", "false"), "online")
     wait = _bool(query.get("wait", "false"), "wait")
+    # per-repository usage of a check (on by default): on a filesystem it stats every blob
+    usage = _bool(query.get("usage", "true"), "usage")
     options = RunOptions(
         mode=mode,
         grace=grace,
         upload_max_age=settings.upload_max_age,
         online=online,
         registry_read_only=settings.registry_read_only,
+        usage=usage,
     )
     return mode, source, options, wait
 

@@ -84,6 +84,11 @@ def test_check_reports_exclusive_and_shared_bytes_per_repository(
 def test_too_young_blobs_and_unknown_runs(daemon: Daemon) -> None:
     status, body = daemon.json("GET", "/runs/nope/usage")
     assert status == 404 and "GET /runs" in body["error"]
+    # asked without usage: the check is the same, with no report
+    status, run = daemon.json("POST", "/prune?mode=check&wait=true&usage=false")
+    assert status == 200 and run["state"] == "succeeded"
+    status, body = daemon.json("GET", f"/runs/{run['id']}/usage")
+    assert status == 404 and "no usage report" in body["error"]
     status, run = daemon.json("POST", "/prune?mode=check&wait=true&grace=1000h")
     status, report = daemon.json("GET", "/runs/latest/usage")
     assert status == 200
