@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon import client, logs
+from daemon import client, logs, operator_storage
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.progress import Progress
 from daemon.prune import CHECK, DELETE, Engine, RunFailed, RunOptions, Stopped
@@ -47,6 +47,36 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=_env("REGISTRY_CONFIG"),
         help="the registry's config.yml (default /etc/docker/registry/config.yml)",
+    )
+    common.add_argument(
+        "--storage-from",
+        choices=("openshift",),
+        default=_env("STORAGE_FROM") or None,
+        help="take the storage from the image registry operator's config and mounted secret "
+        "instead of --registry-config and REGISTRY_STORAGE_*",
+    )
+    common.add_argument(
+        "--storage-secret-dir",
+        type=Path,
+        default=_env("STORAGE_SECRET_DIR", str(operator_storage.DEFAULT_SECRET_DIR)),
+        help="where the secret image-registry-private-configuration is mounted",
+    )
+    common.add_argument(
+        "--pvc-mount",
+        default=_env("PVC_MOUNT", operator_storage.DEFAULT_PVC_MOUNT),
+        help="where the registry's claim is mounted (pvc storage)",
+    )
+    common.add_argument(
+        "--pvc-claim",
+        default=_env("PVC_CLAIM") or None,
+        help="the claim mounted at --pvc-mount; start-up fails if the operator names another",
+    )
+    common.add_argument(
+        "--storage-ca-file",
+        type=Path,
+        default=_env("STORAGE_CA_FILE") or None,
+        help="CA bundle for the storage endpoint (default for a trustedCA: "
+        f"{operator_storage.DEFAULT_CA_FILE})",
     )
     common.add_argument("--state-dir", type=Path, default=_env("STATE_DIR", "state"))
     common.add_argument("--grace", type=_duration, default=_env("GRACE", "1h"))
@@ -117,9 +147,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _operator_storage(args: argparse.Namespace) -> dict[str, object]:
+    """--storage-from openshift: the registry config the operator's objects amount to."""
+    if args.registry_config is not None:
+        raise ConfigError(
+            "--storage-from openshift replaces --registry-config (PRUNER_REGISTRY_CONFIG): "
+            "give one of them"
+        )
+    # serve logs to stdout; one-shot runs keep stdout for the summary
+    stream = None if args.command == "serve" else sys.stderr
+    log = logs.make_logger(args.log_level, args.log_format, stream)
+    config = asyncio.run(operator_storage.fetch_config(args.kubeconfig, args.api_timeout))
+    mounts = operator_storage.Mounts(
+        secret_dir=args.storage_secret_dir,
+        pvc_mount=args.pvc_mount,
+        pvc_claim=args.pvc_claim,
+        ca_file=args.storage_ca_file,
+        azure_federated_token=os.environ.get("AZURE_FEDERATED_TOKEN_FILE") or None,
+    )
+    storage = operator_storage.storage_config(config, mounts)
+    operator_storage.log_choice(config, log)
+    return storage
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
+    storage = _operator_storage(args) if args.storage_from == "openshift" else None
     return load_settings(
         args.registry_config,
+        storage_config=storage,
+        storage_origin=f"--storage-from openshift ({operator_storage.CONFIG_NAME})",
         state_dir=args.state_dir,
         grace=args.grace,
         upload_max_age=args.upload_max_age,

@@ -142,6 +142,31 @@ def _apply_env(config: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]
     return config
 
 
+def maintenance_read_only(value: Any) -> bool:
+    """``storage.maintenance.readonly`` -> enabled? A map, a bool, or the YAML text that
+    REGISTRY_STORAGE_MAINTENANCE_READONLY carries (``{enabled: true}``); ValueError if bad."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"not a YAML map or boolean: {value[:60]!r}") from None
+    if isinstance(value, dict):
+        return _bool(value.get("enabled", False))
+    return _bool(value)
+
+
+def registry_read_only_now(settings: Settings, env: Mapping[str, str] | None = None) -> bool:
+    """Read the registry's config (file + env) again: is it in read-only mode now? The file
+    is often a mounted ConfigMap that changes under a running daemon."""
+    current = load_settings(settings.registry_config, env)
+    if current.storage != settings.storage:
+        raise ConfigError(
+            f"the registry's storage is now {current.storage.describe()}, not "
+            f"{settings.storage.describe()} as when this daemon started; restart it"
+        )
+    return current.registry_read_only
+
+
 def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool]:
     storage = config.get("storage") or {}
     drivers = [k for k in storage if k not in ("maintenance", "delete", "redirect", "cache")]
@@ -156,16 +181,10 @@ def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool
         raise ConfigError(f"{source}: storage.{driver} must be a mapping")
     maintenance = storage.get("maintenance") or {}
     readonly = (maintenance.get("readonly") or {}) if isinstance(maintenance, dict) else {}
-    if isinstance(readonly, str):
-        # REGISTRY_STORAGE_MAINTENANCE_READONLY carries a YAML map: '{"enabled": true}'
-        try:
-            readonly = yaml.safe_load(readonly)
-        except yaml.YAMLError:
-            raise ConfigError(f"{source}: storage.maintenance.readonly is not valid") from None
-    if isinstance(readonly, dict):
-        read_only = _bool(readonly.get("enabled", False))
-    else:
-        read_only = _bool(readonly)
+    try:
+        read_only = maintenance_read_only(readonly)
+    except ValueError:
+        raise ConfigError(f"{source}: storage.maintenance.readonly is not valid") from None
     if driver == "filesystem":
         root = str(params.get("rootdirectory") or "/var/lib/registry")
         return StorageSettings("filesystem", root), read_only
@@ -192,10 +211,18 @@ def _storage(config: dict[str, Any], source: str) -> tuple[StorageSettings, bool
 def load_settings(
     registry_config: Path | None,
     env: Mapping[str, str] | None = None,
+    *,
+    storage_config: Mapping[str, Any] | None = None,
+    storage_origin: str = "",
     **overrides: Any,
 ) -> Settings:
-    """Build Settings from the registry config file, the environment and explicit overrides."""
+    """Build Settings from the registry config file, the environment and explicit overrides.
+
+    ``storage_config`` (a registry config's ``{"storage": ...}``, named ``storage_origin`` in
+    errors) replaces the file and the REGISTRY_STORAGE_* variables: --storage-from."""
     env = os.environ if env is None else env
+    if storage_config is not None:
+        return _from_storage_config(storage_config, storage_origin, env, overrides)
     explicit = registry_config is not None
     default = env.get("REGISTRY_CONFIGURATION_PATH") or DEFAULT_REGISTRY_CONFIG
     path = registry_config or Path(default)
@@ -214,3 +241,20 @@ def load_settings(
         registry_read_only=read_only,
         **values,
     )
+
+
+def _from_storage_config(
+    storage_config: Mapping[str, Any],
+    origin: str,
+    env: Mapping[str, str],
+    overrides: Mapping[str, Any],
+) -> Settings:
+    """Settings whose storage is ``storage_config``; no file, no REGISTRY_STORAGE_* variables."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if values.get("source", "storage") not in SOURCES:
+        raise ConfigError(f"source must be one of {', '.join(SOURCES)}")
+    config = dict(storage_config)  # _storage only reads it
+    # the registry's read-only state is not in its storage config here: the default (False)
+    # refuses deletes unless the reference source can tell (openshift: spec.readOnly)
+    storage, _read_only = _storage(config, origin or "storage config")
+    return Settings(storage=storage, **values)

@@ -73,6 +73,7 @@ class RunOptions:
     online: bool = False
     online_settle: float = 2.0  # seconds a racing push gets to register its image
     registry_read_only: bool = False  # from the registry's config, where the source cannot tell
+    lease_ttl: float = 60.0  # seconds the store's delete lease lasts without a renewal
     usage: bool = True  # a check also computes per-repository usage (sources that can)
 
 
@@ -131,8 +132,10 @@ class Engine:
         log: structlog.typing.FilteringBoundLogger | None = None,
         run_id: str = "",
         dead_runs: frozenset[str] = frozenset(),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.dead_runs = dead_runs
+        self.clock = clock
         self.run_id = run_id or f"oneshot-{int(time.time())}"
         self.lease: Lease | None = None
         self.storage = storage
@@ -147,8 +150,10 @@ class Engine:
         self.notes: list[str] = []
         #: the per-repository usage report of a check, once its sweep is done
         self.usage: dict[str, Any] | None = None
-        self.started = time.time()
+        self.started = clock()
         self.cutoff = self.started - options.grace
+        #: the store's clock less ours (0 where the store has no clock of its own)
+        self.store_skew = 0.0
 
     async def run(self) -> Summary:
         """All phases; raises RunFailed, ReadOnlyRefused or Stopped, else the summary."""
@@ -156,7 +161,7 @@ class Engine:
             await self._guard()
             self.storage.warm_up()  # after the guard: a refused run starts no helpers
             if self.options.mode == DELETE:
-                self.lease = Lease(self.storage, self.run_id)
+                self.lease = Lease(self.storage, self.run_id, self.options.lease_ttl, log=self.log)
                 await self.lease.acquire(self.dead_runs)
                 # blobs a dead online run left parked go back before anything is decided
                 recovered = await Quarantine(self.storage, self.run_id).recover()
@@ -200,6 +205,7 @@ class Engine:
     async def _guard(self) -> None:
         self.progress.enter("guard")
         await self.storage.probe()
+        self._measure_skew()
         if self.options.mode != DELETE:
             return
         if self.options.online:
@@ -216,6 +222,21 @@ class Engine:
                 "distribution: storage.maintenance.readonly.enabled); with the openshift source "
                 "you may instead ask for online mode (online=true / --online), which relies on "
                 "the grace period and on watching images created during the run"
+            )
+
+    def _measure_skew(self) -> None:
+        """Modification times come from the store's clock: a store behind ours makes every
+        new blob look old. The cutoffs take whichever clock is behind."""
+        store_now = self.storage.clock()
+        if store_now is None:
+            return
+        self.store_skew = store_now - self.clock()
+        self.cutoff = self.started + min(0.0, self.store_skew) - self.options.grace
+        if abs(self.store_skew) >= 5:
+            self.log.warning(
+                "the store's clock differs from this host's; the grace period follows the one "
+                "behind",
+                store_skew_seconds=round(self.store_skew, 1),
             )
 
     async def scan_repositories(self) -> Inventory:
@@ -317,7 +338,8 @@ class Engine:
     async def delete(self, inventory: Inventory, marks: Marks, candidates: list[Candidate]) -> None:
         """Phase 4: repositories and manifest links, stale uploads, then blobs in batches."""
         self.progress.enter("delete" if self.options.mode == DELETE else "report")
-        await self._remove_repositories(marks)
+        self._check_lease()
+        await self._remove_repositories(inventory, marks)
         await self._remove_uploads(inventory)
         if not candidates:
             return
@@ -344,8 +366,7 @@ class Engine:
                     if first is not None:
                         raise first
                 self._check_stop()
-                if self.lease is not None and self.lease.lost.is_set():
-                    raise RunFailed("this run lost the store's delete lease to another pruner")
+                self._check_lease()
                 batch = candidates[start : start + BATCH]
                 running.add(asyncio.create_task(self._delete_batch(batch, layers)))
         finally:
@@ -358,6 +379,14 @@ class Engine:
             raise RunFailed(
                 f"{self.summary.failed} deletes failed (see the log); "
                 f"{self.summary.blobs} blobs were deleted; run again to finish"
+            )
+
+    def _check_lease(self) -> None:
+        """Nothing more is deleted once the lease is lost, or may have expired for others."""
+        if self.lease is not None and not self.lease.held():
+            raise RunFailed(
+                "this run lost the store's delete lease (taken over, or not renewed within "
+                f"{self.lease.ttl:g}s); stopped deleting. Run again"
             )
 
     async def _delete_batch(self, batch: list[Candidate], layers: dict[bytes, list[str]]) -> None:
@@ -403,27 +432,42 @@ class Engine:
         before registers its image within the settle time, and gets the blob and links back.
         """
         quarantine = Quarantine(self.storage, self.run_id)
-        parked = set(await quarantine.park([c.digest.hex() for c in batch]))
+        try:
+            # a move that fails (a copy the store refuses) puts back what was parked
+            parked = set(await quarantine.park([c.digest.hex() for c in batch]))
+        except StorageError:
+            await self._restore_links(batch, layers)
+            raise
         await asyncio.sleep(self.options.online_settle)
         try:
             protected = await self.source.newly_in_use(c.digest for c in batch)
         except SourceError:
-            await quarantine.release(sorted(parked))  # unsure: everything goes back
+            try:
+                await quarantine.release(sorted(parked))  # unsure: everything goes back
+            finally:
+                await self._restore_links(batch, layers)
             raise
         back = [c for c in batch if c.digest in protected]
         await quarantine.release([c.digest.hex() for c in back if c.digest.hex() in parked])
+        await self._restore_links(back, layers)
         for candidate in back:
-            for prefix in layers.get(candidate.digest, ()):
-                await self.storage.write(
-                    prefix + "link", f"sha256:{candidate.digest.hex()}".encode()
-                )
-                self.summary.layer_links -= 1
             self.summary.too_young += 1
             self.progress.too_young += 1
             self.log.warning("kept: referenced during the run", digest=candidate.digest.hex())
         doomed = [c for c in batch if c.digest not in protected and c.digest.hex() in parked]
         failures = await quarantine.purge([c.digest.hex() for c in doomed])
         return doomed, failures
+
+    async def _restore_links(
+        self, candidates: list[Candidate], layers: dict[bytes, list[str]]
+    ) -> None:
+        """Write back the layer links this batch removed for ``candidates``."""
+        for candidate in candidates:
+            for prefix in layers.get(candidate.digest, ()):
+                await self.storage.write(
+                    prefix + "link", f"sha256:{candidate.digest.hex()}".encode()
+                )
+                self.summary.layer_links -= 1
 
     async def _aftercheck(self, deleted: list[Candidate]) -> None:
         """Online mode: an image that names a blob just deleted means a push won the race."""
@@ -446,12 +490,22 @@ class Engine:
         stats = await self.storage.stat_many([layout.blob_data(d.hex()) for d in digests])
         return [d for d, entry in zip(digests, stats, strict=True) if entry is None]
 
-    async def _remove_repositories(self, marks: Marks) -> None:
-        for name in marks.remove_repositories:
-            prefixes = [
-                layout.repository_root(name) + section
-                for section in ("_manifests/", "_layers/", "_uploads/")
-            ]
+    async def _remove_repositories(self, inventory: Inventory, marks: Marks) -> None:
+        online = self.options.online and self.options.mode == DELETE
+        doomed = list(marks.remove_repositories)
+        if online and doomed:
+            doomed = await self._recheck_repositories(inventory, doomed)
+        for name in doomed:
+            if online:
+                # only what the scan saw: a link a push wrote since then is not ours to judge
+                prefixes = self._scanned_links(inventory, name)
+                if not prefixes:
+                    continue  # emptied by an earlier online run: nothing of it is left
+            else:
+                prefixes = [
+                    layout.repository_root(name) + section
+                    for section in ("_manifests/", "_layers/", "_uploads/")
+                ]
             failures = await self.pruner.remove(self.storage, prefixes)
             self._count_failures(failures)
             if not failures:
@@ -470,8 +524,37 @@ class Engine:
         self._count_failures(failures)
         self.summary.manifest_links += len(links) - len(failures)
 
+    async def _recheck_repositories(self, inventory: Inventory, names: list[str]) -> list[str]:
+        """Online mode: drop from ``names`` the repositories referenced since the listing."""
+        kept = await self.source.repositories_now_in_use(names)
+        # an image created since the listing whose manifest is one of a repository's
+        # revisions: its push is done, its stream may lag behind
+        for name in names:
+            repo = inventory.repositories.get(name)
+            if name in kept or repo is None or not repo.revisions:
+                continue
+            if await self.source.newly_in_use(bytes.fromhex(h) for h in repo.revisions):
+                kept.add(name)
+        for name in sorted(kept):
+            self.log.warning("repository kept: referenced during the run", repository=name)
+        return [name for name in names if name not in kept]
+
+    @staticmethod
+    def _scanned_links(inventory: Inventory, name: str) -> list[str]:
+        """The link directories of ``name`` that the scan found (uploads age out on their own)."""
+        repo = inventory.repositories.get(name)
+        if repo is None:
+            return []
+        root = layout.repository_root(name)
+        return [
+            *(layout.revision_dir(name, h) for h in sorted(repo.revisions)),
+            *(f"{root}_manifests/tags/{tag}/" for tag in sorted(repo.tags)),
+            *(layout.layer_link_dir(name, raw.hex()) for raw in repo.layer_digests()),
+        ]
+
     async def _remove_uploads(self, inventory: Inventory) -> None:
-        limit = self.started - self.options.upload_max_age
+        # startedat is the registry's clock, data's mtime the store's: the one behind counts
+        limit = self.started + min(0.0, self.store_skew) - self.options.upload_max_age
         stale: list[str] = []
         for repo in inventory.repositories.values():
             for uuid in repo.uploads:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from daemon import layout
-from daemon.storage.base import DeleteFailure, Storage
+from daemon.storage.base import DeleteFailure, Storage, StorageError
 
 PREFIX = "_registry-pruned/quarantine/"
 
@@ -25,11 +25,17 @@ class Quarantine:
         return f"{PREFIX}{self.run_id}/{hexdigest}"
 
     async def park(self, hexes: Sequence[str]) -> list[str]:
-        """Move each blob's data aside; the blobs that were there to move."""
-        parked = []
-        for hexdigest in hexes:
-            if await self.storage.move(layout.blob_data(hexdigest), self.key(hexdigest)):
-                parked.append(hexdigest)
+        """Move each blob's data aside; the blobs that were there to move. When a move fails,
+        those already parked go back before the error is raised."""
+        parked: list[str] = []
+        try:
+            for hexdigest in hexes:
+                if await self.storage.move(layout.blob_data(hexdigest), self.key(hexdigest)):
+                    parked.append(hexdigest)
+        except StorageError:
+            # if this fails too, the next delete run's recover() puts them back
+            await self.release(parked)
+            raise
         return parked
 
     async def release(self, hexes: Sequence[str]) -> None:

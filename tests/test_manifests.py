@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from daemon import cli, logs
+from daemon import cli, logs, operator_storage
 from daemon.api import make_app
 from daemon.auth import OPEN_PATHS, auth_enabled
 from daemon.config import DEFAULT_LISTEN, DEFAULT_REGISTRY_CONFIG, Settings, load_settings
@@ -202,6 +202,20 @@ VARIANTS: dict[str, Callable[[Path], Path]] = {
 }
 
 
+COMPANION = OPENSHIFT / "companion"
+COMPANIONS: dict[str, Callable[[Path], Path]] = {
+    "companion": lambda _tmp: COMPANION,
+    "companion-pvc": lambda _tmp: COMPANION / "pvc",
+    "companion-expose": lambda tmp: combo(
+        tmp, COMPANION / "base", [COMPANION / "components/expose"]
+    ),
+    "companion-pvc-expose": lambda tmp: combo(
+        tmp, COMPANION / "pvc", [COMPANION / "components/expose"]
+    ),
+}
+EVERY_VARIANT = {**VARIANTS, **COMPANIONS}
+
+
 @pytest.fixture(params=RENDERERS)
 def renderer(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -272,23 +286,18 @@ def test_overlays_render_to_valid_objects(renderer: str, variant: str, tmp_path:
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     kinds = sorted(o["kind"] for o in objects)
+    rbac = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding"]
     expected = {
-        "openshift": ["ClusterRole", "ClusterRoleBinding", "Deployment"],
-        "openshift-s3": ["ClusterRole", "ClusterRoleBinding", "Deployment"],
-        "openshift-expose": [
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Deployment",
-            "NetworkPolicy",
-            "Service",
-        ],
+        "openshift": rbac,
+        "openshift-s3": rbac,
+        "openshift-expose": sorted([*rbac, "NetworkPolicy", "Service"]),
         "kubernetes": ["Deployment"],
     }
     expected["openshift-s3-expose"] = expected["openshift-expose"]
     assert kinds == expected[variant]
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(EVERY_VARIANT))
 def test_structural_renderer_agrees_with_kubectl(variant: str, tmp_path: Path) -> None:
     def normal(objs: list[dict[str, Any]]) -> list[str]:
         def sort(value: Any, key: str = "") -> Any:
@@ -302,8 +311,8 @@ def test_structural_renderer_agrees_with_kubectl(variant: str, tmp_path: Path) -
 
         return sorted(json.dumps(sort(o), sort_keys=True) for o in objs)
 
-    assert normal(rendered("kubectl", VARIANTS[variant](tmp_path))) == normal(
-        render(VARIANTS[variant](tmp_path))
+    assert normal(rendered("kubectl", EVERY_VARIANT[variant](tmp_path))) == normal(
+        render(EVERY_VARIANT[variant](tmp_path))
     )
 
 
@@ -374,14 +383,14 @@ def test_sidecar_agrees_with_the_daemon(renderer: str, variant: str, tmp_path: P
     else:
         assert "ports" not in pruner
 
-    # probes: the open paths, on the port the daemon listens on
-    ready, live = _probe_script(pruner["readinessProbe"]), _probe_script(pruner["livenessProbe"])
-    assert "/readyz" in ready[2] and "/healthz" in live[2]
-    for script in (ready[2], live[2]):
-        assert "PRUNER_LISTEN" in script and f"'{DEFAULT_LISTEN}'" in script
-    assert {"/readyz", "/healthz"} <= OPEN_PATHS <= app_paths()
-    # the exec probe must end within the probe's timeout, and after readyz's own 10 s
-    assert pruner["readinessProbe"]["timeoutSeconds"] > 12 > 10
+    # probes: no readiness (the registry's pod is Ready only when the pruner is: a slow
+    # or failing pruner must not take the registry out of its Service); liveness on the
+    # open path /healthz, which touches no storage, on the port the daemon listens on
+    assert "readinessProbe" not in pruner and "startupProbe" not in pruner
+    live = _probe_script(pruner["livenessProbe"])
+    assert "/healthz" in live[2] and "/readyz" not in live[2]
+    assert "PRUNER_LISTEN" in live[2] and f"'{DEFAULT_LISTEN}'" in live[2]
+    assert "/healthz" in OPEN_PATHS <= app_paths()
 
     # state dir: a volume of the pod, the path the image declares
     assert env["PRUNER_STATE_DIR"] == STATE_DIR == containerfile()["ENV"]["PRUNER_STATE_DIR"]
@@ -427,6 +436,187 @@ def test_sidecar_agrees_with_the_daemon(renderer: str, variant: str, tmp_path: P
     assert pruner["securityContext"]["runAsNonRoot"] is True
 
 
+# -- the companion -----------------------------------------------------------------------------
+
+# What the image registry operator owns in and around openshift-image-registry: the
+# companion must not name any of it, or `oc apply` would change it and `oc delete -k` remove it.
+OPERATOR_OWNED = {
+    "image-registry",
+    "image-registry-private-configuration",
+    "image-registry-private-configuration-user",
+    "image-registry-certificates",
+    "image-registry-storage",
+    "image-registry-operator",
+    "cluster-image-registry-operator",
+    "registry",
+    "trusted-ca",
+    "node-ca",
+    "cluster",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(COMPANIONS))
+def test_companion_renders_to_valid_objects_the_operator_does_not_own(
+    renderer: str, variant: str, tmp_path: Path
+) -> None:
+    objects = rendered(renderer, COMPANIONS[variant](tmp_path))
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    kinds = sorted(o["kind"] for o in objects)
+    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    if "expose" in variant:
+        expected = sorted([*expected, "NetworkPolicy", "Service"])
+    assert kinds == expected
+    # nothing of the operator's: no Config, no Secret/ConfigMap/claim, none of its names
+    assert not [o for o in objects if o["kind"] == "Config"]
+    assert not [o for o in objects if o["metadata"]["name"] in OPERATOR_OWNED]
+    assert not [o for o in objects if o["apiVersion"].startswith("imageregistry.")]
+    for obj in objects:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "registry-pruned"
+    # nor the sidecar's cluster-scoped objects (both installs may coexist while moving)
+    sidecar = {(o["kind"], o["metadata"]["name"]) for o in _load_all(OPENSHIFT / "base/rbac.yaml")}
+    assert not sidecar & {(o["kind"], o["metadata"]["name"]) for o in objects}
+    # the registry's pods are not selected by anything here (a NetworkPolicy would fence them)
+    for obj in objects:
+        spec = obj.get("spec") or {}
+        for selector in (spec.get("podSelector"), spec.get("selector")):
+            if isinstance(selector, dict):
+                labels = selector.get("matchLabels", selector)
+                assert "docker-registry" not in labels
+
+
+def _volume(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    (volume,) = [v for v in pod["volumes"] if v["name"] == name]
+    return volume
+
+
+@pytest.mark.parametrize("variant", sorted(COMPANIONS))
+def test_companion_agrees_with_the_daemon(renderer: str, variant: str, tmp_path: Path) -> None:
+    objects = rendered(renderer, COMPANIONS[variant](tmp_path))
+    deployment, pruner = _pruner(objects)
+    env, mounts = _env(pruner), _mounts(pruner)
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["metadata"] == {
+        "name": "registry-pruned",
+        "namespace": "openshift-image-registry",
+        "labels": {"app.kubernetes.io/name": "registry-pruned"},
+    }
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+
+    assert pruner["image"].rpartition(":")[2] == PROJECT["version"]
+    args = cli._parser().parse_args(pruner["args"])
+    assert (args.command, args.source, args.storage_from) == ("serve", "openshift", "openshift")
+    assert "PRUNER_REGISTRY_CONFIG" not in env and not any(
+        name.startswith("REGISTRY_STORAGE") for name in env
+    )
+    pruner_vars = {name.removeprefix("PRUNER_") for name in env if name.startswith("PRUNER_")}
+    assert pruner_vars <= cli_env_names(), pruner_vars - cli_env_names()
+
+    # the operator's secret, where the daemon reads it; of the -user secret the S3 keys only
+    secret_dir = env["PRUNER_STORAGE_SECRET_DIR"]
+    assert secret_dir == str(operator_storage.DEFAULT_SECRET_DIR)
+    assert mounts[secret_dir] == "registry-storage-secret"
+    operator_secret, user_secret = _volume(pod, "registry-storage-secret")["projected"]["sources"]
+    assert operator_secret["secret"] == {"name": operator_storage.SECRET, "optional": True}
+    assert user_secret["secret"]["name"] == operator_storage.USER_SECRET
+    assert user_secret["secret"]["optional"] is True
+    assert [(i["key"], i["path"]) for i in user_secret["secret"]["items"]] == [
+        (operator_storage.S3_ACCESSKEY, operator_storage.S3_ACCESSKEY),
+        (operator_storage.S3_SECRETKEY, operator_storage.S3_SECRETKEY),
+    ]
+    # the operator's copy of the trustedCA bundle, at the daemon's default CA file
+    ca = operator_storage.DEFAULT_CA_FILE
+    assert mounts[str(ca.parent)] == "storage-ca"
+    assert _volume(pod, "storage-ca")["configMap"] == {
+        "name": "image-registry-certificates",
+        "optional": True,
+        "items": [{"key": "storage-ca-bundle.pem", "path": ca.name}],
+    }
+    assert all(
+        m.get("readOnly")
+        for m in pruner["volumeMounts"]
+        if m["name"] != "pruner-state" and m["name"] != "registry-storage"
+    )
+
+    if "pvc" in variant:
+        # the registry's claim, where the daemon looks, next to a registry pod
+        assert env["PRUNER_PVC_MOUNT"] == operator_storage.DEFAULT_PVC_MOUNT
+        assert mounts[env["PRUNER_PVC_MOUNT"]] == "registry-storage"
+        claim = _volume(pod, "registry-storage")["persistentVolumeClaim"]["claimName"]
+        assert claim == env["PRUNER_PVC_CLAIM"] == "image-registry-storage"
+        (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term == {
+            "labelSelector": {"matchLabels": {"docker-registry": "default"}},
+            "topologyKey": "kubernetes.io/hostname",
+        }
+    else:
+        assert "affinity" not in pod and "registry-storage" not in mounts.values()
+        assert "PRUNER_PVC_CLAIM" not in env
+
+    # readiness may probe the storage here: this pod serves no one else
+    ready, live = _probe_script(pruner["readinessProbe"]), _probe_script(pruner["livenessProbe"])
+    assert "/readyz" in ready[2] and "/healthz" in live[2]
+    assert pruner["readinessProbe"]["timeoutSeconds"] > 12 > 10  # after readyz's own 10 s
+
+    exposed = "expose" in variant
+    assert env["PRUNER_LISTEN"] == ("0.0.0.0:8099" if exposed else DEFAULT_LISTEN)
+    host = env["PRUNER_LISTEN"].rpartition(":")[0]
+    assert auth_enabled(_settings({**env, "REGISTRY_STORAGE": "filesystem"}, tmp_path), host) is (
+        exposed
+    )
+    if exposed:
+        (service,) = [o for o in objects if o["kind"] == "Service"]
+        # the host the CI Job calls
+        job_host = _env(ci_job()["spec"]["template"]["spec"]["containers"][0])["PRUNER_URL"]
+        assert job_host.startswith(f"http://{service['metadata']['name']}.")
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        (container_port,) = pruner["ports"]
+        assert service["spec"]["ports"][0]["targetPort"] == container_port["name"]
+        (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]
+        assert policy["spec"]["podSelector"] == deployment["spec"]["selector"]
+    assert env["PRUNER_STATE_DIR"] == STATE_DIR and mounts[STATE_DIR] == "pruner-state"
+    assert pruner["securityContext"]["runAsNonRoot"] is True
+    assert pruner["resources"]["limits"]["memory"]
+
+
+@pytest.mark.parametrize("variant", ["companion", "companion-pvc-expose"])
+def test_companion_roles_are_exactly_what_the_daemon_calls(
+    renderer: str, variant: str, tmp_path: Path
+) -> None:
+    objects = rendered(renderer, COMPANIONS[variant](tmp_path))
+    sidecar = _load_all(OPENSHIFT / "base" / "rbac.yaml")
+
+    def role_grants(objs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        return {
+            (o["kind"], verb, resource)
+            for o in objs
+            if o["kind"] in ("ClusterRole", "Role")
+            for verb, resource in grants(o)
+        }
+
+    # the sidecar's verbs (tested against the daemon's calls), for the companion's account;
+    # get on the operator's config among them (the storage at start-up, spec.readOnly)
+    assert role_grants(objects) == role_grants(sidecar)
+    assert ("ClusterRole", "get", "configs.imageregistry.operator.openshift.io") in role_grants(
+        objects
+    )
+    roles = {o["metadata"]["name"] for o in objects if o["kind"] in ("ClusterRole", "Role")}
+    bindings = [o for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+    assert {b["roleRef"]["name"] for b in bindings} == roles
+    for binding in bindings:
+        assert binding["subjects"] == [
+            {
+                "kind": "ServiceAccount",
+                "name": "registry-pruned",
+                "namespace": "openshift-image-registry",
+            }
+        ]
+
+
 def app_paths() -> set[str]:
     settings = load_settings(None, env={**NO_FILE, "REGISTRY_STORAGE": "filesystem"})
     app = make_app(settings, None, None, None, logs.make_logger())  # type: ignore[arg-type]
@@ -452,9 +642,25 @@ def test_cluster_role_is_exactly_what_the_daemon_calls(
     }
     (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "registry", "namespace": "openshift-image-registry"}
-    ]
+    account = {
+        "kind": "ServiceAccount",
+        "name": "registry",
+        "namespace": "openshift-image-registry",
+    }
+    assert binding["subjects"] == [account]
+    # the rollout check of the read-only guard: the registry's own Deployment, nothing more
+    (local,) = [o for o in objects if o["kind"] == "Role"]
+    assert local["metadata"]["namespace"] == "openshift-image-registry"
+    assert grants(local) == {("get", "deployments.apps")}
+    assert [r.get("resourceNames") for r in local["rules"]] == [["image-registry"]]
+    (local_binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert local_binding["metadata"]["namespace"] == "openshift-image-registry"
+    assert local_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": local["metadata"]["name"],
+    }
+    assert local_binding["subjects"] == [account]
     deployment, _ = _pruner(objects)
     assert deployment["metadata"] == {
         "name": "image-registry",
@@ -541,11 +747,16 @@ def store_config(tmp_path: Path) -> Path:
 
 
 def _probe_commands(tmp_path: Path) -> Iterator[list[str]]:
+    for variant in sorted(COMPANIONS):
+        sub = tmp_path / variant
+        sub.mkdir()
+        _, pruner = _pruner(render(COMPANIONS[variant](sub)))
+        yield _probe_script(pruner["readinessProbe"])
+        yield _probe_script(pruner["livenessProbe"])
     for variant in VARIANTS:
         sub = tmp_path / variant
         sub.mkdir()
         _, pruner = _pruner(render(VARIANTS[variant](sub)))
-        yield _probe_script(pruner["readinessProbe"])
         yield _probe_script(pruner["livenessProbe"])
     healthcheck = containerfile()["HEALTHCHECK"]
     yield json.loads(healthcheck[healthcheck.index("CMD ") + 4 :])
@@ -584,9 +795,10 @@ async def api() -> AsyncIterator[FakeOpenShift]:
 
 def _allow_cluster_role(cluster: FakeCluster) -> None:
     """The daemon's account gets exactly the ClusterRole of manifests/openshift/base."""
-    (role,) = [d for d in _load_all(OPENSHIFT / "base" / "rbac.yaml") if d["kind"] == "ClusterRole"]
-    for verb, resource in grants(role):
-        cluster.allow(PRUNER_USER, verb, resource)
+    roles = [d for d in _load_all(OPENSHIFT / "base" / "rbac.yaml") if d["kind"].endswith("Role")]
+    for role in roles:
+        for verb, resource in grants(role):
+            cluster.allow(PRUNER_USER, verb, resource)
 
 
 async def _run_job(daemon: Daemon, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -687,3 +899,66 @@ async def test_ci_job_runs_a_check_against_the_sidecar_with_its_cluster_role(
     log = daemon.log.read_text()
     for token in (CI_TOKEN, "nobody-tok", "deleter-tok"):
         assert token not in log
+
+
+async def test_ci_job_runs_against_the_companion_with_its_cluster_role(
+    api: FakeOpenShift, tmp_path: Path
+) -> None:
+    """The Job of ci-job.yaml against a companion-mode daemon: storage from the operator."""
+    cluster = api.cluster
+    (role,) = [o for o in render(COMPANION) if o["kind"] == "ClusterRole"]
+    for verb, resource in grants(role):
+        cluster.allow(PRUNER_USER, verb, resource)
+    (check_role,) = [d for d in _load_all(OPENSHIFT / "ci-job.yaml") if d["kind"] == "ClusterRole"]
+    cluster.add_token(CI_TOKEN, CI_READER)
+    for verb, resource in grants(check_role):
+        cluster.allow(CI_READER, verb, resource)
+    _config, manifest, layer = _small_store(tmp_path)
+    cluster.add_image(make_image(manifest, layers=[layer], config=fake_digest("cfg")))
+    cluster.add_stream(make_image_stream("ns", "app", {"latest": [manifest]}))
+    cluster.storage = {"pvc": {"claim": "image-registry-storage"}, "managementState": "Managed"}
+    (pvc_pruner,) = _containers(_pruner(render(COMPANION / "pvc"))[0])
+    claim = _env(pvc_pruner)["PRUNER_PVC_CLAIM"]
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    daemon = Daemon(
+        None,
+        tmp_path / "state",
+        *pvc_pruner["args"][1:],  # serve's own args, as the manifest gives them
+        "--kubeconfig",
+        str(kubeconfig),
+        "--auth",
+        "on",
+        "--pvc-mount",
+        str(tmp_path / "store"),
+        "--pvc-claim",
+        claim,
+        "--storage-secret-dir",
+        str(tmp_path / "no-secret"),  # a claim needs none
+        "--grace",
+        "0",
+    )
+    await asyncio.to_thread(daemon.start)
+    try:
+        done = await _run_job(daemon, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "Would delete 1 blobs" in done.stdout  # the orphan
+        # the guard reads spec.readOnly, which the Managed operator rolls out
+        cluster.read_only = False
+        deleter = "system:serviceaccount:x:deleter"
+        cluster.add_token("deleter-tok", deleter)
+        cluster.allow(deleter, "get", "images.image.openshift.io")
+        cluster.allow(deleter, "delete", "images.image.openshift.io")
+        done = await _run_job(daemon, tmp_path, TOKEN="deleter-tok", PRUNE_QUERY="mode=delete")
+        assert done.returncode == 1 and "read-only" in done.stderr
+        cluster.read_only = True
+        done = await _run_job(daemon, tmp_path, TOKEN="deleter-tok", PRUNE_QUERY="mode=delete")
+        assert done.returncode == 0, done.stderr
+        assert "Deleted 1 blobs" in done.stdout
+    finally:
+        daemon.stop()
+    # the storage came from the operator's config: the daemon asked for it
+    assert ("GET", "/apis/imageregistry.operator.openshift.io/v1/configs/cluster") in {
+        (method, path) for method, path, _query in cluster.requests
+    }
+    left = {p.parent.name for p in (tmp_path / "store").glob("docker/registry/v2/blobs/*/*/*/data")}
+    assert left == {manifest[7:], layer[7:]}  # the orphan went, the image stayed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.fake_openshift import FakeOpenShift, make_image
+from tests.harness.fake_openshift import FakeOpenShift, make_image, make_registry_deployment
 from tests.harness.images import (
     RegistryClient,
     config_blob,
@@ -111,8 +111,15 @@ async def test_delete_refused_unless_read_only_or_online(
     async with FakeOpenShift(cluster) as api:
         kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
         code, _out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
-    assert code == 2 and "spec.readOnly" in err
-    assert blobs_on_disk(registry) == before
+        assert code == 2 and "spec.readOnly" in err
+        assert blobs_on_disk(registry) == before
+        # spec.readOnly set, the operator still rolling it out: one old pod takes pushes
+        cluster.read_only = True
+        cluster.deployment = make_registry_deployment(read_only=True, running_replicas=3)
+        code, _out, err = await run_cli(registry, "delete", kubeconfig=kubeconfig)
+        assert code == 2, err
+        assert "is rolling out: 2 of 2 replicas updated, 3 running" in err
+        assert blobs_on_disk(registry) == before
 
 
 async def test_image_created_during_online_delete_keeps_its_blobs(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -16,7 +17,7 @@ import pytest_asyncio
 
 from daemon.inventory import Inventory
 from daemon.progress import Progress
-from daemon.sources.base import Marks, SourceError
+from daemon.sources.base import Marks, ReadOnlyRefused, SourceError
 from daemon.sources.openshift import OpenShiftSource, create
 from tests.harness.fake_openshift import (
     OCI_INDEX,
@@ -28,6 +29,7 @@ from tests.harness.fake_openshift import (
     make_image,
     make_image_stream,
     make_manifest_list,
+    make_registry_deployment,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -196,6 +198,24 @@ async def test_expired_stream_listing_restarts(fake: FakeOpenShift, source: Any)
     assert marks.remove_repositories == [] and marks.remove_revisions == []
 
 
+@pytest.mark.parametrize("resource", ["images", "imagestreams"])
+async def test_repeated_continue_token_fails_closed(
+    fake: FakeOpenShift, source: Any, resource: str
+) -> None:
+    """A page that hands back the token it was asked with would be followed forever."""
+    names = seven_images(fake.cluster)
+    for i in range(5):
+        fake.cluster.add_stream(make_image_stream(f"ns{i}", "app", {"latest": [names[0]]}))
+    fake.cluster.repeat_continue(resource, page=2, times=None)
+    repos = {f"ns{i}/app": [names[0]] for i in range(5)}
+    with pytest.raises(SourceError, match="continue token it had already given"):
+        async with asyncio.timeout(20):  # without the guard: the same page, forever
+            await mark(await source(page_size=2), inventory(repos))
+    path_end = "/images" if resource == "images" else "/imagestreams"
+    pages = [q for q in list_requests(fake.cluster, path_end) if "continue" in q]
+    assert len(pages) == 1  # page 2 named its own token again: never followed
+
+
 async def test_server_error_mid_list(fake: FakeOpenShift, source: Any) -> None:
     seven_images(fake.cluster)
     fake.cluster.fail("images", page=2, status=500)
@@ -340,6 +360,24 @@ async def test_repository_rules(fake: FakeOpenShift, source: Any) -> None:
     assert raws([d("untracked"), d("untracked-l"), d("stray-c")]) <= marks.in_use
 
 
+async def test_repositories_now_in_use_reads_each_stream(fake: FakeOpenShift, source: Any) -> None:
+    fake.cluster.add_stream(make_image_stream("ns", "app"))
+    src = await source()
+    names = ["ns/app", "ns/gone", "a/b/c"]
+    assert await src.repositories_now_in_use(names) == {"ns/app"}
+    fetched = [p for m, p, _q in fake.cluster.requests if "/namespaces/" in p]
+    assert fetched == [
+        "/apis/image.openshift.io/v1/namespaces/ns/imagestreams/app",
+        "/apis/image.openshift.io/v1/namespaces/ns/imagestreams/gone",
+    ]  # a/b/c cannot be a stream: not asked
+    fake.cluster.fail("imagestream", status=500)
+    with pytest.raises(SourceError, match="HTTP 500"):
+        await src.repositories_now_in_use(["ns/gone"])
+    fake.cluster.forbid("imagestream")
+    with pytest.raises(SourceError, match=r"get imagestreams\.image\.openshift\.io"):
+        await src.repositories_now_in_use(["ns/app"])
+
+
 # -- read-only guard ----------------------------------------------------------------------
 
 
@@ -351,6 +389,72 @@ async def test_registry_read_only(fake: FakeOpenShift, source: Any) -> None:
     assert await src.registry_read_only() is False
     fake.cluster.read_only = None  # spec without readOnly: the default, writable
     assert await src.registry_read_only() is False
+
+
+ROLLING = {
+    "generation not observed": (
+        {"generation": 4, "observed_generation": 3},
+        "has generation 4, its controller has seen only 3",
+    ),
+    "pods not all updated": ({"updated_replicas": 1}, "1 of 2 replicas updated"),
+    "old pods still running": ({"running_replicas": 3}, "3 running (old pods included)"),
+    "no read-only variable": ({"env": []}, "without REGISTRY_STORAGE_MAINTENANCE_READONLY"),
+    "read-only disabled": (
+        {"env": [{"name": "REGISTRY_STORAGE_MAINTENANCE_READONLY", "value": "{enabled: false}"}]},
+        "does not enable read-only mode",
+    ),
+    "one of two disabled": (
+        {
+            "env": [
+                {"name": "REGISTRY_STORAGE_MAINTENANCE_READONLY", "value": '{"enabled": true}'},
+                {"name": "REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED", "value": "false"},
+            ]
+        },
+        "_ENABLED to 'false'",
+    ),
+    "from a secret": (
+        {
+            "env": [
+                {
+                    "name": "REGISTRY_STORAGE_MAINTENANCE_READONLY",
+                    "valueFrom": {"configMapKeyRef": {"name": "x", "key": "y"}},
+                }
+            ]
+        },
+        "from a reference",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROLLING))
+async def test_read_only_needs_the_registry_rolled_out(
+    fake: FakeOpenShift, source: Any, case: str
+) -> None:
+    """spec.readOnly alone is not enough: until the operator's rollout ends, old registry
+    pods still accept pushes."""
+    changes, reason = ROLLING[case]
+    fake.cluster.read_only = True
+    fake.cluster.deployment = make_registry_deployment(read_only=True, **changes)
+    with pytest.raises(ReadOnlyRefused, match=re.escape(reason)):
+        await (await source()).registry_read_only()
+    asked = [p for _m, p, _q in fake.cluster.requests if "/deployments/" in p]
+    assert asked == ["/apis/apps/v1/namespaces/openshift-image-registry/deployments/image-registry"]
+
+
+async def test_read_only_when_rolled_out(fake: FakeOpenShift, source: Any) -> None:
+    fake.cluster.read_only = True
+    src = await source()
+    for env in ('{"enabled": true}', "{enabled: true}", "true"):
+        fake.cluster.deployment = make_registry_deployment(
+            read_only=True, env=[{"name": "REGISTRY_STORAGE_MAINTENANCE_READONLY", "value": env}]
+        )
+        assert await src.registry_read_only() is True
+    fake.cluster.deployment = make_registry_deployment(read_only=True, replicas=1)
+    del fake.cluster.deployment["spec"]["replicas"]  # the API's default: 1
+    assert await src.registry_read_only() is True
+    fake.cluster.forbid("deployments")
+    with pytest.raises(SourceError, match=r"get deployments\.apps in openshift-image-registry"):
+        await src.registry_read_only()
 
 
 @pytest.mark.parametrize(("status", "message"), [(403, "403 Forbidden"), (500, "HTTP 500")])

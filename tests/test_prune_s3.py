@@ -323,14 +323,16 @@ def test_persistent_fault_while_marking_fails_closed(
     assert error.startswith("error: cannot read manifests") and "SlowDown" in error, error
     assert "after 5 attempts" in error
     assert not result.stdout.startswith("Deleted")
-    # the only delete sent is the release of the run's own lease
+    # the only deletes sent are of the run's own objects: its conditional-write probe and
+    # the release of its lease
     deleted = {
         key
         for seen in faults.seen
         if seen.method == "POST" and "?delete" in seen.path_qs
         for key in delete_request_keys(seen.body)
     }
-    assert deleted == {f"{PREFIXED}/docker/registry/v2/_registry-pruned/lease.json"}
+    own = f"{PREFIXED}/docker/registry/v2/_registry-pruned/"
+    assert deleted == {own + "lease.json", own + "conditional-write-probe"}
     assert store.all_keys() == before
 
 

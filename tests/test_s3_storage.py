@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClient
 from daemon import layout
 from daemon.config import S3Settings, StorageSettings, load_settings
 from daemon.inventory import Inventory
-from daemon.storage.base import Entry, NotFound, StorageError, TooLarge
+from daemon.storage.base import Conflict, Entry, NotFound, StorageError, TooLarge
 from daemon.storage.s3 import BATCH, RetryPolicy, S3Storage, _endpoint_url, create, is_transient
 from tests.harness.faultproxy import (
     FaultProxy,
@@ -564,3 +564,132 @@ async def test_delete_under_faults(
     for seen in proxy.seen:
         if seen.method == "POST":
             assert set(delete_request_keys(seen.body)) <= asked
+
+
+@session_loop
+async def test_move_copies_in_parts_above_the_copy_limit(
+    weed: SeaweedFS, make_storage: MakeStorage, proxy: FaultProxy
+) -> None:
+    """CopyObject refuses sources over 5 GiB: above ``copy_limit`` a move copies in parts
+    (here a 5 MiB limit and a 12 MiB object: parts of 5, 5 and 2 MiB)."""
+    bucket = new_bucket(weed)
+    storage = make_storage(bucket, "r", endpoint=proxy.url)
+    storage.copy_limit = storage.copy_part_size = 5 * 1024**2
+    big, small = hexes(2, seed=31)
+    data = random.Random(31).randbytes(12 * 1024**2)
+    await storage.write(layout.blob_data(big), data)
+    await storage.write(layout.blob_data(small), b"small")
+    proxy.reset_counts()
+    assert await storage.move(layout.blob_data(big), "parked/big")
+    assert await storage.move(layout.blob_data(small), "parked/small")
+    assert not await storage.move(layout.blob_data(big), "parked/again")  # gone: False
+    assert await storage.read("parked/big", len(data)) == data
+    assert await storage.read("parked/small", 5) == b"small"
+    assert await storage.stat(layout.blob_data(big)) is None
+    copies = [s for s in proxy.seen if s.method == "PUT" and "x-amz-copy-source" in s.headers]
+    ranges = sorted(s.headers.get("x-amz-copy-source-range", "") for s in copies)
+    mib = 1024**2
+    assert ranges == [
+        "",  # the small one: one CopyObject
+        f"bytes=0-{5 * mib - 1}",
+        f"bytes={10 * mib}-{12 * mib - 1}",
+        f"bytes={5 * mib}-{10 * mib - 1}",
+    ]
+
+    # a part failing past the retries: the upload is aborted, the source stays whole
+    proxy.inject("internal", None, match=lambda r: "partNumber" in r.query)
+    with pytest.raises(StorageError, match="InternalError"):
+        await storage.move("parked/big", "parked/other")
+    proxy.clear()
+    assert await storage.read("parked/big", len(data)) == data
+    assert await storage.stat("parked/other") is None
+    uploads = weed.client().list_multipart_uploads(Bucket=bucket)
+    assert not uploads.get("Uploads"), uploads
+
+
+@session_loop
+async def test_conditional_writes_and_the_lease(
+    weed: SeaweedFS, make_storage: MakeStorage, proxy: FaultProxy
+) -> None:
+    """SeaweedFS honours If-None-Match and If-Match on PutObject: the lease uses them; a
+    store that ignores them gets write, settle, read."""
+    from daemon.lease import KEY, Lease, LeaseHeld
+
+    bucket = new_bucket(weed)
+    storage = make_storage(bucket, "r")
+    assert await storage.conditional_writes()
+    key = "_registry-pruned/cas"
+    first = await storage.write_if(key, b"one", None)
+    with pytest.raises(Conflict):
+        await storage.write_if(key, b"two", None)  # exists
+    with pytest.raises(Conflict):
+        await storage.write_if(key, b"two", '"0123456789abcdef0123456789abcdef"')
+    second = await storage.write_if(key, b"two", first)
+    assert await storage.read_versioned(key, 10) == (b"two", second)
+    with pytest.raises(Conflict):
+        await storage.write_if(key, b"three", first)  # stale version
+    with pytest.raises(NotFound):
+        await storage.read_versioned("_registry-pruned/none", 10)
+
+    leases = [Lease(make_storage(bucket, "r"), f"run{i}") for i in range(6)]
+    results = await asyncio.gather(*(lease.acquire() for lease in leases), return_exceptions=True)
+    assert [r is None for r in results].count(True) == 1, results
+    assert all(isinstance(r, LeaseHeld) for r in results if r is not None)
+    assert all(lease.atomic for lease in leases)
+    for lease in leases:
+        await lease.release()
+
+    proxy.inject("ignore_conditions", None)
+    ignoring = make_storage(bucket, "r", endpoint=proxy.url)
+    assert not await ignoring.conditional_writes()
+    lease = Lease(ignoring, "fallback")
+    await lease.acquire()
+    assert not lease.atomic and lease.settled >= 0.5
+    assert lease.held()
+    await lease.release()
+    proxy.clear()
+    conditional = [s for s in proxy.seen if {"If-None-Match", "If-Match"} & set(s.headers)]
+    assert len(conditional) == 2  # the two probes; the fallback lease writes plainly
+    assert weed.keys(bucket) == [f"r/docker/registry/v2/{key}"]  # no lease or probe left
+    assert KEY.startswith("_registry-pruned/")
+
+
+@session_loop
+async def test_grace_follows_the_stores_clock(weed: SeaweedFS, make_storage: MakeStorage) -> None:
+    """S3 stamps LastModified with its own clock. This host's clock two hours ahead of the
+    store's makes blobs written a moment ago look two hours old: the grace period must
+    count in the store's time, which the probe reads from the Date header."""
+    from daemon.logs import make_logger
+    from daemon.progress import Progress
+    from daemon.prune import CHECK, Engine, RunOptions
+    from daemon.sources.storage import StorageSource
+
+    bucket = new_bucket(weed)
+    fresh = hexes(5, seed=41)  # orphans written just now
+    await weed.seed(bucket, {"r/docker/registry/v2/" + layout.blob_data(h): b"x" for h in fresh})
+    log = make_logger("error")
+
+    async def check(grace: float, ahead: float) -> Engine:
+        storage = make_storage(bucket, "r")
+        engine = Engine(
+            storage,
+            StorageSource(4, log),
+            RunOptions(mode=CHECK, grace=grace),
+            Progress(),
+            log=log,
+            clock=lambda: time.time() + ahead,
+        )
+        await engine.run()
+        return engine
+
+    engine = await check(grace=3600, ahead=7200)
+    assert -7202 <= engine.store_skew <= -7199, engine.store_skew
+    assert (engine.summary.blobs, engine.summary.too_young) == (0, 5)
+    # the same blobs are candidates once older than the grace period in the store's time
+    engine = await check(grace=0, ahead=7200)
+    assert (engine.summary.blobs, engine.summary.too_young) == (5, 0)
+    # a store ahead of this host: this host's cutoff is the earlier one, and counts
+    engine = await check(grace=3600, ahead=-7200)
+    assert 7199 <= engine.store_skew <= 7202, engine.store_skew
+    assert engine.cutoff <= time.time() - 7200 - 3600 + 5
+    assert (engine.summary.blobs, engine.summary.too_young) == (0, 5)

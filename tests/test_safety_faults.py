@@ -21,7 +21,7 @@ from daemon.logs import make_logger
 from daemon.progress import Progress
 from daemon.prune import DELETE, Engine, RunFailed, RunOptions
 from daemon.sources.storage import StorageSource
-from daemon.storage.base import BlobEntry, DeleteFailure
+from daemon.storage.base import BlobEntry, DeleteFailure, StorageError
 from daemon.storage.filesystem import FilesystemStorage
 from tests.harness.daemon import Daemon
 from tests.harness.images import Scenario
@@ -306,10 +306,92 @@ async def test_racing_leases_leave_one_holder(fresh: tuple[Registry, Scenario]) 
     winners = [r for r in results if r is None]
     assert len(winners) == 1, results
     assert all(isinstance(r, LeaseHeld) for r in results if r is not None)
+    assert all(lease.atomic for lease in leases)  # flock: no settle time needed
     for lease in leases:
         await lease.release()
     for s in stores:
         await s.close()
+
+
+class SlowWrites(FilesystemStorage):
+    """A store without conditional writes whose PUTs take longer than the old fixed
+    settle time (0.5 s)."""
+
+    def __init__(self, root: str, delay: float) -> None:
+        super().__init__(root, 2)
+        self.delay = delay
+
+    async def conditional_writes(self) -> bool:
+        return False
+
+    async def write(self, key: str, data: bytes) -> None:
+        await asyncio.sleep(self.delay)
+        await super().write(key, data)
+
+
+async def test_racing_leases_on_a_slow_store_without_conditional_writes(
+    fresh: tuple[Registry, Scenario],
+) -> None:
+    """Write, settle, read is mutual exclusion only when the settle time outlasts a racer's
+    write: here writes take 0.8 s and the second racer starts 0.6 s after the first."""
+    from daemon.lease import Lease, LeaseHeld
+
+    registry, _scenario = fresh
+    stores = [SlowWrites(str(registry.root), 0.8) for _ in range(2)]
+    leases = [Lease(s, f"run{i}") for i, s in enumerate(stores)]
+
+    async def late(lease: Lease) -> None:
+        await asyncio.sleep(0.6)
+        await lease.acquire()
+
+    results = await asyncio.gather(leases[0].acquire(), late(leases[1]), return_exceptions=True)
+    assert [r is None for r in results].count(True) == 1, results
+    assert all(isinstance(r, LeaseHeld) for r in results if r is not None)
+    assert all(not lease.atomic for lease in leases)
+    settled = [lease.settled for lease in leases]
+    assert min(settled) >= 3 * 0.8, settled  # three times the measured write and read
+    for lease in leases:
+        await lease.release()
+    for s in stores:
+        await s.close()
+
+
+class LeaseWritesFail(FilesystemStorage):
+    """Takes the lease, then cannot write it again; each batch of blobs takes 0.3 s."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 2)
+        self.lease_writes = 0
+
+    async def write_if(self, key: str, data: bytes, version: str | None) -> str:
+        self.lease_writes += 1
+        if self.lease_writes > 1:
+            raise StorageError(f"cannot write {key}: Input/output error (injected)")
+        return await super().write_if(key, data, version)
+
+    async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
+        await asyncio.sleep(0.3)
+        return await super().delete_blobs(hexes)
+
+
+async def test_a_holder_that_cannot_renew_its_lease_stops_deleting(
+    fresh: tuple[Registry, Scenario],
+) -> None:
+    """Past its ttl another pruner may take the lease over: the holder must have stopped."""
+    registry, scenario = fresh
+    planted = plant_orphans(registry, 8000, seed=14)  # 9 batches, 0.3 s each at least
+    storage = LeaseWritesFail(str(registry.root))
+    log = make_logger("error")
+    options = RunOptions(mode=DELETE, grace=0, registry_read_only=True, lease_ttl=1.2)
+    engine = Engine(storage, StorageSource(4, log), options, Progress(), log=log)
+    with pytest.raises(RunFailed, match="lost the store's delete lease"):
+        await engine.run()
+    await storage.close()
+    assert storage.lease_writes >= 2  # renewals were tried, and failed
+    assert engine.lease is not None and engine.lease.lost.is_set()
+    left = blobs_on_disk(registry)
+    assert planted & left, "every batch went: the holder never noticed its lease expired"
+    assert scenario.in_use <= left
 
 
 def test_blobs_parked_by_a_dead_online_run_go_back(
@@ -336,3 +418,29 @@ def test_blobs_parked_by_a_dead_online_run_go_back(
     registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
+
+
+def test_read_only_flag_is_read_again_for_every_delete(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    """The registry's config is a mounted ConfigMap: it changes under a running daemon."""
+    registry, scenario = fresh
+    before = blobs_on_disk(registry)
+    daemon = Daemon(registry.config_path, tmp_path / "state", "--grace", "0").start()
+    try:
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "failed" and "not in read-only mode" in run["error"], run
+        registry.restart(read_only=True)  # the daemon is not restarted
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "succeeded", run
+        assert run["summary"]["blobs"] == len(scenario.expected_orphans)
+        registry.restart(read_only=False)
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "failed" and "not in read-only mode" in run["error"], run
+        registry.config_path.write_text("storage: [not, a, mapping]\n")
+        _status, run = daemon.json("POST", "/prune?mode=delete&wait=true")
+        assert run["state"] == "failed", run
+        assert "cannot tell whether the registry is read-only" in run["error"], run
+    finally:
+        daemon.stop()
+    assert blobs_on_disk(registry) == before - scenario.expected_orphans

@@ -8,7 +8,15 @@ import random
 import time
 from pathlib import Path
 
-from tests.harness.fake_openshift import FakeOpenShift, make_image
+import pytest
+
+from daemon import layout
+from daemon.logs import make_logger
+from daemon.prune import DELETE, Engine, RunFailed, RunOptions
+from daemon.sources.openshift import create
+from daemon.storage.base import StorageError
+from daemon.storage.filesystem import FilesystemStorage
+from tests.harness.fake_openshift import FakeOpenShift, make_image, make_image_stream
 from tests.harness.images import (
     Blob,
     RegistryClient,
@@ -21,6 +29,9 @@ from tests.harness.images import (
 from tests.harness.openshift_scenario import (
     Pushed,
     cluster_for,
+    image_objects,
+    push,
+    revisions,
     run_cli,
 )
 from tests.harness.registry import Registry, blobs_on_disk
@@ -117,3 +128,100 @@ async def test_pushes_reusing_orphan_layers_during_online_delete(
     for i, (tag, digest, blobs) in enumerate(succeeded):
         assert blobs | {digest} <= left, tag
         skopeo_pull(registry.url, "ns1/web", tag, tmp_path / f"pull{i}")
+
+
+async def test_stream_created_after_the_mark_keeps_its_repository(
+    openshift_store: tuple[Registry, dict[str, Pushed]], tmp_path: Path
+) -> None:
+    """A push that finished just before the run has its links but no ImageStream yet; the
+    stream appears once the run has marked. Neither its repository nor a link written
+    after the scan may go."""
+    registry, images = openshift_store
+    client = RegistryClient(registry.url)
+    late = push(client, random.Random(31), "ns3/late", "v1", [])
+    cluster = cluster_for(images, skip=set())
+    cluster.read_only = False
+    gone = registry.root / "docker/registry/v2/repositories/ns2/gone"
+    written_later = gone / "_manifests/revisions/sha256" / images["app1"].manifest.digest[7:]
+
+    def after_the_mark() -> None:
+        # OpenShift's registry creates the Image and the stream after storing the manifest
+        cluster.add_images(image_objects(late))
+        cluster.add_stream(make_image_stream("ns3", "late", {"v1": [late.manifest.digest]}))
+        # another push links a manifest into ns2/gone, whose stream comes later
+        written_later.mkdir(parents=True)
+        (written_later / "link").write_text(images["app1"].manifest.digest)
+
+    # the online run opens its image watch right after the mark: the race, made exact
+    cluster.on_request("watch", after_the_mark)
+    async with FakeOpenShift(cluster) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        code, out, err = await run_cli(registry, "delete", "--online", kubeconfig=kubeconfig)
+    assert code == 0, out + err
+    assert "Deleted 2 repositories" in out, out  # ns2/gone (what the scan saw), a/b/c
+    links = revisions(registry)
+    assert ("ns3/late", late.manifest.digest) in links
+    assert ("ns2/gone", images["gone"].manifest.digest) not in links
+    assert (written_later / "link").read_text() == images["app1"].manifest.digest
+    assert late.digests() <= blobs_on_disk(registry)
+    skopeo_pull(registry.url, "ns3/late", "v1", tmp_path / "late")
+    for i, name in enumerate(("app1", "multi", "web", "other")):
+        p = images[name]
+        skopeo_pull(registry.url, p.repo, p.tag, tmp_path / f"pull{i}")
+
+
+class RefusingMove(FilesystemStorage):
+    """A store that parks one blob, then refuses the next copy (as S3 refused CopyObject
+    above 5 GiB)."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root, 2)
+        self.moves = 0
+
+    async def move(self, src: str, dst: str) -> bool:
+        if src.startswith(layout.BLOBS):
+            self.moves += 1
+            if self.moves > 1:
+                raise StorageError(f"cannot copy {src}: EntityTooLarge (injected)")
+        return await super().move(src, dst)
+
+
+def layer_links(registry: Registry) -> dict[str, str]:
+    base = registry.root / "docker/registry/v2/repositories"
+    return {str(p.relative_to(base)): p.read_text() for p in base.glob("**/_layers/sha256/*/link")}
+
+
+async def test_links_come_back_when_parking_fails(
+    openshift_store: tuple[Registry, dict[str, Pushed]], tmp_path: Path
+) -> None:
+    registry, images = openshift_store
+    cluster = cluster_for(images, skip={"app2"})  # app2's own blobs are the candidates
+    cluster.read_only = False
+    before, links = blobs_on_disk(registry), layer_links(registry)
+    doomed = images["app2"].digests() - {images["app2"].blobs[0].digest}
+    storage = RefusingMove(str(registry.root))
+    async with FakeOpenShift(cluster) as api:
+        source = await create(str(api.write_kubeconfig(tmp_path / "kubeconfig")))
+        options = RunOptions(mode=DELETE, grace=0, online=True, online_settle=0.1)
+        engine = Engine(storage, source, options, log=make_logger("error"))
+        try:
+            with pytest.raises(RunFailed, match="EntityTooLarge"):
+                await engine.run()
+        finally:
+            await source.close()
+            await storage.close()
+    assert storage.moves == 2  # one blob parked, the next refused
+    assert blobs_on_disk(registry) == before  # the parked one is back
+    v2 = registry.root / "docker/registry/v2"
+    assert not list((v2 / "_registry-pruned/quarantine").glob("*/*"))
+    # the links the batch removed before parking are back, each naming its blob (ns2/gone
+    # and a/b/c have no stream: removed whole before the blobs, as they should be)
+    kept = {path: link for path, link in links.items() if path.startswith("ns")}
+    kept = {path: link for path, link in kept.items() if not path.startswith("ns2/gone/")}
+    assert {p: v for p, v in layer_links(registry).items() if p in kept} == kept
+    assert set(layer_links(registry)) == set(kept)
+    assert any(d[7:] in path for d in doomed for path in kept)  # the batch had some
+    registry.restart(read_only=False)
+    for i, name in enumerate(("app1", "multi", "web", "other")):
+        p = images[name]
+        skopeo_pull(registry.url, p.repo, p.tag, tmp_path / f"pull{i}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import structlog
 
-from daemon.config import Settings
+from daemon.config import Settings, registry_read_only_now
 from daemon.sources.base import ReferenceSource
 
 
@@ -23,4 +25,9 @@ async def open_source(
         )
     from daemon.sources.storage import StorageSource
 
-    return StorageSource(concurrency=settings.workers, log=log)
+    # a delete run reads the registry's read-only flag again, not the one seen at start-up
+    return StorageSource(
+        concurrency=settings.workers,
+        log=log,
+        read_only=functools.partial(registry_read_only_now, settings),
+    )

@@ -54,5 +54,10 @@ class ReferenceSource(ABC):
         """Those ``candidates`` referenced since mark; raise SourceError when unsure."""
         return set()
 
+    async def repositories_now_in_use(self, names: Iterable[str]) -> set[str]:
+        """Online mode: those of ``names`` (marked for removal) that the source references now;
+        raise SourceError when unsure."""
+        return set()
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients and watches."""

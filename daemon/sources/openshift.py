@@ -18,21 +18,34 @@ import structlog
 from kubernetes_asyncio.client import ApiClient
 
 from daemon import layout
+from daemon.config import maintenance_read_only
 from daemon.inventory import DigestSet, Inventory
 from daemon.kube import KubeConfigError, api_client
 from daemon.progress import Progress
-from daemon.sources.base import Marks, ReferenceSource, SourceError
+from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import Storage
 from daemon.usage import UsagePairs
 
 IMAGES = "/apis/image.openshift.io/v1/images"
 IMAGE_STREAMS = "/apis/image.openshift.io/v1/imagestreams"
+IMAGE_STREAM = "/apis/image.openshift.io/v1/namespaces/{namespace}/imagestreams/{name}"
 REGISTRY_CONFIG = "/apis/imageregistry.operator.openshift.io/v1/configs/cluster"
+REGISTRY_NAMESPACE = "openshift-image-registry"
+REGISTRY_DEPLOYMENT = f"/apis/apps/v1/namespaces/{REGISTRY_NAMESPACE}/deployments/image-registry"
+#: the operator's name for the registry's container in that Deployment
+REGISTRY_CONTAINER = "registry"
+#: the operator sets the first (``{enabled: true}``); distribution also reads the second
+_READ_ONLY_ENV = (
+    "REGISTRY_STORAGE_MAINTENANCE_READONLY",
+    "REGISTRY_STORAGE_MAINTENANCE_READONLY_ENABLED",
+)
 
 LIST_IMAGES = "list images.image.openshift.io"
 WATCH_IMAGES = "watch images.image.openshift.io"
 LIST_STREAMS = "list imagestreams.image.openshift.io (all namespaces)"
 GET_CONFIG = "get configs.imageregistry.operator.openshift.io"
+GET_STREAM = "get imagestreams.image.openshift.io"
+GET_DEPLOYMENT = f"get deployments.apps in {REGISTRY_NAMESPACE}"
 
 # Media types whose dockerImageMetadata.Id is the config blob; for schema1 it is a v1 id.
 _CONFIG_TYPES = frozenset(
@@ -216,6 +229,7 @@ class OpenShiftSource(ReferenceSource):
         for attempt in range(self.list_restarts + 1):
             reset()
             token, version, page = "", "", 0
+            seen: set[str] = set()  # tokens of this listing: a repeat would loop forever
             try:
                 while True:
                     query = [("limit", str(self.page_size))]
@@ -233,6 +247,14 @@ class OpenShiftSource(ReferenceSource):
                         raise SourceError(f"openshift: unexpected answer: {what} continue token")
                     if not token:
                         return version
+                    if token in seen:
+                        # a listing that cannot go on must not pass for a complete one
+                        raise SourceError(
+                            f"openshift: {what}: the API server answered page {page} with a "
+                            "continue token it had already given; the listing cannot finish "
+                            "(an API server or proxy fault), try again later"
+                        )
+                    seen.add(token)
             except _Expired as exc:
                 if page == 1:
                     raise SourceError(f"openshift: {what}: 410 on a fresh list: {exc}") from None
@@ -376,11 +398,27 @@ class OpenShiftSource(ReferenceSource):
     # -- guard --------------------------------------------------------------------------
 
     async def registry_read_only(self) -> bool:
+        """spec.readOnly, and once it is set, the registry's pods all running with it:
+        ReadOnlyRefused while the operator still rolls it out (old pods take pushes)."""
         data = await self._get_config()
         spec = _obj(data.get("spec"), "configs/cluster spec")
         value = spec.get("readOnly", False)
         if not isinstance(value, bool):
             raise SourceError("openshift: unexpected answer: configs/cluster spec.readOnly")
+        if value:
+            what = f"reading deployment {REGISTRY_NAMESPACE}/image-registry"
+            try:
+                deployment = await self._get(REGISTRY_DEPLOYMENT, [], what, GET_DEPLOYMENT)
+            except _Expired as exc:
+                raise SourceError(f"openshift: {what}: 410: {exc}") from None
+            problem = rollout_problem(deployment)
+            if problem:
+                raise ReadOnlyRefused(
+                    "spec.readOnly is set, but the registry is not read-only everywhere yet: "
+                    f"deployment {REGISTRY_NAMESPACE}/image-registry {problem}; old registry "
+                    "pods may still accept pushes. Wait for `oc -n openshift-image-registry "
+                    "rollout status deployment/image-registry` to finish, then delete again"
+                )
         return value
 
     async def _get_config(self) -> dict[str, Any]:
@@ -407,10 +445,100 @@ class OpenShiftSource(ReferenceSource):
         seen = await self._watch.current()
         return {digest for digest in candidates if digest in seen}
 
+    async def repositories_now_in_use(self, names: Iterable[str]) -> set[str]:
+        """Repositories whose ImageStream exists now: a push that finished during the run
+        wrote its links before the registry created the stream."""
+        found: set[str] = set()
+        for name in names:
+            key = stream_key(name)
+            if key is not None and await self._stream_exists(key):
+                found.add(name)
+        return found
+
+    async def _stream_exists(self, key: str) -> bool:
+        namespace, _, name = key.partition("/")
+        what = f"reading image stream {key}"
+        path = IMAGE_STREAM.format(namespace=namespace, name=name)
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                async with await self._open(path, [], timeout) as resp:
+                    body = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            raise SourceError(
+                f"openshift: {what}: no answer within {self.request_timeout:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise SourceError(f"openshift: {what}: {type(exc).__name__}: {exc}") from None
+        if status == 200:
+            return True
+        if status == 404 and _is_not_found(body):
+            return False  # only an explicit NotFound Status proves it absent
+        raise _http_error(status, body, what, GET_STREAM)
+
     async def close(self) -> None:
         if self._watch is not None:
             await self._watch.stop()
         await self.api.close()
+
+
+def _count(value: Any, where: str) -> int:
+    # Go omits zero counts (omitempty)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SourceError(f"openshift: unexpected answer: deployment {where} is not a number")
+    return value
+
+
+def rollout_problem(deployment: Any) -> str:
+    """Why this registry Deployment is not wholly read-only yet ("" when it is): a rollout
+    not observed or not finished, or a pod template without REGISTRY_STORAGE_MAINTENANCE_READONLY
+    enabled in the registry's container."""
+    deployment = _obj(deployment, "the registry deployment")
+    meta = _obj(deployment.get("metadata"), "deployment metadata")
+    spec = _obj(deployment.get("spec"), "deployment spec")
+    status = _obj(deployment.get("status"), "deployment status")
+    generation = _count(meta.get("generation"), "metadata.generation")
+    observed = _count(status.get("observedGeneration"), "status.observedGeneration")
+    if observed < generation:
+        return f"has generation {generation}, its controller has seen only {observed}"
+    wanted = spec.get("replicas")
+    wanted = 1 if wanted is None else _count(wanted, "spec.replicas")  # the API's default
+    updated = _count(status.get("updatedReplicas"), "status.updatedReplicas")
+    running = _count(status.get("replicas"), "status.replicas")
+    if updated != wanted or running != updated:
+        return (
+            f"is rolling out: {updated} of {wanted} replicas updated, "
+            f"{running} running (old pods included)"
+        )
+    template = _obj(_obj(spec.get("template"), "deployment spec.template").get("spec"), "pod spec")
+    containers = _arr(template.get("containers"), "deployment containers")
+    registry = [
+        c for c in containers if isinstance(c, dict) and c.get("name") == REGISTRY_CONTAINER
+    ]
+    if not registry:
+        return f"has no container named {REGISTRY_CONTAINER!r}"
+    env = {
+        e.get("name"): e
+        for e in _arr(registry[0].get("env"), "registry container env")
+        if isinstance(e, dict)
+    }
+    names = [n for n in _READ_ONLY_ENV if n in env]
+    if not names:
+        return "runs its registry without REGISTRY_STORAGE_MAINTENANCE_READONLY"
+    for name in names:  # every one that is set must say read-only: no guessing which wins
+        value = env[name].get("value")
+        if not isinstance(value, str):
+            return f"sets {name} from a reference this pruner cannot read"
+        try:
+            enabled = maintenance_read_only(value)
+        except ValueError:
+            enabled = False
+        if not enabled:
+            return f"sets {name} to {value[:60]!r}, which does not enable read-only mode"
+    return ""
 
 
 def _reachable(stream: set[bytes], index: ImageIndex) -> set[bytes]:
@@ -426,6 +554,17 @@ def _reachable(stream: set[bytes], index: ImageIndex) -> set[bytes]:
                 if child in index.children:
                     lists.append(child)
     return keep
+
+
+def _is_not_found(body: bytes) -> bool:
+    """A Status object with reason NotFound (a 404 from a proxy or a wrong path is not one)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return (
+        isinstance(data, dict) and data.get("kind") == "Status" and data.get("reason") == "NotFound"
+    )
 
 
 def _status_message(body: bytes) -> str:

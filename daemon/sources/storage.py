@@ -8,11 +8,12 @@ that cannot be read or parsed, fails the run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 
 from daemon import layout, manifests
+from daemon.config import ConfigError
 from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
@@ -34,10 +35,25 @@ class StorageSource(ReferenceSource):
     )
 
     def __init__(
-        self, concurrency: int = 16, log: structlog.typing.FilteringBoundLogger | None = None
+        self,
+        concurrency: int = 16,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+        read_only: Callable[[], bool] | None = None,
     ) -> None:
         self.concurrency = max(1, concurrency)
         self.log = log or structlog.get_logger()
+        #: reads the registry's config again (it may have changed since the daemon started)
+        self._read_only = read_only
+
+    async def registry_read_only(self) -> bool | None:
+        if self._read_only is None:
+            return None
+        try:
+            return await asyncio.to_thread(self._read_only)
+        except ConfigError as exc:
+            raise SourceError(
+                f"cannot tell whether the registry is read-only: {exc}; nothing was deleted"
+            ) from exc
 
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
         # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md)

@@ -9,12 +9,21 @@ from collections.abc import Set as AbstractSet
 from typing import TypeVar
 
 from daemon import layout
-from daemon.storage.model import BlobEntry, DeleteFailure, Entry, NotFound, StorageError, TooLarge
+from daemon.storage.model import (
+    BlobEntry,
+    Conflict,
+    DeleteFailure,
+    Entry,
+    NotFound,
+    StorageError,
+    TooLarge,
+)
 from daemon.storage.reading import parse_each
 from daemon.usage import size_record
 
 __all__ = [
     "BlobEntry",
+    "Conflict",
     "DeleteFailure",
     "Entry",
     "NotFound",
@@ -166,6 +175,24 @@ class Storage(ABC):
         """
         async for batch in self.walk("repositories/"):
             yield [entry.key for entry in batch]
+
+    def clock(self) -> float | None:
+        """The store's time now (seconds since the epoch), as its last ``probe`` measured it;
+        None where file times come from this host's clock."""
+        return None
+
+    async def conditional_writes(self) -> bool:
+        """Whether ``write_if`` is atomic on this store (a driver may ask the store once)."""
+        return False
+
+    async def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """Content of ``key`` and a version token for ``write_if``; NotFound if missing."""
+        raise StorageError(f"{type(self).__name__} has no conditional writes")
+
+    async def write_if(self, key: str, data: bytes, version: str | None) -> str:
+        """Create ``key`` if ``version`` is None and it does not exist, else replace it if its
+        version is still ``version``, atomically; the new version. Conflict otherwise."""
+        raise StorageError(f"{type(self).__name__} has no conditional writes")
 
     async def move(self, src: str, dst: str) -> bool:
         """Move one file/object; False when ``src`` does not exist."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -22,6 +24,7 @@ from daemon.cpus import usable_cpus
 from daemon.storage import reading
 from daemon.storage.base import (
     BlobEntry,
+    Conflict,
     DeleteFailure,
     Entry,
     Storage,
@@ -316,6 +319,44 @@ class FilesystemStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
 
+    async def conditional_writes(self) -> bool:
+        # flock: honoured by local filesystems, NFSv4 (as POSIX locks) and CephFS
+        return True
+
+    async def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        data = await self.read(key, limit)
+        return data, _version(data)
+
+    async def write_if(self, key: str, data: bytes, version: str | None) -> str:
+        return await self._run(self._write_if, key, data, version)
+
+    def _write_if(self, key: str, data: bytes, version: str | None) -> str:
+        path = self._path(key)
+        head, name = os.path.split(path)
+        try:
+            os.makedirs(head, exist_ok=True)
+            # compare and write under an exclusive lock every writer of this key takes; the
+            # lock goes with the process, so a writer that dies leaves nothing to clean up
+            fd = os.open(os.path.join(head, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(f"cannot lock {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as fh:
+                    current: str | None = _version(fh.read())
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                found = "absent" if current is None else "changed"
+                raise Conflict(f"{path} is {found}: not written")
+            atomic_write(path, data)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        return _version(data)
+
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
         failures = await self.delete_trees([layout.blob_dir(h) for h in hexes])
         return [DeleteFailure(f.key.rstrip("/").rsplit("/", 1)[-1], f.reason) for f in failures]
@@ -395,3 +436,8 @@ class FilesystemStorage(Storage):
         if pool is not None:
             # waited for: an interpreter exiting under a pool still shutting down complains
             await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+
+def _version(data: bytes) -> str:
+    """A file's version for write_if: its content's digest (a lease's content is unique)."""
+    return hashlib.sha256(data).hexdigest()

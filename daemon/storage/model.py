@@ -14,6 +14,10 @@ class NotFound(StorageError):
     """The key does not exist."""
 
 
+class Conflict(StorageError):
+    """A conditional write found the key not as the caller expected (taken or changed)."""
+
+
 class TooLarge(StorageError):
     """An object is larger than the caller's read limit."""
 

@@ -10,6 +10,7 @@ import hashlib
 import random
 import re
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -39,6 +40,7 @@ from daemon import layout, logs
 from daemon.config import StorageSettings
 from daemon.storage.base import (
     BlobEntry,
+    Conflict,
     DeleteFailure,
     Entry,
     NotFound,
@@ -276,6 +278,10 @@ class S3Storage(Storage):
         #: revision links whose content the last repository scan proved (see _proven_link)
         #: by revisions directory, the raw digests (a set of whole keys took ~220 bytes a link)
         self._proven: dict[str, set[bytes]] = {}
+        #: whether the store honours conditional writes; None until asked
+        self._conditional: bool | None = None
+        #: (the store's Date, time.monotonic() when it came) of the last probe
+        self._store_clock: tuple[float, float] | None = None
         # never structlog's global default: it prints to stdout, where the CLI's summary goes
         log = log or logs.make_logger("warning", "json", sys.stderr)
         self._log = log.bind(storage=self.description)
@@ -479,7 +485,8 @@ class S3Storage(Storage):
         """HeadBucket, then at least one object below the v2 root."""
         where = f"at {self.endpoint}"
         try:
-            await self._op("HeadBucket", "head_bucket")
+            answer = await self._op("HeadBucket", "head_bucket")
+            self._measure_clock(answer)
         except S3Error as exc:
             if exc.status == 404 or exc.code in ("NoSuchBucket", "NotFound", "404"):
                 raise StorageError(f"bucket {self.bucket!r} does not exist {where}") from exc
@@ -495,6 +502,25 @@ class S3Storage(Storage):
                 f"bucket {self.bucket!r} {where} has no registry data: no object below "
                 f"{self.prefix!r} (check rootdirectory {self.settings.rootdirectory!r})"
             )
+
+    def _measure_clock(self, answer: Mapping[str, Any]) -> None:
+        """Note the store's clock from an answer's Date header. Date is whole seconds and was
+        stamped before the answer arrived: the store's time is never overestimated."""
+        headers = (answer.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+        try:
+            date = email.utils.parsedate_to_datetime(headers.get("date", ""))
+        except (TypeError, ValueError):
+            return
+        if date.tzinfo is not None:
+            self._store_clock = (date.timestamp(), time.monotonic())
+
+    def clock(self) -> float | None:
+        """The store's time now, from the Date of the last probe's HeadBucket: S3 stamps
+        LastModified with its own clock, which need not agree with this host's."""
+        if self._store_clock is None:
+            return None
+        stamped, at = self._store_clock
+        return stamped + (time.monotonic() - at)
 
     async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
         """One flat listing of ``blobs/sha256/<shard>/``; size and mtime come from it."""
@@ -734,11 +760,25 @@ class S3Storage(Storage):
         """PutObject (atomic on S3)."""
         await self._op(f"write {key!r}", "put_object", Key=self._key(key), Body=data)
 
+    #: CopyObject refuses sources over 5 GiB: larger ones are copied in parts
+    copy_limit: int = 5 * 1024**3
+    #: the parts of such a copy (S3: 5 MiB to 5 GiB each, at most 10,000 of them)
+    copy_part_size: int = 512 * 1024**2
+
     async def move(self, src: str, dst: str) -> bool:
-        """CopyObject then delete: S3 has no rename (online deletes park blobs this way)."""
+        """Copy then delete: S3 has no rename (online deletes park blobs this way). Objects
+        over ``copy_limit`` are copied with UploadPartCopy, the rest with CopyObject."""
+        entry = await self.stat(src)
+        if entry is None:
+            return False
         source = {"Bucket": self.bucket, "Key": self._key(src)}
         try:
-            await self._op(f"move {src!r}", "copy_object", Key=self._key(dst), CopySource=source)
+            if entry.size is not None and entry.size > self.copy_limit:
+                await self._copy_in_parts(src, dst, entry.size)
+            else:
+                await self._op(
+                    f"move {src!r}", "copy_object", Key=self._key(dst), CopySource=source
+                )
         except S3Error as exc:
             if exc.status == 404 and exc.code in _MISSING_CODES:
                 return False
@@ -747,6 +787,111 @@ class S3Storage(Storage):
         if failures:
             raise StorageError(f"moved {src!r} but cannot remove it: {failures[0].reason}")
         return True
+
+    async def _copy_in_parts(self, src: str, dst: str, size: int) -> None:
+        """A multipart upload of ``dst`` whose parts are server-side copies of ranges of
+        ``src`` (UploadPartCopy); aborted, leaving no parts behind, when any part fails."""
+        key = self._key(dst)
+        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        part = max(self.copy_part_size, -(-size // 10_000))
+        started = await self._op(f"copy {src!r} in parts", "create_multipart_upload", Key=key)
+        upload = started["UploadId"]
+
+        async def copy_part(number: int, first: int) -> dict[str, Any]:
+            last = min(first + part, size) - 1
+            answer = await self._op(
+                f"copy part {number} of {src!r}",
+                "upload_part_copy",
+                Key=key,
+                UploadId=upload,
+                PartNumber=number,
+                CopySource=source,
+                CopySourceRange=f"bytes={first}-{last}",
+            )
+            return {"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]}
+
+        try:
+            # a failed part cancels the others: the upload is aborted at once
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(copy_part(n, first))
+                    for n, first in enumerate(range(0, size, part), 1)
+                ]
+            parts = [task.result() for task in tasks]
+            await self._op(
+                f"complete the copy of {src!r}",
+                "complete_multipart_upload",
+                Key=key,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException as exc:
+            with contextlib.suppress(StorageError):
+                await self._op(
+                    f"abort the copy of {src!r}", "abort_multipart_upload", Key=key, UploadId=upload
+                )
+            if isinstance(exc, BaseExceptionGroup):
+                raise _first_error(exc) from None
+            raise
+
+    async def conditional_writes(self) -> bool:
+        """Whether the store honours If-None-Match and If-Match on PutObject (AWS since 2024,
+        SeaweedFS 4.x: yes; older MinIO and Ceph RGW may ignore them): asked once, on a
+        probe object, by writes that must be refused."""
+        if self._conditional is None:
+            key = "_registry-pruned/conditional-write-probe"
+            await self.write(key, b"probe")
+            honoured = True
+            for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"0123456789abcdef"'}):
+                try:
+                    await self._op(
+                        "conditional write probe",
+                        "put_object",
+                        Key=self._key(key),
+                        Body=b"must be refused",
+                        **condition,
+                    )
+                    honoured = False  # written although the condition did not hold
+                except S3Error as exc:
+                    if exc.status != 412:
+                        honoured = False  # NotImplemented, or an unknown header refused
+            await self.delete_keys([key])
+            self._conditional = honoured
+            if not honoured:
+                self._log.warning("s3 store ignores conditional writes: lease by write-and-settle")
+        return self._conditional
+
+    async def read_versioned(self, key: str, limit: int) -> tuple[bytes, str]:
+        """GetObject: the content and its ETag."""
+        try:
+            answer = await self._op(f"read {key!r}", "get_object", Key=self._key(key))
+        except S3Error as exc:
+            if exc.status == 404 and exc.code in _MISSING_CODES:
+                raise NotFound(f"{self.description}: {key} does not exist") from exc
+            raise
+        async with answer["Body"] as body:
+            data: bytes = await body.read(limit + 1)
+        if len(data) > limit:
+            raise TooLarge(f"{self.description}: {key} has over {limit} bytes")
+        return data, str(answer.get("ETag") or "")
+
+    async def write_if(self, key: str, data: bytes, version: str | None) -> str:
+        """PutObject with If-None-Match: * (create) or If-Match: <ETag> (replace)."""
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            answer = await self._op(
+                f"write {key!r} if unchanged",
+                "put_object",
+                Key=self._key(key),
+                Body=data,
+                **condition,
+            )
+        except S3Error as exc:
+            # 412: the condition did not hold; 409: a concurrent conditional write won
+            if exc.status in (409, 412):
+                raise Conflict(f"{self.description}: {key} changed: not written") from exc
+            raise
+        return str(answer.get("ETag") or "")
 
     async def delete_blobs(self, hexes: Sequence[str]) -> list[DeleteFailure]:
         """Delete ``blobs/sha256/<xx>/<hex>/data``; S3 has no directory left to remove."""

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Daemon:
     def __init__(
-        self, config: Path, state_dir: Path, *args: str, env: dict[str, str] | None = None
+        self, config: Path | None, state_dir: Path, *args: str, env: dict[str, str] | None = None
     ) -> None:
+        """``config`` None: no --registry-config (``args`` say where the storage comes from)."""
         self.config = config
         self.state_dir = state_dir
         self.args = args
@@ -40,8 +41,7 @@ class Daemon:
             "-m",
             "daemon",
             "serve",
-            "--registry-config",
-            str(self.config),
+            *(["--registry-config", str(self.config)] if self.config is not None else []),
             "--listen",
             f"127.0.0.1:{self.port}",
             "--state-dir",

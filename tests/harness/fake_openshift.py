@@ -33,6 +33,7 @@ CREATED = "2024-05-01T10:00:00Z"
 IMAGE_GROUP = "image.openshift.io"
 REGISTRY_GROUP = "imageregistry.operator.openshift.io"
 JSON = "application/json"
+_REPEAT_CONTINUE = web.RequestKey("repeat_continue", bool)
 
 
 def fake_digest(seed: str | int) -> str:
@@ -155,6 +156,104 @@ def make_image_stream(
     }
 
 
+REGISTRY_NAMESPACE = "openshift-image-registry"
+
+
+def make_registry_deployment(
+    *,
+    read_only: bool,
+    replicas: int = 2,
+    generation: int = 3,
+    observed_generation: int | None = None,
+    updated_replicas: int | None = None,
+    running_replicas: int | None = None,
+    env: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The operator's registry Deployment (apps/v1) as the API serves it; by default wholly
+    rolled out. Zero counts are left out of status, as Go's omitempty does."""
+    if env is None:
+        env = [
+            {"name": "REGISTRY_STORAGE", "value": "filesystem"},
+            {"name": "REGISTRY_HTTP_ADDR", "value": ":5000"},
+        ]
+        if read_only:
+            env = [
+                *env,
+                {"name": "REGISTRY_STORAGE_MAINTENANCE_READONLY", "value": "{enabled: true}"},
+            ]
+    updated = replicas if updated_replicas is None else updated_replicas
+    running = updated if running_replicas is None else running_replicas
+    counts = {
+        "observedGeneration": generation if observed_generation is None else observed_generation,
+        "replicas": running,
+        "updatedReplicas": updated,
+        "readyReplicas": updated,
+        "availableReplicas": updated,
+    }
+    labels = {"docker-registry": "default"}
+    return {
+        "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "metadata": {
+            "name": "image-registry",
+            "namespace": REGISTRY_NAMESPACE,
+            "uid": fake_digest("uid:image-registry")[7:43],
+            "resourceVersion": "4242",
+            "generation": generation,
+            "creationTimestamp": CREATED,
+            "labels": dict(labels),
+            "annotations": {"deployment.kubernetes.io/revision": str(generation)},
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": dict(labels)},
+            "template": {
+                "metadata": {"creationTimestamp": None, "labels": dict(labels)},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "registry",
+                            "image": "quay.io/openshift/origin-docker-registry:latest",
+                            "ports": [{"containerPort": 5000, "protocol": "TCP"}],
+                            "env": [dict(e) for e in env],
+                            "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "imagePullPolicy": "IfNotPresent",
+                        }
+                    ],
+                    "serviceAccountName": "registry",
+                    "restartPolicy": "Always",
+                },
+            },
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 1, "maxSurge": "25%"},
+            },
+            "revisionHistoryLimit": 10,
+            "progressDeadlineSeconds": 600,
+        },
+        "status": {
+            **{k: v for k, v in counts.items() if v},
+            "conditions": [
+                {
+                    "type": "Available",
+                    "status": "True",
+                    "reason": "MinimumReplicasAvailable",
+                    "message": "Deployment has minimum availability.",
+                },
+                {
+                    "type": "Progressing",
+                    "status": "True",
+                    "reason": "NewReplicaSetAvailable"
+                    if updated == replicas == running
+                    else "ReplicaSetUpdated",
+                    "message": 'ReplicaSet "image-registry-5d9c" is progressing.',
+                },
+            ],
+        },
+    }
+
+
 def status_object(
     code: int, reason: str, message: str, details: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -204,6 +303,8 @@ class Fault:
     message: str | None = None
     delay: float = 0.0  # seconds before answering
     body: bytes | None = None  # answer 200 with these raw bytes
+    repeat_continue: bool = False  # answer the page with the continue token it was asked with
+    action: Callable[[], None] | None = None  # run when the fault fires (a race, made exact)
     times: int | None = 1  # None: every time
     hits: int = 0
 
@@ -224,6 +325,13 @@ class FakeCluster:
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     streams: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     read_only: bool | None = False  # None: spec has no readOnly key
+    #: the registry's Deployment; None: one wholly rolled out with ``read_only``
+    deployment: dict[str, Any] | None = None
+    #: the registry's storage as the operator reports it (status.storage), e.g.
+    #: {"s3": {"bucket": ...}, "managementState": "Managed"}; None: no status.storage
+    storage: dict[str, Any] | None = None
+    #: spec.storage; None: the same as ``storage`` (as once the operator has applied it)
+    spec_storage: dict[str, Any] | None = None
     tokens: dict[str, User] = field(default_factory=lambda: {PRUNER_TOKEN: User(PRUNER_USER)})
     #: (user or "group:<g>", verb, "<plural>.<group>" or core "<plural>"); "*" matches any
     allowed: set[tuple[str, str, str]] = field(default_factory=set)
@@ -314,6 +422,16 @@ class FakeCluster:
     def expire_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
         """410 Expired on the continue request for ``page``."""
         return self.fault(resource, page=page, status=410, times=times)
+
+    def on_request(self, resource: str, action: Callable[[], None], times: int = 1) -> Fault:
+        """Run ``action`` when a request for ``resource`` arrives, then answer it as usual:
+        the state changes at an exact point of the client's run."""
+        return self.fault(resource, action=action, times=times)
+
+    def repeat_continue(self, resource: str, page: int = 2, times: int | None = 1) -> Fault:
+        """Page ``page`` of a list names the continue token it was asked with as the next one
+        (a broken API server or proxy): a client that follows it loops forever."""
+        return self.fault(resource, page=page, repeat_continue=True, times=times)
 
     def slow(self, resource: str, page: int | None, delay: float, **kw: Any) -> Fault:
         return self.fault(resource, page=page, delay=delay, **kw)
@@ -447,6 +565,7 @@ class FakeOpenShift:
         app.router.add_get(f"{v1}/namespaces/{{ns}}/imagestreams", self._streams)
         app.router.add_get(f"{v1}/namespaces/{{ns}}/imagestreams/{{name}}", self._stream)
         app.router.add_get(f"/apis/{REGISTRY_GROUP}/v1/configs/cluster", self._config)
+        app.router.add_get("/apis/apps/v1/namespaces/{ns}/deployments/{name}", self._deployment)
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_post(
             "/apis/authorization.k8s.io/v1/subjectaccessreviews", self._access_review
@@ -478,10 +597,14 @@ class FakeOpenShift:
         fault = self.cluster.take_fault(resource, page)
         if fault is None:
             return None
+        if fault.action is not None:
+            fault.action()
         if fault.delay:
             await asyncio.sleep(fault.delay)
         if fault.body is not None:
             return web.Response(body=fault.body, content_type=JSON)
+        if fault.repeat_continue:
+            request[_REPEAT_CONTINUE] = True  # served normally, but for the next token
         if fault.status is None:
             return None
         message = fault.message
@@ -509,7 +632,13 @@ class FakeOpenShift:
 
     async def _groups(self, request: web.Request) -> web.StreamResponse:
         groups = []
-        for name in (IMAGE_GROUP, REGISTRY_GROUP, "authentication.k8s.io", "authorization.k8s.io"):
+        for name in (
+            IMAGE_GROUP,
+            REGISTRY_GROUP,
+            "apps",
+            "authentication.k8s.io",
+            "authorization.k8s.io",
+        ):
             version = {"groupVersion": f"{name}/v1", "version": "v1"}
             groups.append({"name": name, "versions": [version], "preferredVersion": version})
         return web.json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
@@ -535,12 +664,15 @@ class FakeOpenShift:
         page: int,
         offset: int,
         version: int,
+        request: web.Request | None = None,
     ) -> web.Response:
         metadata: dict[str, Any] = {"resourceVersion": str(version)}
         end = offset + len(items)
         if end < total:
             metadata["continue"] = _encode_token(version, end, page + 1)
             metadata["remainingItemCount"] = total - end
+        if request is not None and request.get(_REPEAT_CONTINUE):
+            metadata["continue"] = request.query.get("continue") or ""
         body = {
             "kind": kind,
             "apiVersion": "image.openshift.io/v1",
@@ -562,7 +694,7 @@ class FakeOpenShift:
         total = self.cluster.image_count()
         stop = total if limit is None else offset + limit
         items = list(self.cluster.image_slice(offset, stop))
-        return self._list("ImageList", items, total, page, offset, version)
+        return self._list("ImageList", items, total, page, offset, version, request)
 
     async def _image(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -589,7 +721,7 @@ class FakeOpenShift:
             items = [s for (ns, _), s in sorted(self.cluster.streams.items()) if ns == namespace]
         total = len(items)
         items = items[offset:] if limit is None else items[offset : offset + limit]
-        return self._list("ImageStreamList", items, total, page, offset, version)
+        return self._list("ImageStreamList", items, total, page, offset, version, request)
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["ns"], request.match_info["name"]
@@ -608,15 +740,34 @@ class FakeOpenShift:
         spec: dict[str, Any] = {"managementState": "Managed", "replicas": 2}
         if self.cluster.read_only is not None:
             spec["readOnly"] = self.cluster.read_only
+        status: dict[str, Any] = {"readyReplicas": 2}
+        storage, spec_storage = self.cluster.storage, self.cluster.spec_storage
+        if storage is not None:
+            status["storage"] = storage
+        if spec_storage is not None or storage is not None:
+            spec["storage"] = spec_storage if spec_storage is not None else storage
         return web.json_response(
             {
                 "apiVersion": f"{REGISTRY_GROUP}/v1",
                 "kind": "Config",
                 "metadata": {"name": "cluster", "resourceVersion": "1"},
                 "spec": spec,
-                "status": {"readyReplicas": 2},
+                "status": status,
             }
         )
+
+    async def _deployment(self, request: web.Request) -> web.StreamResponse:
+        answer = await self._fault(request, "deployments", None, "get", "apps")
+        if answer is not None:
+            return answer
+        namespace, name = request.match_info["ns"], request.match_info["name"]
+        deployment = self.cluster.deployment
+        if deployment is None:
+            deployment = make_registry_deployment(read_only=bool(self.cluster.read_only))
+        if (namespace, name) != (REGISTRY_NAMESPACE, "image-registry"):
+            message = f'deployments.apps "{name}" not found'
+            return _status(404, message, {"name": name, "group": "apps", "kind": "deployments"})
+        return web.json_response(deployment)
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
         cluster = self.cluster
@@ -769,3 +920,23 @@ def _cut(request: web.Request) -> None:
     if transport is not None:
         with contextlib.suppress(Exception):
             transport.abort()
+
+
+# -- the operator's secret, as the kubelet mounts it -------------------------------------------
+
+
+def aws_credentials(access_key: str, secret_key: str) -> str:
+    """The shared-credentials file the operator writes in image-registry-private-configuration."""
+    return f"[default]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n"
+
+
+def write_secret_volume(directory: str | Path, data: Mapping[str, str | bytes]) -> Path:
+    """A secret volume's layout: ``<key> -> ..data/<key>``, ``..data -> ..<timestamp>/``."""
+    target = Path(directory)
+    stamp = target / "..2024_05_01_10_00_00.000000001"
+    stamp.mkdir(parents=True)
+    for key, value in data.items():
+        (stamp / key).write_bytes(value.encode() if isinstance(value, str) else value)
+        (target / key).symlink_to(Path("..data") / key)
+    (target / "..data").symlink_to(stamp.name)
+    return target

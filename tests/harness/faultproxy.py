@@ -22,8 +22,17 @@ from yarl import URL
 Predicate = Callable[[web.Request], bool]
 
 #: fault kinds: 503 SlowDown, 500 InternalError, a TCP reset before / after the request
-#: reached upstream, a delay before forwarding, a 200 DeleteResult failing every key
-KINDS = ("slowdown", "internal", "reset", "reset_after", "delay", "delete_errors")
+#: reached upstream, a delay before forwarding, a 200 DeleteResult failing every key, a 200
+#: where upstream refused a conditional write (412: a store that ignores preconditions)
+KINDS = (
+    "slowdown",
+    "internal",
+    "reset",
+    "reset_after",
+    "delay",
+    "delete_errors",
+    "ignore_conditions",
+)
 _HOP = frozenset(
     {
         "connection",
@@ -232,6 +241,11 @@ class FaultProxy:
                 return await self._forward(request, body)
             case "delete_errors":
                 return _xml(200, _delete_errors(body, fault.code))
+            case "ignore_conditions":
+                answer = await self._forward(request, body)
+                if answer.status != 412:
+                    return answer
+                return web.Response(status=200, headers={"ETag": '"precondition-ignored"'})
         raise AssertionError(fault.kind)
 
     async def _forward(self, request: web.Request, body: bytes) -> web.StreamResponse:

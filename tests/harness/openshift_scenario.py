@@ -112,22 +112,26 @@ def push_index(client: RegistryClient, rng: random.Random, repo: str, tag: str) 
     return Pushed(repo, tag, index, blobs, children)
 
 
+def push_scenario(registry: Registry) -> dict[str, Pushed]:
+    """The OpenShift scenario's images, pushed to ``registry`` (any storage)."""
+    client = RegistryClient(registry.url)
+    rng = random.Random(5)
+    base = [random_layer(rng, 4096)]
+    return {
+        "app1": push(client, rng, "ns1/app", "v1", base),
+        "app2": push(client, rng, "ns1/app", "v2", base, oci=True),
+        "multi": push_index(client, rng, "ns1/app", "multi"),
+        "web": push(client, rng, "ns1/web", "latest", base),
+        "other": push(client, rng, "ns2/app", "v1", base),
+        "gone": push(client, rng, "ns2/gone", "v1", []),
+        "deep": push(client, rng, "a/b/c", "v1", []),
+    }
+
+
 @pytest.fixture
 def openshift_store(tmp_path: Path) -> Iterator[tuple[Registry, dict[str, Pushed]]]:
     with running_registry(tmp_path / "registry") as registry:
-        client = RegistryClient(registry.url)
-        rng = random.Random(5)
-        base = [random_layer(rng, 4096)]
-        images = {
-            "app1": push(client, rng, "ns1/app", "v1", base),
-            "app2": push(client, rng, "ns1/app", "v2", base, oci=True),
-            "multi": push_index(client, rng, "ns1/app", "multi"),
-            "web": push(client, rng, "ns1/web", "latest", base),
-            "other": push(client, rng, "ns2/app", "v1", base),
-            "gone": push(client, rng, "ns2/gone", "v1", []),
-            "deep": push(client, rng, "a/b/c", "v1", []),
-        }
-        yield registry, images
+        yield registry, push_scenario(registry)
 
 
 def cluster_for(images: dict[str, Pushed], skip: set[str]) -> FakeCluster:
