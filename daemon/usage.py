@@ -1,7 +1,7 @@
 """Per-repository usage: which repositories reference which blobs, and what that weighs.
 
 The mark phase records one (blob, repository) pair per blob a repository references, as a
-10-byte record in the blob's shard (6 bytes of digest after the shard byte, 4 of repository
+9-byte record in the blob's shard (6 bytes of digest after the shard byte, 3 of repository
 index): no set of names per blob. The sweep, which lists each shard with its sizes, joins the
 shard's pairs with the sizes of its in-use blobs: a blob named by one repository is that
 repository's exclusive bytes, one named by several is shared by each of them.
@@ -19,7 +19,8 @@ from daemon.inventory import Inventory
 from daemon.units import bytes_size
 
 _KEY = 6  # digest bytes after the shard byte: 48 bits among a shard's few thousand blobs
-_PAIR = _KEY + 4
+_INDEX = 3  # bytes of repository index: 16.7 million repositories
+_PAIR = _KEY + _INDEX
 _PAIRS = re.compile(rb".{%d}" % _PAIR, re.DOTALL)
 _DIGESTS = re.compile(rb".{32}", re.DOTALL)
 #: an in-use blob's size, as a reader sends it back: the digest key, then 8 bytes of size
@@ -33,12 +34,14 @@ def size_record(raw: bytes, size: int) -> bytes:
 
 
 class UsagePairs:
-    """(blob, repository) pairs of the mark phase, deduplicated per shard in ~10 bytes each."""
+    """(blob, repository) pairs of the mark phase, deduplicated per shard in ~9 bytes each."""
 
     _FLUSH = 1 << 13
 
     def __init__(self, inventory: Inventory) -> None:
         self.names: list[str] = list(inventory.repositories)
+        if len(self.names) >= 1 << (8 * _INDEX):
+            raise ValueError(f"usage counts at most {1 << (8 * _INDEX)} repositories")
         self.index: dict[str, int] = {name: i for i, name in enumerate(self.names)}
         repos = inventory.repositories.values()
         self.tags = array("q", (len(r.tags) for r in repos))
@@ -49,13 +52,13 @@ class UsagePairs:
 
     def add(self, repository: str, raw: bytes) -> None:
         """``repository`` references the blob ``raw`` (a 32-byte digest)."""
-        self._pending.add(raw[: 1 + _KEY] + self.index[repository].to_bytes(4, "little"))
+        self._pending.add(raw[: 1 + _KEY] + self.index[repository].to_bytes(_INDEX, "little"))
         if len(self._pending) >= self._FLUSH:
             self._flush()
 
     def add_packed(self, repository: str, packed: bytes) -> None:
         """``repository`` references each 32-byte digest concatenated in ``packed``."""
-        tag = self.index[repository].to_bytes(4, "little")
+        tag = self.index[repository].to_bytes(_INDEX, "little")
         self._pending.update(d[: 1 + _KEY] + tag for d in _DIGESTS.findall(packed))
         if len(self._pending) >= self._FLUSH:
             self._flush()
@@ -66,8 +69,8 @@ class UsagePairs:
         for item in pending:
             tails[item[0]] += item[1:]
         for shard in {item[0] for item in pending}:
-            # amortised: a shard's unmerged part may grow as large as its merged part
-            if len(tails[shard]) > max(64 * _PAIR, len(self._runs[shard])):
+            # amortised: a shard's unmerged part may grow to half its merged part
+            if len(tails[shard]) > max(64 * _PAIR, len(self._runs[shard]) // 2):
                 self._merge(shard)
 
     def _merge(self, shard: int) -> None:
