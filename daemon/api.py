@@ -15,7 +15,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from daemon import logs
+from daemon import logs, page
+from daemon import usage as usage_report
 from daemon.api_views import add_listing_routes, findings_text
 from daemon.auth import VERIFIED, Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
@@ -31,7 +32,7 @@ from daemon.storage import open_storage
 from daemon.storage.base import Storage
 from daemon.verify import RECOVER, VERIFY
 
-PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "apply"}
+PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "apply", "usage"}
 MODES = (CHECK, DELETE, VERIFY, RECOVER)
 MANAGER = web.AppKey("manager", RunManager)
 SETTINGS = web.AppKey("settings", Settings)
@@ -128,6 +129,8 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         raise BadRequest(f"grace: {exc}") from None
     online = _bool(query.get("online", "false"), "online")
     wait = _bool(query.get("wait", "false"), "wait")
+    # per-repository usage of a check (on by default): on a filesystem it stats every blob
+    usage = _bool(query.get("usage", "true"), "usage")
     options = RunOptions(
         mode=mode,
         grace=grace,
@@ -135,6 +138,7 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         online=online,
         registry_read_only=settings.registry_read_only,
         apply=apply,
+        usage=usage,
     )
     return mode, source, options, wait
 
@@ -231,6 +235,30 @@ def _read_from(path: Path, offset: int, size: int = 1 << 20) -> bytes:
             return fh.read(size)
     except FileNotFoundError:
         return b""
+
+
+async def usage(request: web.Request) -> web.Response:
+    """GET /runs/<id>/usage: per repository, by exclusive bytes; ?top=N; text/plain table."""
+    run = _find(request)
+    top = request.query.get("top")
+    if top is not None and not (top.isdigit() and len(top) < 10):
+        return _error(400, f"top must be a whole number, not {top[:50]!r}")
+    path: Path = request.app[MANAGER].usage_path(run.id)
+    try:
+        document = json.loads(await asyncio.to_thread(path.read_bytes))
+    except FileNotFoundError:
+        why = "is still running" if run.state == RUNNING else f"is a {run.mode} run"
+        if run.state != RUNNING and run.mode == CHECK:
+            why = f"ended {run.state} or its source reports no usage"
+        return _error(
+            404,
+            f"run {run.id} has no usage report: it {why}; a storage-source check that "
+            "succeeds has one (GET /runs/latest/usage)",
+        )
+    document = usage_report.top(document, int(top) if top is not None else None)
+    if _wants_text(request):
+        return web.Response(text=usage_report.table(document) + "\n")
+    return web.json_response(document)
 
 
 async def stop_run(request: web.Request) -> web.Response:
@@ -387,6 +415,7 @@ def make_app(
     )
     app[READINESS] = Readiness(storage)
     app[OPEN] = auth is None
+    app.router.add_get("/", page.index)
     app.router.add_route("POST", "/prune", prune)
     app.router.add_route("GET", "/prune", prune)
     app.router.add_get("/runs", list_runs)
@@ -395,6 +424,7 @@ def make_app(
     app.router.add_get("/runs/{id}/broken", findings)
     app.router.add_get("/runs/{id}/lost-found", findings)
     add_listing_routes(app.router, STORAGE)
+    app.router.add_get("/runs/{id}/usage", usage)
     app.router.add_post("/runs/{id}/stop", stop_run)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -424,6 +454,7 @@ async def build(
     )
     holder["m"] = Metrics(lambda: manager.active)
     await manager.load()
+    holder["m"].restore(r.document() for r in reversed(manager.ordered()))
     app = make_app(settings, storage, manager, holder["m"], log, auth)
     # one-shot CLI runs sharing the state directory show up in the history as they go
     follower: list[asyncio.Task[None]] = []

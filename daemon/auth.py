@@ -26,7 +26,8 @@ AUTH_MODES = ("auto", "on", "off")
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 #: kubelet probes carry no token; they reveal nothing but "up" and "storage reachable"
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# "/" is the status page: a static file that asks for a token and holds no data
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 MAX_TOKEN = 16384  # service-account JWTs are ~1 KiB; anything huge is not a token
 HOW_TO_GET = (
     "send 'Authorization: Bearer <token>'; get a token with "

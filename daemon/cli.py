@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from daemon import logs, operator_storage
+from daemon import client, logs, operator_storage
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.findings import Finding
 from daemon.listings import LISTINGS, print_listing
@@ -22,6 +25,7 @@ from daemon.runs import STOPPED, SUCCEEDED, Run, RunManager
 from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource
 from daemon.storage import open_storage
+from daemon.usage import table as usage_table
 from daemon.verify import RECOVER, VERIFY
 
 
@@ -141,9 +145,16 @@ def _parser() -> argparse.ArgumentParser:
         (VERIFY, "prove every kept image whole (exit 1 on any broken one)"),
         (RECOVER, "openshift: manifests in storage without an Image, under lost-found tags"),
     )
+    client.add_parsers(sub)
     for name, text in one_shots:
         one = sub.add_parser(name, parents=[common], help=text)
         one.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
+        if name == CHECK:
+            one.add_argument(
+                "--usage",
+                action="store_true",
+                help="also print per-repository usage: exclusive and shared bytes (storage source)",
+            )
         if name == DELETE:
             one.add_argument(
                 "--online",
@@ -230,7 +241,9 @@ def _lines(mode: str, run: Run, ending: Ending) -> list[str]:
     return lines
 
 
-async def run_once(settings: Settings, mode: str, online: bool, apply: bool = False) -> int:
+async def run_once(
+    settings: Settings, mode: str, online: bool, apply: bool = False, usage: bool = False
+) -> int:
     """One run, recorded in the state directory like the daemon's; summary on stdout, logs on
     stderr; the exit status."""
     log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
@@ -258,6 +271,7 @@ async def run_once(settings: Settings, mode: str, online: bool, apply: bool = Fa
         online=online,
         registry_read_only=settings.registry_read_only,
         apply=apply,
+        usage=usage,
     )
     try:
         await manager.load()
@@ -272,6 +286,9 @@ async def run_once(settings: Settings, mode: str, online: bool, apply: bool = Fa
         # Ctrl-C / SIGTERM stop cooperatively: in-flight batches finish
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, run.stop.set)
+        view = client.local_view(sys.stderr)
+        if view is not None:
+            await _draw(view, run, mode)  # the bar ends before the summary is printed
         await run.done.wait()
     except OSError as exc:
         print(
@@ -292,6 +309,8 @@ async def run_once(settings: Settings, mode: str, online: bool, apply: bool = Fa
     )
     if run.state == SUCCEEDED:
         print("\n".join(_lines(mode, run, ending)))
+        if usage:
+            _print_usage(_saved_usage(manager, run), settings.source)
         return 0
     if run.state == STOPPED:
         print("\n".join(_lines(mode, run, ending)))
@@ -303,8 +322,47 @@ async def run_once(settings: Settings, mode: str, online: bool, apply: bool = Fa
     return 1
 
 
+async def _draw(view: client.ProgressView, run: Run, mode: str) -> None:
+    """The client's bar on stderr, from the run's own counters, until the run ends."""
+    started = time.monotonic()
+    with view:
+        while True:
+            progress, done = run.progress, run.done.is_set()
+            elapsed = time.monotonic() - started
+            doc = {
+                "phase": progress.phase,
+                "progress": {
+                    **progress.snapshot(),
+                    "fraction": 1.0 if done else progress.fraction(mode == DELETE),
+                    "eta_seconds": progress.eta(elapsed, mode == DELETE),
+                },
+            }
+            view.show(doc, final=done)
+            if done:
+                return
+            await asyncio.sleep(0.2)
+
+
+def _saved_usage(manager: RunManager, run: Run) -> dict[str, Any] | None:
+    """The usage report the run manager recorded for ``run``; None where there is none."""
+    try:
+        return json.loads(manager.usage_path(run.id).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _print_usage(document: dict[str, Any] | None, source: str) -> None:
+    if document is None:
+        print(f"error: the {source} source reports no per-repository usage", file=sys.stderr)
+        return
+    print()
+    print(usage_table(document))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in client.COMMANDS:
+        return client.main(args)
     try:
         settings = settings_from(args)
     except ConfigError as exc:
@@ -322,5 +380,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command,
             getattr(args, "online", False),
             getattr(args, "apply", False),
+            getattr(args, "usage", False),
         )
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -32,6 +35,19 @@ class _ActiveRun(Collector):
                 if isinstance(value, int):
                     progress.add_metric([name], value)
         yield progress
+        fraction = GaugeMetricFamily(
+            "registry_pruned_run_fraction", "how far the active run is, 0..1 over its phases"
+        )
+        eta = GaugeMetricFamily(
+            "registry_pruned_run_eta_seconds", "seconds the active run should still take"
+        )
+        if run is not None:
+            done, left = run.estimate()
+            fraction.add_metric([], done)
+            if left is not None:
+                eta.add_metric([], left)
+        yield fraction
+        yield eta
 
 
 class Metrics:
@@ -67,8 +83,59 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_ActiveRun(active))
+        # the last outcomes, for alerts (manifests/monitoring); restored from the history
+        self.last_success = Gauge(
+            "registry_pruned_last_run_success",
+            "1 when the last finished run of this mode succeeded, 0 when it failed",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.last_success_time = Gauge(
+            "registry_pruned_last_success_timestamp_seconds",
+            "when the last successful run of this mode ended (Unix time)",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.reclaimable_bytes = Gauge(
+            "registry_pruned_reclaimable_bytes",
+            "what the last successful check would free (0 after a successful delete)",
+            registry=self.registry,
+        )
+        self.reclaimable_blobs = Gauge(
+            "registry_pruned_reclaimable_blobs",
+            "orphaned blobs the last successful check found (0 after a successful delete)",
+            registry=self.registry,
+        )
+
+    def outcome(self, mode: str, state: str, ended: float, blobs: int, size: int) -> None:
+        """Set the last-run gauges from one finished run (live or from the history)."""
+        if state in ("failed", "interrupted"):
+            self.last_success.labels(mode).set(0)
+        elif state == "succeeded":
+            self.last_success.labels(mode).set(1)
+            self.last_success_time.labels(mode).set(ended)
+            # a delete freed what the check found: nothing known is left to reclaim
+            self.reclaimable_blobs.set(blobs if mode == "check" else 0)
+            self.reclaimable_bytes.set(size if mode == "check" else 0)
+
+    def restore(self, documents: Iterable[dict[str, Any]]) -> None:
+        """The last-run gauges from saved run documents, oldest first."""
+        for doc in documents:
+            try:
+                ended = datetime.fromisoformat(str(doc.get("finished_at"))).timestamp()
+            except ValueError:
+                continue
+            summary = doc.get("summary") or {}
+            self.outcome(
+                str(doc.get("mode")),
+                str(doc.get("state")),
+                ended,
+                int(summary.get("blobs", 0)),
+                int(summary.get("bytes", 0)),
+            )
 
     def record(self, run: Run) -> None:
+        self.outcome(run.mode, run.state, time.time(), run.summary.blobs, run.summary.bytes)
         self.runs.labels(run.mode, run.state).inc()
         if run.mode == "delete":
             self.blobs_deleted.inc(run.summary.blobs)

@@ -26,6 +26,7 @@ from daemon.quarantine import PREFIX as QUARANTINE
 from daemon.quarantine import Quarantine
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import RUN_LOG, DeleteFailure, Storage, StorageError
+from daemon.usage import UsageTally
 from daemon.verify import RECOVER, VERIFY, Prior, StoreVerifier
 from daemon.verifying import TypedParse
 
@@ -79,6 +80,7 @@ class RunOptions:
     registry_read_only: bool = False  # from the registry's config, where the source cannot tell
     lease_ttl: float = 60.0  # seconds the store's delete lease lasts without a renewal
     apply: bool = False  # recover: create the ImageStreamMappings, not only list them
+    usage: bool = True  # a check also computes per-repository usage (sources that can)
 
 
 class Pruner(ABC):
@@ -160,6 +162,8 @@ class Engine:
         self.pruner: Pruner = Deleter() if options.mode == DELETE else DryRun()
         self.summary = Summary()
         self.notes: list[str] = []
+        #: the per-repository usage report of a check, once its sweep is done
+        self.usage: dict[str, Any] | None = None
         self.started = clock()
         self.cutoff = self.started - options.grace
         #: the store's clock less ours (0 where the store has no clock of its own)
@@ -296,6 +300,9 @@ class Engine:
     async def mark(self, inventory: Inventory) -> Marks:
         """Phase 2: the reference source builds the in-use set."""
         self.progress.enter("mark")
+        repos = inventory.repositories.values()
+        self.progress.manifests_total = sum(len(r.revisions) for r in repos)
+        self.source.usage_wanted = self.options.mode == CHECK and self.options.usage
         marks = await self.source.mark(inventory, self.storage, self.progress)
         self.notes.extend(marks.notes)
         for note in marks.notes:
@@ -313,6 +320,7 @@ class Engine:
         candidates: list[Candidate] = []
         shards = iter(layout.SHARDS)
         complete = self.complete_shards = set()
+        tally = UsageTally(marks.usage, self.cutoff) if marks.usage is not None else None
 
         async def worker() -> None:
             for shard in shards:
@@ -320,7 +328,11 @@ class Engine:
                 # one shard of the in-use set as a plain set: lookups at C speed, and small
                 # enough to hand to a driver that filters in another process
                 members = marks.in_use.shard(int(shard, 16))
-                count, outside = await self.storage.blobs_outside(shard, members)
+                if tally is None:
+                    count, outside = await self.storage.blobs_outside(shard, members)
+                else:
+                    count, outside, sized = await self.storage.blobs_outside_sized(shard, members)
+                    tally.account(int(shard, 16), sized, outside)
                 if count - len(outside) == len(members):
                     complete.add(int(shard, 16))  # verify after a delete asks nothing here
                 del members
@@ -334,6 +346,9 @@ class Engine:
                 await asyncio.sleep(0)  # status requests get their turn between shards
 
         await asyncio.gather(*(worker() for _ in range(min(16, self.storage.concurrency))))
+        if tally is not None:
+            marks.usage = None  # its pairs were taken shard by shard
+            self.usage = tally.document((self.progress.candidates, self.progress.candidate_bytes))
         self.log.info(
             "swept",
             blobs=self.progress.blobs_scanned,

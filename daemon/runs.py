@@ -69,6 +69,18 @@ class Run:
     verification: Verification | None = None  # verify runs, and delete runs once verified
     recovery: Any = None  # recover runs: daemon.recover.Recovered
 
+    def estimate(self, elapsed: float | None = None) -> tuple[float, float | None]:
+        """``fraction`` (0..1) and ``eta_seconds`` (None while unknown or once ended)."""
+        if elapsed is None:
+            elapsed = time.monotonic() - self.started_mono
+        deleting = self.mode == "delete"
+        if self.state == SUCCEEDED:
+            return 1.0, 0.0
+        fraction = self.progress.fraction(deleting)
+        if self.state != RUNNING:
+            return fraction, None
+        return fraction, self.progress.eta(elapsed, deleting)
+
     def document(self) -> dict[str, Any]:
         if self.saved is not None:
             return self.saved
@@ -79,16 +91,7 @@ class Run:
         progress["elapsed_seconds"] = round(elapsed, 3)
         if elapsed > 0:
             progress["blobs_per_second"] = round(self.progress.blobs_scanned / elapsed, 1)
-        if self.state == RUNNING and self.progress.phase == "sweep" and self.progress.shards_done:
-            spent = time.monotonic() - self.progress.phase_started
-            left = self.progress.shards_total - self.progress.shards_done
-            progress["eta_seconds"] = round(spent / self.progress.shards_done * left, 1)
-        if self.state == RUNNING and self.progress.phase == "delete" and self.progress.candidates:
-            spent = time.monotonic() - self.progress.phase_started
-            done = self.progress.deleted + self.progress.errors
-            if done:
-                left = self.progress.candidates - done
-                progress["eta_seconds"] = round(spent / done * left, 1)
+        progress["fraction"], progress["eta_seconds"] = self.estimate(elapsed)
         return {
             "id": self.id,
             "mode": self.mode,
@@ -236,6 +239,18 @@ class RunManager:
         """Broken images (verify, and delete runs' verification) or lost manifests (recover)."""
         return self.dir / f"{run_id}.findings.ndjson"
 
+    def usage_path(self, run_id: str) -> Path:
+        # not *.json: load() reads those as run documents
+        return self.dir / f"{run_id}.usage"
+
+    async def _save_usage(self, run_id: str, usage: dict[str, Any]) -> None:
+        data = json.dumps({"run_id": run_id, **usage}, separators=(",", ":")).encode()
+        try:
+            await asyncio.to_thread(atomic_write, self.usage_path(run_id), data)
+        except OSError as exc:
+            # the check itself is sound; only its usage report is missing
+            self.log.error("cannot save the usage report", run_id=run_id, error=str(exc))
+
     async def _prune_history(self) -> None:
         finished = [r for r in self.ordered() if r.state in FINAL]
         for old in finished[self.history :]:
@@ -245,6 +260,7 @@ class RunManager:
                 self.candidates_path(old.id),
                 self.lock_path(old.id),
                 self.findings_path(old.id),
+                self.usage_path(old.id),
             ):
                 with contextlib.suppress(OSError):
                     await asyncio.to_thread(path.unlink)
@@ -264,6 +280,15 @@ class RunManager:
     def get(self, run_id: str) -> Run | None:
         return self.runs.get(self.resolve(run_id))
 
+    def _repositories_last_seen(self) -> int:
+        """Repositories the newest finished run found: how far a scan is, for the ETA."""
+        for run in self.ordered():
+            if run.state in FINAL:
+                found = run.document().get("progress", {}).get("repositories", 0)
+                if isinstance(found, int) and found > 0:
+                    return found
+        return 0
+
     # -- running -----------------------------------------------------------------------
 
     async def start(self, mode: str, source: str, options: RunOptions) -> Run:
@@ -280,6 +305,7 @@ class RunManager:
         # that shares the state directory (a daemon next to a one-shot run) tells a live run
         # from one whose process died by this lock
         alive = await asyncio.to_thread(_hold, self.lock_path(run.id))
+        run.progress.repositories_expected = self._repositories_last_seen()
         self.runs[run.id] = run
         self.active = run
         await self._save(run)
@@ -374,6 +400,8 @@ class RunManager:
             finally:
                 run.notes = engine.notes
                 run.verification, run.recovery = engine.verification, engine.recovery
+            if engine.usage is not None:
+                await self._save_usage(run.id, engine.usage)
         except Stopped:
             state = STOPPED
         except (RunFailed, ReadOnlyRefused, SourceError, StorageError) as exc:

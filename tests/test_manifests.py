@@ -274,6 +274,8 @@ def test_every_yaml_parses_and_objects_validate() -> None:
             assert isinstance(doc, dict) and "kind" in doc, path
             if doc["kind"] in KUSTOMIZATION_KINDS or path.resolve() in patches:
                 continue  # not a Kubernetes object / partial until rendered
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # a CRD kubernetes-validate lacks: promtool checks it (test_monitoring)
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
             checked += 1
     assert checked >= 10

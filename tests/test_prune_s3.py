@@ -18,6 +18,7 @@ from aiohttp import web
 
 from daemon import layout
 from tests.conftest import check_logged, pruned, would_delete
+from tests.harness.daemon import Daemon
 from tests.harness.faultproxy import (
     FaultProxy,
     delete_request_keys,
@@ -28,6 +29,7 @@ from tests.harness.faultproxy import (
 from tests.harness.images import Scenario, build_scenario, skopeo_pull
 from tests.harness.registry import Registry
 from tests.harness.seaweed import SeaweedFS
+from tests.harness.usage import expected_usage
 
 BLOB_KEY = re.compile(r"blobs/sha256/[0-9a-f]{2}/([0-9a-f]{64})/data$")
 PREFIXED = "pre/fix"
@@ -422,3 +424,31 @@ def test_sigkill_mid_delete_then_restart_finishes(
     store.registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
+
+
+def test_usage_per_repository_from_the_listing_sizes(
+    stores: Callable[[str], Store], tmp_path: Path
+) -> None:
+    """On S3 the sizes come from the shard listings: the same report as tallied by hand."""
+    store = stores(PREFIXED)
+    client = store.weed.client()
+
+    def size_of(hexdigest: str) -> int:
+        key = f"{PREFIXED}/{layout.V2_ROOT}/{layout.blob_data(hexdigest)}"
+        return int(client.head_object(Bucket=store.bucket, Key=key)["ContentLength"])
+
+    expected = expected_usage(store.registry, store.scenario, size_of)
+    daemon = Daemon(store.registry.config_path, tmp_path / "state", "--grace", "0").start()
+    try:
+        status, run = daemon.json("POST", "/prune?mode=check&wait=true")
+        assert status == 200 and run["state"] == "succeeded", run
+        status, report = daemon.json("GET", f"/runs/{run['id']}/usage")
+    finally:
+        daemon.stop()
+    assert status == 200
+    rows = {r["repository"]: r for r in report["repositories"]}
+    for repo, want in expected.items():
+        assert {k: rows[repo][k] for k in want} == want, repo
+    assert report["repositories"][0]["repository"] == max(
+        expected, key=lambda r: expected[r]["exclusive_bytes"]
+    )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
+from daemon.usage import UsagePairs
 
 
 class SourceError(Exception):
@@ -33,6 +34,8 @@ class Marks:
     remove_repositories: list[str] = field(default_factory=list)
     remove_revisions: list[tuple[str, str]] = field(default_factory=list)  # (repository, hex)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why
+    #: which repositories reference which blobs, where the source was asked for usage
+    usage: UsagePairs | None = None
 
 
 class ReferenceSource(ABC):
@@ -41,6 +44,8 @@ class ReferenceSource(ABC):
     #: what to do instead
     online_refusal: str = ""
     online_hint: str = ""
+    #: set by the engine before mark: record per-repository usage (sources that can)
+    usage_wanted: bool = False
 
     @abstractmethod
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:

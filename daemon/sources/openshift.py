@@ -25,6 +25,7 @@ from daemon.kube import KubeConfigError, api_client
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
+from daemon.usage import UsagePairs
 
 IMAGES = "/apis/image.openshift.io/v1/images"
 IMAGE_STREAMS = "/apis/image.openshift.io/v1/imagestreams"
@@ -353,6 +354,8 @@ class OpenShiftSource(ReferenceSource):
         wanted = {key for key in valid.values() if key is not None}
         streams = await self.list_streams(wanted) if wanted else {}
         checked = 0
+        # usage: which repositories (image streams) keep each image, by repository index
+        holders: dict[bytes, list[int]] | None = {} if self.usage_wanted else None
         for name, repo in inventory.repositories.items():
             checked += 1
             progress.repositories = max(progress.repositories, checked)
@@ -369,6 +372,9 @@ class OpenShiftSource(ReferenceSource):
                 marks.remove_repositories.append(name)
                 continue
             keep = _reachable(stream, index)
+            if holders is not None:
+                for digest in keep:
+                    holders.setdefault(digest, []).append(checked - 1)
             for hexdigest in sorted(repo.revisions):
                 if bytes.fromhex(hexdigest) not in keep:
                     marks.remove_revisions.append((name, hexdigest))
@@ -378,6 +384,10 @@ class OpenShiftSource(ReferenceSource):
             remove_repositories=len(marks.remove_repositories),
             remove_revisions=len(marks.remove_revisions),
         )
+        if holders is not None:
+            marks.usage = await self._usage_pairs(inventory, holders)
+            if marks.usage is None:
+                marks.notes.append("usage per image stream skipped: the images listing failed")
         return marks
 
     async def _mark_from_store(
@@ -407,6 +417,32 @@ class OpenShiftSource(ReferenceSource):
         found = await read_needed(storage, todo, index.names, index.children)
         index.in_use.update(found)
         self.log.info("manifests read from the store", manifests=len(todo), digests=len(found))
+
+    async def _usage_pairs(
+        self, inventory: Inventory, holders: dict[bytes, list[int]]
+    ) -> UsagePairs | None:
+        """(blob, image stream) pairs from a second images listing: the first kept digests
+        only. Usage is a report: a listing that fails leaves it out, not the check."""
+        made: list[UsagePairs] = []
+        names = list(inventory.repositories)
+
+        def reset() -> None:
+            made[:] = [UsagePairs(inventory)]
+
+        def consume(items: list[Any]) -> None:
+            pairs = made[0]
+            for item in items:
+                name, blobs, _children = image_digests(item)
+                for repo in holders.get(name, ()):
+                    pairs.add(names[repo], name)
+                    pairs.add_packed(names[repo], b"".join(blobs))
+
+        try:
+            await self._list(IMAGES, "listing images for usage", LIST_IMAGES, consume, reset)
+        except SourceError as exc:
+            self.log.warning("usage per image stream skipped", error=str(exc))
+            return None
+        return made[0]
 
     # -- guard --------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
+from daemon.usage import UsagePairs
 
 MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
 CHUNK = 128
@@ -79,7 +80,12 @@ class StorageSource(ReferenceSource):
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
         # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md)
         in_use = DigestSet()
-        run = _Pass(storage, inventory, Marks(in_use=in_use), progress)
+        marks = Marks(in_use=in_use)
+        if self.usage_wanted:
+            # each repository reads its own revisions, even one another repository read:
+            # its pairs need the references
+            marks.usage = UsagePairs(inventory)
+        run = _Pass(storage, inventory, marks, progress)
         work = self._chunks(inventory)
 
         async def worker() -> None:
@@ -133,7 +139,7 @@ class StorageSource(ReferenceSource):
                     f"{repo}: link {link} names {layout.format_digest(raw)}; skipped"
                 )
                 continue
-            if raw not in run.seen:
+            if raw not in run.seen or marks.usage is not None:
                 run.seen.add(raw)
                 todo.append((repo, hexdigest, raw))
         await self._mark_manifests(run, todo)
@@ -163,6 +169,9 @@ class StorageSource(ReferenceSource):
             blobs, children, foreign_blobs, foreign_children = refs
             marks.in_use.add(raw)
             marks.in_use.update_packed(blobs)
+            if marks.usage is not None:
+                marks.usage.add(repo, raw)
+                marks.usage.add_packed(repo, blobs + children)
             if children:
                 marks.in_use.update_packed(children)
                 revisions = run.inventory.repositories[repo].revisions
@@ -262,6 +271,8 @@ class StorageSource(ReferenceSource):
                     f"sha256:{hexdigest}), then run again"
                 )
             marks.in_use.add(raw)
+            if marks.usage is not None:
+                marks.usage.add(repo, raw)
             if child:
                 children.append((repo, raw))
         return children

@@ -22,6 +22,7 @@ from daemon.storage.model import (
     TooLarge,
 )
 from daemon.storage.reading import parse_each
+from daemon.usage import size_record
 
 __all__ = [
     "BlobEntry",
@@ -102,6 +103,30 @@ class Storage(ABC):
                 if stat is not None and stat.size is not None:
                     found[bytes.fromhex(hexdigest)] = stat.size
         return found
+
+    async def blobs_outside_sized(
+        self, shard: str, members: AbstractSet[bytes]
+    ) -> tuple[int, list[BlobEntry], bytes]:
+        """``blobs_outside``, and the sizes of the blobs inside ``members`` as
+        ``daemon.usage.SIZED`` records (for per-repository usage); no record without data."""
+        entries = await self.list_blob_shard(shard)
+        unknown = [e.hex for e in entries if e.size is None or e.mtime is None]
+        if unknown:
+            found = await self.stat_many([layout.blob_data(h) for h in unknown])
+            stats = dict(zip(unknown, found, strict=True))
+            entries = [
+                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex])
+                for e in entries
+            ]
+        outside: list[BlobEntry] = []
+        sized = bytearray()
+        for entry in entries:
+            raw = bytes.fromhex(entry.hex)
+            if raw not in members:
+                outside.append(entry)
+            elif entry.size is not None:
+                sized += size_record(raw, entry.size)
+        return len(entries), outside, bytes(sized)
 
     @abstractmethod
     async def stat(self, key: str) -> Entry | None:

@@ -312,6 +312,12 @@ class FilesystemStorage(Storage):
             bytes.fromhex(h): size for h, size in zip(hexes, sizes, strict=True) if size is not None
         }
 
+    async def blobs_outside_sized(
+        self, shard: str, members: AbstractSet[bytes]
+    ) -> tuple[int, list[BlobEntry], bytes]:
+        # the in-use blobs' stats stay in the reader too: only packed sizes come back
+        return await self._in_process(reading.shard_sized, self._base, shard, frozenset(members))
+
     def warm_up(self) -> None:
         # the reader processes take a few hundred ms to start: they do it during the scan
         for _attempt in range(2):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import stat as statmod
+import struct
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import TypeVar
@@ -18,6 +19,8 @@ from daemon.storage.model import BlobEntry, Entry, NotFound, StorageError, TooLa
 
 P = TypeVar("P")
 _HEX = re.compile(r"[0-9a-f]{64}").fullmatch
+#: as daemon.usage.SIZED (that module is not imported here: readers load this one alone)
+_SIZED = struct.Struct("<6sQ")
 
 
 def parse_each(
@@ -154,3 +157,22 @@ def shard_outside(
         data = stat_file(base, layout.blob_data(name))
         outside.append(BlobEntry.with_data(name, data, name in linked))
     return len(names), outside
+
+
+def shard_sized(
+    base: str, shard: str, members: AbstractSet[bytes]
+) -> tuple[int, list[BlobEntry], bytes]:
+    """``shard_outside``, and the in-use blobs' sizes as 14-byte records (digest bytes 1-6,
+    size): every blob is stat'ed, and the sizes go back packed, not as entries."""
+    names = blob_names(file_path(base, layout.BLOBS + shard))
+    outside: list[BlobEntry] = []
+    sized = bytearray()
+    pack = _SIZED.pack
+    for name in names:
+        raw = bytes.fromhex(name)
+        entry = stat_file(base, layout.blob_data(name))
+        if raw not in members:
+            outside.append(BlobEntry.with_data(name, entry))
+        elif entry is not None:
+            sized += pack(raw[1:7], entry.size)
+    return len(names), outside, bytes(sized)
