@@ -17,9 +17,6 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-
 from daemon.units import bytes_size
 
 DEFAULT_URL = "http://127.0.0.1:8099"
@@ -159,11 +156,15 @@ class ProgressView:
         self.interval = interval
         self.rate = Rate()
         self._printed = 0.0
-        self._bar: Progress | None = None
+        self._bar: Any = None  # rich's Progress, on a terminal
         self._task: Any = None
 
     def __enter__(self) -> ProgressView:
         if self.tty:
+            # imported here: a pipe, a log or a spawned reader process needs no rich (~6 MB)
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
             self._bar = Progress(
                 TextColumn("{task.fields[phase]:<17}"),
                 BarColumn(),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import yaml
-from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+
+if TYPE_CHECKING:
+    from kubernetes_asyncio.client import ApiClient
 
 
 class KubeConfigError(Exception):
@@ -13,6 +16,11 @@ class KubeConfigError(Exception):
 
 async def api_client(kubeconfig: str | None, context: str | None = None) -> ApiClient:
     """Our own Configuration: the library's global default stays untouched."""
+    # imported here: kubernetes_asyncio costs ~40 MB of RSS, and a storage-source check
+    # against a registry config never talks to a cluster
+    from kubernetes_asyncio.client import ApiClient, Configuration
+    from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+
     configuration = Configuration()
     try:
         if kubeconfig:
