@@ -211,6 +211,10 @@ def test_one_liner_in_the_image(
     candidates = podman.exec(container, "curl", "-s", "localhost:8099/runs/latest/candidates")
     lines = [json.loads(line) for line in candidates.splitlines()]
     assert {line["digest"] for line in lines} == scenario.expected_orphans
+    # the client next to the one-liner (`oc exec ... -- registry-pruned run check`): a pipe
+    # here, so plain progress lines, then the same summary; exit 0 on succeeded
+    followed = podman.exec(container, "registry-pruned", "run", "check")
+    assert followed.strip() == text.strip(), followed
 
 
 def test_arbitrary_uid_in_group_0(

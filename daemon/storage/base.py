@@ -115,7 +115,7 @@ class Storage(ABC):
             found = await self.stat_many([layout.blob_data(h) for h in unknown])
             stats = dict(zip(unknown, found, strict=True))
             entries = [
-                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex])
+                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex], e.linked)
                 for e in entries
             ]
         outside: list[BlobEntry] = []

@@ -164,7 +164,7 @@ def shard_sized(
 ) -> tuple[int, list[BlobEntry], bytes]:
     """``shard_outside``, and the in-use blobs' sizes as 14-byte records (digest bytes 1-6,
     size): every blob is stat'ed, and the sizes go back packed, not as entries."""
-    names = blob_names(file_path(base, layout.BLOBS + shard))
+    names, linked = blob_names(file_path(base, layout.BLOBS + shard))
     outside: list[BlobEntry] = []
     sized = bytearray()
     pack = _SIZED.pack
@@ -172,7 +172,7 @@ def shard_sized(
         raw = bytes.fromhex(name)
         entry = stat_file(base, layout.blob_data(name))
         if raw not in members:
-            outside.append(BlobEntry.with_data(name, entry))
+            outside.append(BlobEntry.with_data(name, entry, name in linked))
         elif entry is not None:
             sized += pack(raw[1:7], entry.size)
     return len(names), outside, bytes(sized)
