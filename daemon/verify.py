@@ -274,6 +274,7 @@ class StoreVerifier:
         deleted = self.prior.deleted if self.prior is not None else set()
         named: dict[bytes, set[str]] = {}
         asks: list[tuple[bytes, str, str]] = []  # (manifest, digest string, key to stat)
+        foreign: list[tuple[str, str]] = []  # (sha384/sha512 digest string, link to read)
         for raw, facts in self.facts.items():
             if facts is None:
                 continue
@@ -285,9 +286,13 @@ class StoreVerifier:
                         continue
                 for key in loose_keys(holders.get(raw, ()), text):
                     asks.append((raw, text, key))
-            # digests of other algorithms the typed parse named: their blob data must be here
+            # digests of other algorithms the typed parse named: the registry serves them
+            # through a link in the repository (the blob itself lies under its sha256)
             for text in facts.foreign:
-                asks.append((b"", text, loose_keys((), text)[0]))
+                for repo in holders.get(raw, ()):
+                    foreign.append((text, layout.foreign_layer_link_dir(repo, text) + "link"))
+                    foreign.append((text, layout.foreign_revision_dir(repo, text) + "link"))
+        await self._foreign_present(foreign)
         for start in range(0, len(asks), 256):
             part = asks[start : start + 256]
             stats = await self.storage.stat_many([key for _r, _t, key in part])
@@ -299,6 +304,19 @@ class StoreVerifier:
                 else:
                     self.foreign_present.add(text)
         return named
+
+    async def _foreign_present(self, links: list[tuple[str, str]]) -> None:
+        """Each sha384/sha512 digest whose link names a blob with data is present."""
+        for start in range(0, len(links), 256):
+            part = links[start : start + 256]
+            named = await self.storage.read_parsed([k for _t, k in part], 1024, layout.link_digest)
+            found = [
+                (t, raw) for (t, _k), raw in zip(part, named, strict=True) if isinstance(raw, bytes)
+            ]
+            stats = await self.storage.stat_many([layout.blob_data(raw.hex()) for _t, raw in found])
+            for (text, _raw), stat in zip(found, stats, strict=True):
+                if stat is not None:
+                    self.foreign_present.add(text)
 
     # -- judging ----------------------------------------------------------------------------
 

@@ -120,6 +120,8 @@ def read_facts(typed: TypedParse, data: bytes) -> Facts:
         for i in range(0, len(part), 32)
     }
     explained.update(foreign)
+    if refs is not None and refs.subject and not refs.subject.startswith("sha256:"):
+        explained.add(refs.subject.lower())  # a sha384/sha512 subject the parser read
     hits = {m.decode("ascii") for m in _DIGESTS.findall(data.lower())} - explained
     loose: set[str] = set()
     noted = 0

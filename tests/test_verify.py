@@ -167,15 +167,16 @@ def blind_parse(data: bytes) -> manifests.References:
 
 
 def _plant_sha512(registry: Registry, repo: str, data: bytes) -> str:
-    """A blob stored under its sha512 digest and linked in _layers/sha512/, as distribution
-    lays out any algorithm (its upload API computes sha256 only, so it is planted)."""
+    """A blob uploaded as ``?digest=sha512:...``, laid out as docker-registry 2.8 does it:
+    its data under its sha256 path, and ``_layers/sha512/<hex>/link`` naming that sha256."""
     hexdigest = hashlib.sha512(data).hexdigest()
-    blob = _blob_dir(registry, "sha512:" + hexdigest, "sha512")
-    blob.mkdir(parents=True)
+    canonical = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob = _blob_dir(registry, canonical, "sha256")
+    blob.mkdir(parents=True, exist_ok=True)
     (blob / "data").write_bytes(data)
     link = registry.root / f"docker/registry/v2/repositories/{repo}/_layers/sha512/{hexdigest}"
     link.mkdir(parents=True)
-    (link / "link").write_text("sha512:" + hexdigest)
+    (link / "link").write_text(canonical)
     return "sha512:" + hexdigest
 
 
@@ -267,7 +268,10 @@ async def test_second_reading_reports_what_a_blind_parse_missed(tmp_path: Path) 
         assert annotated_blob.digest not in {f.digest for f in found}
         assert long.digest not in {f.digest for f in found}
         # and a sha512 layer gone is a missing blob like any other
-        shutil.rmtree(_blob_dir(registry, long_digest, "sha512"))
+        layer_data = registry.root / (
+            f"docker/registry/v2/repositories/long/_layers/sha512/{long_digest[7:]}/link"
+        )
+        shutil.rmtree(_blob_dir(registry, layer_data.read_text(), "sha256"))
         _result, found = await _verify(registry)
         assert {f.digest: f.missing for f in found}[long.digest] == [long_digest]
 

@@ -432,7 +432,7 @@ class OpenShiftSource(ReferenceSource):
         def consume(items: list[Any]) -> None:
             pairs = made[0]
             for item in items:
-                name, blobs, _children = image_digests(item)
+                name, blobs, _children, _complete = image_digests(item)
                 for repo in holders.get(name, ()):
                     pairs.add(names[repo], name)
                     pairs.add_packed(names[repo], b"".join(blobs))
