@@ -65,10 +65,12 @@ async def test_page_starts_a_check_and_charts_the_largest_repository_first(
             assert await page.evaluate("$('delete-go').disabled") is False
             await page.evaluate("$('delete-go').click()")
             answer = await page.wait_for(
-                f"{TEXT.format('delete-answer')}.includes('failed') && "
+                f"{TEXT.format('delete-answer')}.includes('Refused') && "
                 f"{TEXT.format('delete-answer')}"
             )
-            assert "read-only" in answer
+            assert answer.startswith("Refused: the registry is not in read-only mode\n")
+            assert "storage.maintenance.readonly.enabled" in answer  # the hint: what to do
+            assert daemon.json("GET", "/runs")[1][0]["mode"] == "check"  # no delete run
             assert (tmp_path / "status-page.png").stat().st_size > 10_000
     finally:
         daemon.stop()
