@@ -171,10 +171,18 @@ def expected_summary(registry: Registry, scenario: Scenario) -> tuple[int, str]:
     """The orphans' total size, and the text summary that must name them."""
     blobs = registry.root / "docker/registry/v2/blobs/sha256"
     total = sum((blobs / d[7:9] / d[7:] / "data").stat().st_size for d in scenario.expected_orphans)
+    # the scenario's uploads are minutes old: kept, and said so with the limit
+    uploads = len(scenario.uploads)
+    kept = f"{uploads} upload{'s' if uploads != 1 else ''}"
     text = (
         f"Would delete {len(scenario.expected_orphans)} blobs\n"
         f"Would free up {bytes_size(total)} of disk space\n"
-        "Use mode=delete to actually delete the data\n"
+        + (
+            f"Kept {kept} younger than the upload age limit (--upload-max-age 24h)\n"
+            if uploads
+            else ""
+        )
+        + "Use mode=delete to actually delete the data\n"
     )
     return total, text
 
