@@ -25,9 +25,8 @@ from daemon.origin import OriginGuard, allowed_host_names
 from daemon.prune import CHECK, DELETE, RunOptions, Summary
 from daemon.readiness import Readiness
 from daemon.report import Ending, summary_lines
-from daemon.runs import RUNNING, Busy, Run, RunManager
-from daemon.sources import open_source
-from daemon.sources.base import ReadOnlyRefused, ReferenceSource
+from daemon.runs import RUNNING, Busy, Run, RunManager, manager_for
+from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
 from daemon.storage.base import Storage
 from daemon.verify import RECOVER, VERIFY
@@ -440,18 +439,8 @@ async def build(
     """The app with its storage and run manager, history loaded."""
     storage = open_storage(settings.storage, settings.workers)
 
-    async def sources(name: str, log: structlog.typing.FilteringBoundLogger) -> ReferenceSource:
-        return await open_source(name, settings, log)
-
     holder: dict[str, Metrics] = {}
-    manager = RunManager(
-        storage,
-        sources,
-        settings.state_dir,
-        settings.history,
-        log,
-        on_finish=lambda run: holder["m"].record(run),
-    )
+    manager = manager_for(settings, storage, log, on_finish=lambda run: holder["m"].record(run))
     holder["m"] = Metrics(lambda: manager.active)
     await manager.load()
     holder["m"].restore(r.document() for r in reversed(manager.ordered()))

@@ -13,17 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from daemon import client, logs, operator_storage
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.findings import Finding
 from daemon.listings import LISTINGS, print_listing
 from daemon.prune import CHECK, DELETE, RunOptions
 from daemon.report import Ending, summary_lines
-from daemon.runs import STOPPED, SUCCEEDED, Run, RunManager
-from daemon.sources import open_source
-from daemon.sources.base import ReadOnlyRefused, ReferenceSource
+from daemon.runs import STOPPED, SUCCEEDED, Run, RunManager, manager_for
+from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
 from daemon.usage import table as usage_table
 from daemon.verify import RECOVER, VERIFY
@@ -249,21 +246,10 @@ async def run_once(
     log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
     storage = open_storage(settings.storage, settings.workers)
 
-    async def sources(name: str, log: structlog.typing.FilteringBoundLogger) -> ReferenceSource:
-        return await open_source(name, settings, log)
-
     def found(finding: Finding) -> None:
         print(finding.message, flush=True)  # the original's Broken/Would add lines, as found
 
-    manager = RunManager(
-        storage,
-        sources,
-        settings.state_dir,
-        settings.history,
-        log,
-        log_end_as_problem=False,
-        on_finding=found,
-    )
+    manager = manager_for(settings, storage, log, log_end_as_problem=False, on_finding=found)
     options = RunOptions(
         mode=mode,
         grace=settings.grace,

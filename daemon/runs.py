@@ -18,9 +18,11 @@ from typing import IO, Any
 import structlog
 
 from daemon.atomic import atomic_write
+from daemon.config import Settings
 from daemon.findings import Finding, Verification
 from daemon.progress import Progress
 from daemon.prune import DELETE, Candidate, Engine, RunFailed, RunOptions, Stopped, Summary
+from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
 
@@ -464,6 +466,20 @@ class RunManager:
                     self._task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await self._task
+
+
+def manager_for(
+    settings: Settings,
+    storage: Storage,
+    log: structlog.typing.FilteringBoundLogger,
+    **options: Any,
+) -> RunManager:
+    """The run manager of the daemon or of a one-shot run: sources from ``settings``."""
+
+    async def sources(name: str, log: structlog.typing.FilteringBoundLogger) -> ReferenceSource:
+        return await open_source(name, settings, log)
+
+    return RunManager(storage, sources, settings.state_dir, settings.history, log, **options)
 
 
 def _hold(path: Path) -> IO[bytes]:

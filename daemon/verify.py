@@ -70,6 +70,23 @@ async def in_parallel(
     return results  # type: ignore[return-value]
 
 
+async def sizes_of(
+    storage: Storage, wanted: dict[int, set[bytes]], progress: Progress, workers: int
+) -> dict[bytes, int]:
+    """The data size of each wanted blob (by shard) that has data, shards in parallel."""
+    found: dict[bytes, int] = {}
+    progress.shards_total = len(wanted)
+    progress.shards_done = 0
+
+    async def ask(shard: int) -> None:
+        found.update(await storage.blob_sizes(f"{shard:02x}", wanted[shard]))
+        progress.blobs_scanned += len(wanted[shard])
+        progress.shards_done += 1
+
+    await in_parallel(sorted(wanted), ask, workers)
+    return found
+
+
 def _digests(packed: bytes) -> list[bytes]:
     return [packed[i : i + 32] for i in range(0, len(packed), 32)]
 
@@ -258,16 +275,7 @@ class StoreVerifier:
                     self.present[raw] = None
                     continue
                 wanted.setdefault(raw[0], set()).add(raw)
-        self.progress.shards_total = len(wanted)
-        self.progress.shards_done = 0
-
-        async def ask(shard: int) -> None:
-            sizes = await self.storage.blob_sizes(f"{shard:02x}", wanted[shard])
-            self.present.update(sizes)
-            self.progress.blobs_scanned += len(wanted[shard])
-            self.progress.shards_done += 1
-
-        await in_parallel(sorted(wanted), ask, self.workers)
+        self.present.update(await sizes_of(self.storage, wanted, self.progress, self.workers))
 
     async def _named(self, holders: dict[bytes, list[str]]) -> dict[bytes, set[str]]:
         """Per manifest, the loose digest strings that name a blob or link of this store."""

@@ -21,7 +21,7 @@ from daemon.sources.openshift_objects import (
     list_stream_records,
 )
 from daemon.storage.base import Storage
-from daemon.verify import EXAMPLES, VERIFY, in_parallel
+from daemon.verify import EXAMPLES, VERIFY, sizes_of
 
 
 class OpenShiftVerifier:
@@ -138,16 +138,7 @@ class OpenShiftVerifier:
         for image in managed:
             for raw in (image.name, *image.blobs, *image.children):
                 wanted.setdefault(raw[0], set()).add(raw)
-        self.progress.shards_total = len(wanted)
-        self.progress.shards_done = 0
-
-        async def ask(shard: int) -> None:
-            sizes = await self.storage.blob_sizes(f"{shard:02x}", wanted[shard])
-            self.present.update(sizes)
-            self.progress.blobs_scanned += len(wanted[shard])
-            self.progress.shards_done += 1
-
-        await in_parallel(sorted(wanted), ask, self.workers)
+        self.present.update(await sizes_of(self.storage, wanted, self.progress, self.workers))
 
     def _problems(self, image: ImageRecord) -> list[tuple[str, str]]:
         found: list[tuple[str, str]] = []

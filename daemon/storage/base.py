@@ -73,16 +73,20 @@ class Storage(ABC):
         """How many blobs ``shard`` holds, and those whose raw digest is not in ``members``,
         with size and mtime (None where the blob has no data)."""
         entries = await self.list_blob_shard(shard)
-        outside = [e for e in entries if bytes.fromhex(e.hex) not in members]
-        unknown = [e.hex for e in outside if e.size is None or e.mtime is None]
-        if unknown:
-            found = await self.stat_many([layout.blob_data(h) for h in unknown])
-            stats = dict(zip(unknown, found, strict=True))
-            outside = [
-                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex], e.linked)
-                for e in outside
-            ]
+        outside = await self._with_data([e for e in entries if bytes.fromhex(e.hex) not in members])
         return len(entries), outside
+
+    async def _with_data(self, entries: list[BlobEntry]) -> list[BlobEntry]:
+        """``entries``, each with its data's size and mtime where the listing had none."""
+        unknown = [e.hex for e in entries if e.size is None or e.mtime is None]
+        if not unknown:
+            return entries
+        found = await self.stat_many([layout.blob_data(h) for h in unknown])
+        stats = dict(zip(unknown, found, strict=True))
+        return [
+            e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex], e.linked)
+            for e in entries
+        ]
 
     async def blob_sizes(self, shard: str, wanted: AbstractSet[bytes]) -> dict[bytes, int]:
         """The data size of each blob of ``wanted`` (raw digests in ``shard``) that has data;
@@ -109,15 +113,7 @@ class Storage(ABC):
     ) -> tuple[int, list[BlobEntry], bytes]:
         """``blobs_outside``, and the sizes of the blobs inside ``members`` as
         ``daemon.usage.SIZED`` records (for per-repository usage); no record without data."""
-        entries = await self.list_blob_shard(shard)
-        unknown = [e.hex for e in entries if e.size is None or e.mtime is None]
-        if unknown:
-            found = await self.stat_many([layout.blob_data(h) for h in unknown])
-            stats = dict(zip(unknown, found, strict=True))
-            entries = [
-                e if e.hex not in stats else BlobEntry.with_data(e.hex, stats[e.hex], e.linked)
-                for e in entries
-            ]
+        entries = await self._with_data(await self.list_blob_shard(shard))
         outside: list[BlobEntry] = []
         sized = bytearray()
         for entry in entries:
