@@ -32,6 +32,8 @@ from daemon.verifying import TypedParse
 
 T = TypeVar("T")
 BATCH = 1000
+#: store clock differences below this are the Date header's resolution, not skew (seconds)
+SKEW_RESOLUTION = 2.0
 CHECK = "check"
 DELETE = "delete"
 
@@ -266,6 +268,11 @@ class Engine:
         if store_now is None:
             return
         self.store_skew = store_now - self.clock()
+        if abs(self.store_skew) < SKEW_RESOLUTION:
+            # Date has whole seconds and is stamped before the answer travels: a difference
+            # this small is the measurement's own error, not the store's clock (it made
+            # blobs written in the last second look too young to a grace=0 check)
+            self.store_skew = 0.0
         self.cutoff = self.started + min(0.0, self.store_skew) - self.options.grace
         if abs(self.store_skew) >= 5:
             self.log.warning(

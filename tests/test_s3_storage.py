@@ -713,6 +713,11 @@ async def test_grace_follows_the_stores_clock(weed: SeaweedFS, make_storage: Mak
         await engine.run()
         return engine
 
+    # clocks that agree: the Date header's whole second is no skew, and blobs written a
+    # moment ago are candidates to a grace=0 check (as for garbage-collect)
+    engine = await check(grace=0, ahead=0)
+    assert engine.store_skew == 0.0
+    assert (engine.summary.blobs, engine.summary.too_young) == (5, 0)
     engine = await check(grace=3600, ahead=7200)
     assert -7202 <= engine.store_skew <= -7199, engine.store_skew
     assert (engine.summary.blobs, engine.summary.too_young) == (0, 5)
