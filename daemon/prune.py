@@ -621,17 +621,8 @@ class Engine:
                 workers=self.storage.concurrency,
             )
         else:
-            verifier = StoreVerifier(
-                self.storage,
-                self.progress,
-                self.on_finding,
-                log=self.log,
-                workers=self.storage.concurrency,
-                typed=self.typed_parse,
-            )
-        self.verification = verifier.result
-        await verifier.run(inventory)
-        self._verdict()
+            verifier = self._store_verifier()
+        await self._verify_with(verifier, inventory)
 
     async def verify_kept(
         self, inventory: Inventory, marks: Marks, candidates: list[Candidate]
@@ -645,7 +636,10 @@ class Engine:
             removed_revisions=set(marks.remove_revisions),
             tags=self.source.name != "openshift",
         )
-        verifier = StoreVerifier(
+        await self._verify_with(self._store_verifier(prior), inventory)
+
+    def _store_verifier(self, prior: Prior | None = None) -> StoreVerifier:
+        return StoreVerifier(
             self.storage,
             self.progress,
             self.on_finding,
@@ -654,6 +648,8 @@ class Engine:
             typed=self.typed_parse,
             prior=prior,
         )
+
+    async def _verify_with(self, verifier: Any, inventory: Inventory) -> None:
         self.verification = verifier.result
         await verifier.run(inventory)
         self._verdict()
