@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.harness.azurite import Azurite
 from tests.harness.emulator import Emulator
@@ -86,3 +87,16 @@ def check_logged(config: str | os.PathLike[str]) -> subprocess.CompletedProcess[
         "--log-format",
         "text",
     )
+
+
+def synthetic_store(root: Path, blobs: int, repositories: int, seed: int) -> Path:
+    """A synthetic store in distribution's layout under ``root`` (bench/synth.py) and a
+    registry config naming it: for runs long enough to watch."""
+    from bench.synth import generate, plan_for
+
+    generate(plan_for(root / "store", blobs, repositories, 5, 0.1, seed=seed))
+    config = root / "config.yml"
+    config.write_text(
+        yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": str(root / "store")}}})
+    )
+    return config

@@ -12,10 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from bench.synth import generate, plan_for
-from tests.conftest import pruned
+from tests.conftest import pruned, synthetic_store
 from tests.harness.daemon import Daemon
 from tests.harness.images import Scenario
 from tests.harness.registry import Registry
@@ -26,13 +24,7 @@ DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 @pytest.fixture(scope="module")
 def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic 50,000-blob store written in distribution's layout: a run takes seconds."""
-    root = tmp_path_factory.mktemp("big")
-    generate(plan_for(root / "store", 50_000, 200, 5, 0.1, seed=3))
-    config = root / "config.yml"
-    config.write_text(
-        yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": str(root / "store")}}})
-    )
-    return config
+    return synthetic_store(tmp_path_factory.mktemp("big"), 50_000, 200, 3)
 
 
 @pytest.fixture

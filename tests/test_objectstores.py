@@ -29,7 +29,7 @@ from daemon.storage.gcs import GCSStorage
 from daemon.storage.objectstore import ObjectStore, RetryPolicy
 from tests.conftest import check_logged, pruned, would_delete
 from tests.harness.azurite import Azurite
-from tests.harness.daemon import Daemon
+from tests.harness.daemon import Daemon, restart_finishes
 from tests.harness.emulator import Emulator
 from tests.harness.fakegcs import FakeGCS
 from tests.harness.faultproxy import FaultProxy
@@ -288,14 +288,7 @@ def test_sigkill_mid_delete_then_a_run_finishes(
         daemon.stop()
     assert reached["state"] == "running", reached
     assert scenario.in_use <= blobs_in(emulator, name)
-    again = Daemon(config, state, "--grace", "0", env=env).start()
-    try:
-        runs = again.json("GET", "/runs")[1]
-        assert runs[0]["id"] == run["id"] and runs[0]["state"] == "interrupted"
-        status, final = again.json("POST", "/prune?mode=delete&wait=true")
-        assert final["state"] == "succeeded", final
-    finally:
-        again.stop()
+    restart_finishes(config, state, run["id"], env)
     assert blobs_in(emulator, name) == scenario.in_use
     assert not planted & blobs_in(emulator, name)
 

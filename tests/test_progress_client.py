@@ -13,24 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from bench.synth import generate, plan_for
 from daemon.progress import Progress
-from tests.conftest import pruned
+from tests.conftest import pruned, synthetic_store
 from tests.harness.daemon import ROOT, Daemon
 
 
 @pytest.fixture(scope="module")
 def synth_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic 30,000-blob store: a check lasts long enough to be watched."""
-    root = tmp_path_factory.mktemp("synth")
-    generate(plan_for(root / "store", 30_000, 120, 5, 0.1, seed=5))
-    config = root / "config.yml"
-    config.write_text(
-        yaml.safe_dump({"storage": {"filesystem": {"rootdirectory": str(root / "store")}}})
-    )
-    return config
+    return synthetic_store(tmp_path_factory.mktemp("synth"), 30_000, 120, 5)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.daemon import Daemon
+from tests.harness.daemon import Daemon, restart_finishes
 from tests.harness.images import Scenario, skopeo_pull
 from tests.harness.registry import Registry, blobs_on_disk
 
@@ -76,14 +76,7 @@ def test_sigkill_mid_delete_then_restart_finishes(
     assert reached["state"] == "running", reached  # killed mid-run, not after
     # nothing in use went, whatever the moment of the kill
     assert scenario.in_use <= blobs_on_disk(registry)
-    again = Daemon(registry.config_path, state, "--grace", "0").start()
-    try:
-        runs = again.json("GET", "/runs")[1]
-        assert runs[0]["id"] == run["id"] and runs[0]["state"] == "interrupted"
-        status, final = again.json("POST", "/prune?mode=delete&wait=true")
-        assert final["state"] == "succeeded", final
-    finally:
-        again.stop()
+    restart_finishes(registry.config_path, state, run["id"])
     assert blobs_on_disk(registry) == scenario.in_use
     assert not planted & blobs_on_disk(registry)
     assert registry.garbage_collect(dry_run=True) == set()

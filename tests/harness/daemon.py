@@ -104,3 +104,18 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def restart_finishes(
+    config: Path, state: Path, run_id: str, env: dict[str, str] | None = None
+) -> None:
+    """A daemon started again on ``state`` marks the killed run ``run_id`` interrupted, and a
+    new delete run then finishes."""
+    again = Daemon(config, state, "--grace", "0", env=env).start()
+    try:
+        runs = again.json("GET", "/runs")[1]
+        assert runs[0]["id"] == run_id and runs[0]["state"] == "interrupted"
+        _status, final = again.json("POST", "/prune?mode=delete&wait=true")
+        assert final["state"] == "succeeded", final
+    finally:
+        again.stop()
