@@ -50,6 +50,7 @@ class Daemon:
             "debug",
             *self.args,
         ]
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,
@@ -62,12 +63,21 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
-            try:
-                self.get("/healthz")
-                return self
-            except OSError:
-                time.sleep(0.05)
+            # Another suite's daemon may answer on this port before ours fails to bind: only
+            # our own "listening" line, written after the bind, proves the port is ours.
+            if self._listening(offset):
+                try:
+                    self.get("/healthz")
+                    return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
         raise RuntimeError("daemon did not answer /healthz")
+
+    def _listening(self, offset: int) -> bool:
+        with open(self.log, "rb") as log:
+            log.seek(offset)
+            return b'"event": "listening"' in log.read()
 
     def request(
         self, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 60
