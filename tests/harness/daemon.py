@@ -77,7 +77,8 @@ class Daemon:
     def _listening(self, offset: int) -> bool:
         with open(self.log, "rb") as log:
             log.seek(offset)
-            return b'"event": "listening"' in log.read()
+            address = f":{self.port}".encode()
+            return any(b"listening" in line and address in line for line in log.read().splitlines())
 
     def request(
         self, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 60
