@@ -193,7 +193,8 @@ class Planner:
     async def plan(self, inventory: Inventory) -> Plan:
         """What goes: dropped tags, then untagged revisions; fails closed on any doubt."""
         plan = Plan()
-        targets = await self._tags(inventory)
+        # tags and manifests are read side by side: neither needs the other
+        targets, nodes = await asyncio.gather(self._tags(inventory), self._nodes(inventory))
         dropped: set[tuple[str, str]] = set()
         scoped = [pair for pair in targets if self.retention.applies_to(pair[0])]
         if scoped:
@@ -204,7 +205,6 @@ class Planner:
             for repo, times in sorted(per_repo.items()):
                 dropped |= {(repo, tag) for tag in self.retention.dropped(repo, times, self.now)}
         plan.dropped = sorted(dropped)
-        nodes = await self._nodes(inventory)
         tagged: dict[str, list[tuple[str, bytes]]] = {}
         for (repo, tag), raw in targets.items():
             tagged.setdefault(repo, []).append((tag, raw))
