@@ -339,7 +339,10 @@ class Engine:
         repos = inventory.repositories.values()
         self.progress.manifests_total = sum(len(r.revisions) for r in repos)
         self.source.usage_wanted = self.options.mode == CHECK and self.options.usage
-        marks = await self.source.mark(inventory, self.storage, self.progress)
+        storage = self.storage
+        if self.untagged_plan is not None:
+            storage = self.untagged_plan.storage_for_mark(storage)
+        marks = await self.source.mark(inventory, storage, self.progress)
         self.notes.extend(marks.notes)
         for note in marks.notes:
             self.log.warning("mark", note=note)

@@ -49,6 +49,43 @@ class Plan:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (repository, tag)
     removals: list[Removal] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: what the plan already read of the tagged revisions, for the mark: storage key ->
+    #: parsed link (raw digest) or packed references (manifests.packed_references)
+    primed: dict[str, object] = field(default_factory=dict)
+
+    def storage_for_mark(self, storage: Storage) -> Storage:
+        """``storage``, answering the mark's reads the plan already made from memory (on
+        object stores each is a request: the tagged revisions would be read twice)."""
+        return _Primed(storage, self.primed)  # type: ignore[return-value]
+
+
+class _Primed:
+    """A Storage whose link and manifest reads answer from a plan's readings first."""
+
+    def __init__(self, storage: Storage, primed: dict[str, object]) -> None:
+        self._storage = storage
+        self._primed = primed
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._storage, name)
+
+    async def read_parsed(
+        self, keys: Sequence[str], limit: int, parse: Callable[[bytes], object]
+    ) -> list[object]:
+        known = parse is layout.link_digest or parse is manifests.packed_references
+        out: list[object] = [None] * len(keys)
+        fetch: list[int] = []
+        for i, key in enumerate(keys):
+            found = self._primed.pop(key, None) if known else None
+            if found is None:
+                fetch.append(i)
+            else:
+                out[i] = found
+        if fetch:
+            read = await self._storage.read_parsed([keys[i] for i in fetch], limit, parse)
+            for i, value in zip(fetch, read, strict=True):
+                out[i] = value
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +96,19 @@ class _Node:
     foreign_subject: bool
 
 
-def graph_references(data: bytes) -> tuple[bytes, bool, str | None]:
-    """A manifest's edges for the keep graph: its children (packed), whether some child is
-    named by sha384/sha512, and its subject as written. Module-level: readers run it."""
+def graph_references(
+    data: bytes,
+) -> tuple[tuple[bytes, bytes, tuple[str, ...], tuple[str, ...]], str | None]:
+    """A manifest's references as ``manifests.packed_references`` gives them (the mark's
+    reading), and its subject as written. Module-level: reader processes run it."""
     refs = manifests.parse(data)
-    return b"".join(refs.children), bool(refs.foreign_children), refs.subject
+    packed = (
+        b"".join(refs.blobs),
+        b"".join(refs.children),
+        tuple(refs.foreign_blobs),
+        tuple(refs.foreign_children),
+    )
+    return packed, refs.subject
 
 
 def _chunks(items: Sequence[tuple[str, str]], size: int = CHUNK) -> Iterator[list[tuple[str, str]]]:
@@ -151,9 +196,12 @@ class Planner:
         await self._gather([lambda c=c: stat(c) for c in _chunks(tags)])
         return times
 
-    async def _nodes(self, inventory: Inventory) -> dict[str, dict[bytes, object]]:
+    async def _nodes(
+        self, inventory: Inventory, tagged: set[tuple[str, bytes]], primed: dict[str, object]
+    ) -> dict[str, dict[bytes, object]]:
         """repository -> raw digest -> _Node, or _MISSING where the manifest blob is gone;
-        revisions whose link is gone are left out (distribution does not see them)."""
+        revisions whose link is gone are left out (distribution does not see them). The
+        readings of ``tagged`` revisions go to ``primed`` for the mark."""
         pairs = [(r.name, h) for r in inventory.repositories.values() for h in sorted(r.revisions)]
         nodes: dict[str, dict[bytes, object]] = {}
 
@@ -171,6 +219,8 @@ class Planner:
                     )
                 if raw is not None and raw.hex() == h:
                     todo.append((repo, h))
+                    if (repo, raw) in tagged:
+                        primed[link] = raw
             keys = [layout.blob_data(h) for _repo, h in todo]
             try:
                 parsed = await self.storage.read_parsed(keys, MANIFEST_LIMIT, graph_references)
@@ -184,8 +234,10 @@ class Planner:
                     continue
                 if isinstance(refs, ValueError):
                     raise SourceError(f"manifest sha256:{h} of {repo} cannot be parsed: {refs}")
-                children, foreign_children, subject = refs
-                mine[raw] = _Node(children, foreign_children, *_subject(subject))
+                packed, subject = refs
+                if (repo, raw) in tagged:
+                    primed[layout.blob_data(h)] = packed
+                mine[raw] = _Node(packed[1], bool(packed[3]), *_subject(subject))
 
         await self._gather([lambda c=c: read(c) for c in _chunks(pairs)])
         return nodes
@@ -193,8 +245,7 @@ class Planner:
     async def plan(self, inventory: Inventory) -> Plan:
         """What goes: dropped tags, then untagged revisions; fails closed on any doubt."""
         plan = Plan()
-        # tags and manifests are read side by side: neither needs the other
-        targets, nodes = await asyncio.gather(self._tags(inventory), self._nodes(inventory))
+        targets = await self._tags(inventory)
         dropped: set[tuple[str, str]] = set()
         scoped = [pair for pair in targets if self.retention.applies_to(pair[0])]
         if scoped:
@@ -205,6 +256,8 @@ class Planner:
             for repo, times in sorted(per_repo.items()):
                 dropped |= {(repo, tag) for tag in self.retention.dropped(repo, times, self.now)}
         plan.dropped = sorted(dropped)
+        tagged = {(repo, raw) for (repo, tag), raw in targets.items() if (repo, tag) not in dropped}
+        nodes = await self._nodes(inventory, tagged, plan.primed)
         tagged: dict[str, list[tuple[str, bytes]]] = {}
         for (repo, tag), raw in targets.items():
             tagged.setdefault(repo, []).append((tag, raw))

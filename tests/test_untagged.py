@@ -6,6 +6,7 @@ One scenario (tests/harness/untagged_scenario.py): the checks run first, the del
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,23 @@ def test_retention_drops_exactly_the_tags_no_rule_keeps(
     assert set(sc.removed) <= removed
     assert len(removed - set(sc.removed)) == len(dropped)
     assert {repo for repo, _digest in removed - set(sc.removed)} <= {"rel"}
+
+
+def test_a_corrupt_tag_link_fails_the_untagged_run_closed(
+    store: tuple[Registry, UntaggedScenario],
+) -> None:
+    registry, _sc = store
+    link = registry.root / "docker/registry/v2/repositories/rel/_manifests/tags/v2/current/link"
+    good, pushed = link.read_bytes(), link.stat().st_mtime
+    link.write_bytes(b"sha256:not-a-digest")
+    try:
+        done = pruned("check", "--registry-config", registry.config_path, "--untagged")
+    finally:
+        link.write_bytes(good)
+        os.utime(link, (pushed, pushed))  # its push time, for the retention runs after
+    assert done.returncode == 1
+    assert "tag link" in done.stderr and "corrupt" in done.stderr
+    assert "Would delete" not in done.stdout
 
 
 def test_api_untagged_run_lists_its_manifests_and_refuses_what_it_must(
