@@ -6,6 +6,7 @@
     python bench/run.py delete [--blobs 50000]                orphans deleted a second
     python bench/run.py status [--blobs 500000]               GET /runs/latest p50/p99 in a run
     python bench/run.py verify [--blobs 50000]                verify time next to a check's
+    python bench/run.py untagged [--blobs 50000]              untagged check vs --delete-untagged
     python bench/run.py s3 [--blobs 50000] [ARGS...]          bench/s3_check.py (SeaweedFS)
 
 Stores are made by bench/synth.py under ``--work`` (default /tmp/pruned-bench) and kept
@@ -142,16 +143,18 @@ def repos_for(blobs: int) -> int:
     return max(20, blobs // 250)
 
 
-def store(work: Path, blobs: int) -> tuple[Path, dict[str, Any]]:
-    """The synthetic store of about ``blobs`` blobs, made once and kept under ``work``."""
-    root = work / f"store-{blobs}"
+def store(work: Path, blobs: int, revisions: int = 1) -> tuple[Path, dict[str, Any]]:
+    """The synthetic store of about ``blobs`` blobs, made once and kept under ``work``;
+    ``revisions``: manifests per tag (old revisions for untagged runs)."""
+    root = work / (f"store-{blobs}" if revisions == 1 else f"store-{blobs}-r{revisions}")
     meta = root / "bench.json"
     if meta.exists():
         return root, json.loads(meta.read_text())
     if root.exists():
         shutil.rmtree(root)  # a half-written store from an interrupted run
     started = time.monotonic()
-    counts = generate(plan_for(root, blobs, repos_for(blobs), 5, 0.1, 1), os.cpu_count() or 2)
+    plan = plan_for(root, blobs, repos_for(blobs), 5, 0.1, 1, revisions)
+    counts = generate(plan, os.cpu_count() or 2)
     counts["generate_seconds"] = round(time.monotonic() - started, 1)
     meta.write_text(json.dumps(counts))
     emit(bench="generate", store=str(root), **counts)
@@ -281,6 +284,66 @@ def bench_check(work: Path, blobs: int, times: int) -> dict[str, Any]:
         },
         ours_cli_rss_mb=round(cli_run.max_rss_kb / 1024, 1),
         peer_rss_mb=round(peer_run.max_rss_kb / 1024, 1),
+    )
+
+
+def bench_untagged(work: Path, blobs: int, times: int) -> dict[str, Any]:
+    """An untagged check (CLI and API) against ``garbage-collect --dry-run --delete-untagged``
+    on a store whose tags were each pushed 5 times (no indexes or referrers: equal answers)."""
+    root, counts = store(work, blobs, revisions=5)
+    config = registry_config(work, root)
+
+    def peer() -> Child:
+        return run_child([*PEER_CHECK, "--delete-untagged", str(config)], peer_env())
+
+    def cli() -> Child:
+        return run_child(ours_cmd("check", config, work / "state", "--untagged"))
+
+    daemon = Daemon(config, work / "state-api", "--log-level", "warning", "--grace", "0").start()
+    try:
+
+        def api() -> dict[str, Any]:
+            status, _h, body = daemon.request(
+                "POST", "/prune?mode=check&untagged=true&wait=true", timeout=3600
+            )
+            doc = json.loads(body)
+            if status >= 300 or doc.get("state") != "succeeded":
+                raise RuntimeError(f"API check: {status} {body[:500]!r}")
+            return doc
+
+        timings = timed_round_robin((peer, cli, api), times)
+        (peer_s, peer_all, peer_run), (cli_s, cli_all, cli_run) = timings[:2]
+        api_s, api_all, api_doc = timings[2]
+        with urllib.request.urlopen(f"{daemon.url}/runs/{api_doc['id']}/candidates") as resp:
+            ours = {json.loads(line)["digest"] for line in resp.read().splitlines() if line}
+    finally:
+        daemon.stop()
+    theirs = {m.decode() for m in ELIGIBLE.findall(peer_run.stdout)}
+    if ours != theirs or would_delete(cli_run.stdout) != len(theirs):
+        raise RuntimeError(
+            f"candidates differ: peer {len(theirs)}, ours {len(ours)}, "
+            f"only peer {sorted(theirs - ours)[:3]}, only ours {sorted(ours - theirs)[:3]}"
+        )
+    return emit(
+        bench="untagged",
+        driver="filesystem",
+        blobs=counts["blobs"],
+        repositories=counts["repositories"],
+        manifests=counts["manifests"],
+        untagged_manifests=api_doc["summary"]["manifests"],
+        candidates=len(theirs),
+        agree=True,
+        ours_cli_s=round(cli_s, 3),
+        ours_api_s=round(api_s, 3),
+        peer_s=round(peer_s, 3),
+        ratio_cli=round(peer_s / cli_s, 2),
+        ratio_api=round(peer_s / api_s, 2),
+        goal_ratio=GOAL_CHECK_RATIO,
+        runs={
+            "cli": [round(s, 3) for s in cli_all],
+            "api": [round(s, 3) for s in api_all],
+            "peer": [round(s, 3) for s in peer_all],
+        },
     )
 
 
@@ -499,7 +562,8 @@ def bench_verify(work: Path, blobs: int, times: int) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "command", choices=("all", "check", "rss", "delete", "status", "s3", "verify")
+        "command",
+        choices=("all", "check", "rss", "delete", "status", "s3", "verify", "untagged"),
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pruned-bench"))
     parser.add_argument("--blobs", type=int, action="append", help="store sizes (repeatable)")
@@ -539,8 +603,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan += [("status", n) for n in sizes or (500_000,)]
     if args.command in ("all", "verify"):
         plan += [("verify", n) for n in sizes or (50_000,)]
+    if args.command in ("all", "untagged"):
+        plan += [("untagged", n) for n in sizes or (50_000,)]
     for _bench, n in plan:
-        store(args.work, n)  # all stores first: generating is not measured
+        # all stores first: generating is not measured
+        store(args.work, n, revisions=5 if _bench == "untagged" else 1)
     results: list[dict[str, Any]] = []
     for _ in range(args.repeat):
         for bench, n in plan:
@@ -552,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(bench_delete(args.work, n))
             elif bench == "verify":
                 results.append(bench_verify(args.work, n, args.times))
+            elif bench == "untagged":
+                results.append(bench_untagged(args.work, n, args.times))
             else:
                 results.append(bench_status(args.work, n))
     summarize(results)

@@ -1,6 +1,10 @@
 """S3 benchmarks on a local SeaweedFS, against distribution's garbage-collect, in one run.
 
     python bench/s3_check.py [--blobs 50000] [--repeats 3] [--work DIR] [--no-delete]
+                             [--untagged]
+
+With ``--untagged`` the store's tags were each pushed 5 times (bench/synth.py --revisions 5)
+and the contenders are an untagged check and ``garbage-collect --dry-run --delete-untagged``.
 
 One run measures, on one bucket: the daemon's check (CLI wall time and peak RSS, the API of a
 ``serve`` process, the engine in process for its phases), ``docker-registry garbage-collect
@@ -70,10 +74,10 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
-def store_objects(blobs: int) -> tuple[dict[str, bytes], dict[str, int]]:
+def store_objects(blobs: int, revisions: int = 1) -> tuple[dict[str, bytes], dict[str, int]]:
     """bench/run.py's store of about ``blobs`` blobs, made in memory as bucket keys, with the
     images chosen as deleted gone as the registry's API deletes them; and its counts."""
-    plan = plan_for(Path("."), blobs, repos_for(blobs), 5, 0.1, 1)
+    plan = plan_for(Path("."), blobs, repos_for(blobs), 5, 0.1, 1, revisions)
     processes = os.cpu_count() or 2  # bench/run.py's cut, so the same content as its store
     objects: dict[str, bytes] = {}
     for part in made(plan, processes, in_memory):
@@ -108,17 +112,21 @@ def _tag_dir(key: str) -> str | None:
     return f"{head}/_manifests/tags/{rest.split('/', 1)[0]}/" if found else None
 
 
-def bucket_for(blobs: int) -> str:
-    return f"bench-{blobs}"
+def revisions_of(args: argparse.Namespace) -> int:
+    return 5 if args.untagged else 1
+
+
+def bucket_for(blobs: int, revisions: int = 1) -> str:
+    return f"bench-{blobs}" if revisions == 1 else f"bench-{blobs}-r{revisions}"
 
 
 def weed_dir(args: argparse.Namespace) -> Path:
-    return args.work / f"weed-{args.blobs}"
+    return args.work / f"weed-{bucket_for(args.blobs, revisions_of(args)).removeprefix('bench-')}"
 
 
 def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
     """SeaweedFS started, and the bucket of the synthetic store made complete."""
-    bucket = bucket_for(args.blobs)
+    bucket = bucket_for(args.blobs, revisions_of(args))
     # one SeaweedFS per store: its filer slows down with every object it holds, and the
     # 1M bucket next to the 50k one made the 50k check's requests cost ~1.7 times the CPU
     weed = SeaweedFS(workdir=weed_dir(args)).start()
@@ -131,7 +139,7 @@ def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
     objects: dict[str, bytes] = {}
     if not complete.exists() or not meta.exists():
         # the whole store in memory (~1 GB at a million blobs): only when the bucket needs it
-        objects, counts = store_objects(args.blobs)
+        objects, counts = store_objects(args.blobs, revisions_of(args))
         meta.write_text(json.dumps(counts))
     if not complete.exists():
         # a million keys take minutes to list: done only when the last run may have changed
@@ -225,21 +233,23 @@ def floor(weed: SeaweedFS, bucket: str) -> int:
     return count
 
 
-def peer(config: Path) -> tuple[set[str], int]:
+def peer(config: Path, untagged: bool = False) -> tuple[set[str], int]:
     """garbage-collect --dry-run: its candidates and its peak RSS (KiB)."""
-    child = run_child([*PEER_CHECK, str(config)], peer_env())
+    extra = ["--delete-untagged"] if untagged else []
+    child = run_child([*PEER_CHECK, *extra, str(config)], peer_env())
     return {m.decode() for m in ELIGIBLE.findall(child.stdout)}, child.max_rss_kb
 
 
-def cli_check(config: Path, state: Path) -> tuple[int, int]:
+def cli_check(config: Path, state: Path, untagged: bool = False) -> tuple[int, int]:
     """``python -m daemon check``: its candidate count and its peak RSS (KiB)."""
-    child = run_child(ours_cmd("check", config, state))
+    child = run_child(ours_cmd("check", config, state, *(["--untagged"] if untagged else [])))
     return would_delete(child.stdout), child.max_rss_kb
 
 
-def api_check(daemon: Daemon) -> set[str]:
+def api_check(daemon: Daemon, untagged: bool = False) -> set[str]:
     """POST /prune?mode=check&wait=true to a serve process, then its candidates."""
-    status, _h, body = daemon.request("POST", "/prune?mode=check&wait=true", timeout=7200)
+    query = "mode=check&wait=true" + ("&untagged=true" if untagged else "")
+    status, _h, body = daemon.request("POST", f"/prune?{query}", timeout=7200)
     doc = json.loads(body)
     if status >= 300 or doc.get("state") != "succeeded":
         raise SystemExit(f"API check: {status} {body[:500]!r}")
@@ -247,7 +257,7 @@ def api_check(daemon: Daemon) -> set[str]:
     return {json.loads(line)["digest"] for line in body.splitlines() if line}
 
 
-async def engine_check(config: Path) -> tuple[set[str], dict[str, float]]:
+async def engine_check(config: Path, untagged: bool = False) -> tuple[set[str], dict[str, float]]:
     """The engine in process: the candidates, and seconds spent in each phase."""
     settings = load_settings(config, env={})
     log = logs.make_logger("warning", "json", sys.stderr)
@@ -261,7 +271,7 @@ async def engine_check(config: Path) -> tuple[set[str], dict[str, float]]:
     engine = Engine(
         storage,
         StorageSource(settings.workers, log),
-        RunOptions(mode=CHECK, grace=0),
+        RunOptions(mode=CHECK, grace=0, untagged=untagged),
         progress,
         on_candidate=collect,
         log=log,
@@ -325,6 +335,11 @@ def main() -> None:
         action="store_true",
         help="only the CLI check: time and peak RSS (a million blobs: the peer takes ~40 min)",
     )
+    parser.add_argument(
+        "--untagged",
+        action="store_true",
+        help="tags pushed 5 times; an untagged check against garbage-collect --delete-untagged",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -345,10 +360,10 @@ def main() -> None:
         api_pid = daemon.proc.pid if daemon.proc is not None else None
         tools: dict[str, Callable[[], Any]] = {
             "floor": lambda: floor(weed, bucket),
-            "ours_cli": lambda: cli_check(config, state),
-            "ours_api": lambda: api_check(daemon),
-            "ours_engine": lambda: asyncio.run(engine_check(config)),
-            "peer": lambda: peer(config),
+            "ours_cli": lambda: cli_check(config, state, args.untagged),
+            "ours_api": lambda: api_check(daemon, args.untagged),
+            "ours_engine": lambda: asyncio.run(engine_check(config, args.untagged)),
+            "peer": lambda: peer(config, args.untagged),
         }
         if args.ours_only:
             tools = {"ours_cli": tools["ours_cli"]}

@@ -1,6 +1,10 @@
 """Synthetic registry store: real digests, real schema2 manifests, distribution's layout.
 
     python bench/synth.py DIR --blobs 50000 [--repos 200] [--layers 5] [--orphans 0.1]
+                          [--revisions 1]
+
+With ``--revisions N`` each tag is pushed N times: its last manifest is current, the others
+are old revisions in its history (untagged, what ``--untagged`` reclaims).
 
 Writes ``DIR/docker/registry/v2/...`` so that ``docker-registry garbage-collect`` reads it.
 All files get an mtime two days old, so a grace period does not hide the orphans.
@@ -41,6 +45,7 @@ class Plan:
     shared: int
     orphans: int
     seed: int
+    revisions: int = 1  # manifests per tag: the last is current, the others old revisions
 
 
 V2 = "docker/registry/v2"
@@ -132,8 +137,10 @@ def repo_objects(plan: Plan, first: int, last: int) -> Objects:
             mhex, path, data = _blob(json.dumps(manifest, indent=3).encode())
             yield path, data
             yield _link(f"{repo}/_manifests/revisions/sha256/{mhex}/link", mhex)
-            yield _link(f"{repo}/_manifests/tags/v{m}/current/link", mhex)
-            yield _link(f"{repo}/_manifests/tags/v{m}/index/sha256/{mhex}/link", mhex)
+            tag = f"v{m // plan.revisions}"
+            # a tag's later push overwrites its current link: the last one written stays
+            yield _link(f"{repo}/_manifests/tags/{tag}/current/link", mhex)
+            yield _link(f"{repo}/_manifests/tags/{tag}/index/sha256/{mhex}/link", mhex)
             for h in [config_hex, *(h for h, _ in layers)]:
                 yield _link(f"{repo}/_layers/sha256/{h}/link", h)
 
@@ -186,13 +193,23 @@ def in_memory(make: Maker, *args: object) -> dict[str, bytes]:
     return {f"{V2}/{path}": data for path, data in make(*args)}
 
 
-def plan_for(root: Path, blobs: int, repos: int, layers: int, orphans: float, seed: int) -> Plan:
+def plan_for(
+    root: Path,
+    blobs: int,
+    repos: int,
+    layers: int,
+    orphans: float,
+    seed: int,
+    revisions: int = 1,
+) -> Plan:
     """Size a plan so the store holds about ``blobs`` blobs."""
     per_manifest = layers + 1  # layers - 1 unique + config + manifest
     orphan_count = int(blobs * orphans)
     manifests = max(1, (blobs - orphan_count) // per_manifest)
     per_repo = max(1, manifests // repos)
-    return Plan(str(root), repos, per_repo, layers, max(1, repos // 4), orphan_count, seed)
+    return Plan(
+        str(root), repos, per_repo, layers, max(1, repos // 4), orphan_count, seed, revisions
+    )
 
 
 def generate(plan: Plan, processes: int = 2) -> dict[str, int]:
@@ -217,10 +234,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--orphans", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--revisions", type=int, default=1, help="manifests per tag")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
     started = time.monotonic()
-    plan = plan_for(args.root, args.blobs, args.repos, args.layers, args.orphans, args.seed)
+    plan = plan_for(
+        args.root, args.blobs, args.repos, args.layers, args.orphans, args.seed, args.revisions
+    )
     counts = generate(plan, args.processes)
     counts["seconds"] = round(time.monotonic() - started, 1)
     print(json.dumps(counts))

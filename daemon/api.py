@@ -25,13 +25,14 @@ from daemon.origin import OriginGuard, allowed_host_names
 from daemon.prune import CHECK, DELETE, RunOptions, Summary
 from daemon.readiness import Readiness
 from daemon.report import Ending, summary_lines
+from daemon.retention import REVISION_PARAMS, PolicyError, revision_options
 from daemon.runs import RUNNING, Busy, Run, RunManager, manager_for
 from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
 from daemon.storage.base import Storage
 from daemon.verify import RECOVER, VERIFY
 
-PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "apply", "usage"}
+PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "apply", "usage", *REVISION_PARAMS}
 MODES = (CHECK, DELETE, VERIFY, RECOVER)
 MANAGER = web.AppKey("manager", RunManager)
 SETTINGS = web.AppKey("settings", Settings)
@@ -86,6 +87,7 @@ def _text(run: Run) -> str:
         error=doc.get("error"),
         grace=doc.get("grace_seconds"),
         upload_max_age=doc.get("upload_max_age_seconds"),
+        revisions_pruned="untagged" in doc,
     )
     lines = summary_lines(doc["mode"], summary, ending)
     if doc["state"] == RUNNING:
@@ -130,6 +132,15 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
     wait = _bool(query.get("wait", "false"), "wait")
     # per-repository usage of a check (on by default): on a filesystem it stats every blob
     usage = _bool(query.get("usage", "true"), "usage")
+    try:
+        untagged, retention = revision_options(
+            _bool(query.get("untagged", "false"), "untagged"),
+            {name: query[name] for name in REVISION_PARAMS if name in query and name != "untagged"},
+            mode,
+            source,
+        )
+    except PolicyError as exc:
+        raise BadRequest(str(exc)) from None
     options = RunOptions(
         mode=mode,
         grace=grace,
@@ -138,6 +149,8 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         registry_read_only=settings.registry_read_only,
         apply=apply,
         usage=usage,
+        untagged=untagged,
+        retention=retention,
     )
     return mode, source, options, wait
 
@@ -198,6 +211,12 @@ async def get_run(request: web.Request) -> web.Response:
 async def candidates(request: web.Request) -> web.StreamResponse:
     run = _find(request)
     return await _follow(request, run, request.app[MANAGER].candidates_path(run.id))
+
+
+async def removed_manifests(request: web.Request) -> web.StreamResponse:
+    """/runs/<id>/manifests: revisions an untagged/retention run removes (or would)."""
+    run = _find(request)
+    return await _follow(request, run, request.app[MANAGER].manifests_path(run.id))
 
 
 async def findings(request: web.Request) -> web.StreamResponse:
@@ -420,6 +439,7 @@ def make_app(
     app.router.add_get("/runs", list_runs)
     app.router.add_get("/runs/{id}", get_run)
     app.router.add_get("/runs/{id}/candidates", candidates)
+    app.router.add_get("/runs/{id}/manifests", removed_manifests)
     app.router.add_get("/runs/{id}/broken", findings)
     app.router.add_get("/runs/{id}/lost-found", findings)
     add_listing_routes(app.router, STORAGE)

@@ -19,6 +19,7 @@ from daemon.findings import Finding
 from daemon.listings import LISTINGS, print_listing
 from daemon.prune import CHECK, DELETE, RunOptions
 from daemon.report import Ending, summary_lines
+from daemon.retention import PolicyError, Retention, add_revision_flags, revision_options
 from daemon.runs import STOPPED, SUCCEEDED, Run, RunManager, manager_for
 from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
@@ -152,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also print per-repository usage: exclusive and shared bytes (storage source)",
             )
+        if name in (CHECK, DELETE):
+            add_revision_flags(one)
         if name == DELETE:
             one.add_argument(
                 "--online",
@@ -170,6 +173,19 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("repository", nargs="?", help="for manifests: one repository only")
     listing.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
     return parser
+
+
+def _revision_options(args: argparse.Namespace, source: str) -> tuple[bool, Retention]:
+    given = {
+        name: getattr(args, name, None)
+        for name in ("keep_last", "keep_younger_than", "keep_tags", "repositories")
+    }
+    return revision_options(
+        getattr(args, "untagged", False),
+        {k: v for k, v in given.items() if v is not None},
+        args.command,
+        source,
+    )
 
 
 def _operator_storage(args: argparse.Namespace) -> dict[str, object]:
@@ -239,7 +255,13 @@ def _lines(mode: str, run: Run, ending: Ending) -> list[str]:
 
 
 async def run_once(
-    settings: Settings, mode: str, online: bool, apply: bool = False, usage: bool = False
+    settings: Settings,
+    mode: str,
+    online: bool,
+    apply: bool = False,
+    usage: bool = False,
+    untagged: bool = False,
+    retention: Retention | None = None,
 ) -> int:
     """One run, recorded in the state directory like the daemon's; summary on stdout, logs on
     stderr; the exit status."""
@@ -258,6 +280,8 @@ async def run_once(
         registry_read_only=settings.registry_read_only,
         apply=apply,
         usage=usage,
+        untagged=untagged,
+        retention=retention or Retention(),
     )
     try:
         await manager.load()
@@ -292,6 +316,7 @@ async def run_once(
         error=run.error,
         grace=settings.grace,
         upload_max_age=settings.upload_max_age,
+        revisions_pruned=options.revisions_pruned,
     )
     if run.state == SUCCEEDED:
         print("\n".join(_lines(mode, run, ending)))
@@ -360,6 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings)
     if args.command == "list":
         return asyncio.run(print_listing(settings, args.what, args.repository))
+    try:
+        untagged, retention = _revision_options(args, settings.source)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return asyncio.run(
         run_once(
             settings,
@@ -367,5 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             getattr(args, "online", False),
             getattr(args, "apply", False),
             getattr(args, "usage", False),
+            untagged,
+            retention,
         )
     )

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from daemon.retention import add_revision_flags
 from daemon.units import bytes_size
 
 DEFAULT_URL = "http://127.0.0.1:8099"
@@ -239,6 +240,9 @@ def cmd_run(daemon: Daemon, args: argparse.Namespace) -> int:
         query["online"] = "true"
     if args.untagged:
         query["untagged"] = "true"
+    for name in ("keep_last", "keep_younger_than", "keep_tags", "repositories"):
+        if getattr(args, name) is not None:
+            query[name] = getattr(args, name)
     for item in args.param or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -348,7 +352,7 @@ def add_parsers(sub: Any) -> None:
     run.add_argument("--grace", help="e.g. 30m (default: the daemon's)")
     run.add_argument("--source", choices=("storage", "openshift"))
     run.add_argument("--online", action="store_true", help="delete without read-only mode")
-    run.add_argument("--untagged", action="store_true", help="also remove untagged manifests")
+    add_revision_flags(run)
     run.add_argument(
         "--param", action="append", metavar="KEY=VALUE", help="any other /prune query option"
     )

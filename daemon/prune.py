@@ -11,7 +11,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
 from daemon.quarantine import PREFIX as QUARANTINE
 from daemon.quarantine import Quarantine
+from daemon.retention import Retention
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import RUN_LOG, DeleteFailure, Storage, StorageError
 from daemon.usage import UsageTally
@@ -67,6 +68,8 @@ class Summary:
     uploads_kept: int = 0  # younger than the upload age limit
     too_young: int = 0
     failed: int = 0
+    tags: int = 0  # untagged/retention runs: tags removed (or that would be)
+    manifests: int = 0  # untagged/retention runs: revisions removed (or that would be)
 
     def document(self) -> dict[str, int]:
         return asdict(self)
@@ -83,6 +86,15 @@ class RunOptions:
     lease_ttl: float = 60.0  # seconds the store's delete lease lasts without a renewal
     apply: bool = False  # recover: create the ImageStreamMappings, not only list them
     usage: bool = True  # a check also computes per-repository usage (sources that can)
+    untagged: bool = False  # also remove revisions no kept tag reaches (daemon/untagged.py)
+    retention: Retention = field(
+        default_factory=Retention
+    )  # tags to drop first (daemon/retention.py)
+
+    @property
+    def revisions_pruned(self) -> bool:
+        """An untagged or retention run: tags and revisions may go, not only blobs."""
+        return self.untagged or self.retention.active
 
 
 class Pruner(ABC):
@@ -95,6 +107,11 @@ class Pruner(ABC):
     @abstractmethod
     async def remove_blobs(self, storage: Storage, hexes: Sequence[str]) -> list[DeleteFailure]:
         """Remove blobs."""
+
+    async def remove_tags(self, storage: Storage, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        """Remove tag directories and tag history entries (untagged/retention runs); as
+        ``remove`` unless a strategy keeps them apart (restore puts tags back last)."""
+        return await self.remove(storage, prefixes)
 
 
 class DryRun(Pruner):
@@ -131,6 +148,9 @@ class Engine:
 
     # verify and recover (set after construction, like the summary, by whoever records them)
     on_finding: Callable[[Finding], None] = staticmethod(lambda _f: None)
+    #: told each revision an untagged/retention run removes (or would): daemon.untagged.Removal
+    on_manifest: Callable[[Any], None] = staticmethod(lambda _r: None)
+    untagged_plan: Any = None  # daemon.untagged.Plan, once the mark phase made it
     verification: Verification | None = None
     recovery: Any = None  # daemon.recover.Recovered, for recover runs
     #: the typed manifest parse verify trusts (module-level: reader processes run it); the
@@ -243,6 +263,13 @@ class Engine:
         """Raise ReadOnlyRefused where this run must not start: known before it does."""
         if self.options.mode != DELETE:
             return
+        if self.options.online and self.options.revisions_pruned:
+            raise ReadOnlyRefused(
+                "untagged and retention deletes are not offered in online mode: a push during "
+                "the run could tag a revision this run is removing",
+                "put the registry in read-only mode, run the delete without online=true "
+                "(--online), then switch it back",
+            )
         if self.options.online:
             if self.source.online_refusal:
                 raise ReadOnlyRefused(self.source.online_refusal, self.source.online_hint)
@@ -307,16 +334,59 @@ class Engine:
     async def mark(self, inventory: Inventory) -> Marks:
         """Phase 2: the reference source builds the in-use set."""
         self.progress.enter("mark")
+        if self.options.revisions_pruned:
+            await self._plan_untagged(inventory)
         repos = inventory.repositories.values()
         self.progress.manifests_total = sum(len(r.revisions) for r in repos)
         self.source.usage_wanted = self.options.mode == CHECK and self.options.usage
-        marks = await self.source.mark(inventory, self.storage, self.progress)
+        storage = self.storage
+        if self.untagged_plan is not None:
+            storage = self.untagged_plan.storage_for_mark(storage)
+        marks = await self.source.mark(inventory, storage, self.progress)
         self.notes.extend(marks.notes)
         for note in marks.notes:
             self.log.warning("mark", note=note)
         self.log.info("marked", in_use=len(marks.in_use))
         self._check_stop()
         return marks
+
+    async def _plan_untagged(self, inventory: Inventory) -> None:
+        """Decide which tags and revisions go; the mark then reads only what stays."""
+        from daemon.untagged import Planner
+
+        if self.source.name != "storage":
+            raise SourceError(
+                f"untagged and retention runs need the storage source, not {self.source.name}"
+            )
+        planner = Planner(
+            self.storage, self.options.retention, self.started, self.log, self.storage.concurrency
+        )
+        plan = self.untagged_plan = await planner.plan(inventory)
+        for note in plan.notes:
+            self.notes.append(note)
+            self.log.warning("untagged", note=note)
+        for repo, tag in plan.dropped:
+            inventory.repositories[repo].tags.discard(tag)
+        for removal in plan.removals:
+            inventory.repositories[removal.repository].revisions.discard(removal.hex)
+        self.log.info("untagged planned", tags=len(plan.dropped), manifests=len(plan.removals))
+
+    async def _remove_untagged(self) -> None:
+        """Dropped tags, history entries, then revision links, all through the Pruner."""
+        from daemon.untagged import Remover
+
+        remover = Remover(
+            self.storage,
+            self.pruner,
+            self.options.mode == DELETE,
+            self.log,
+            self._count_failures,
+            self.on_manifest,
+        )
+        tags, manifests_ = await remover.apply(self.untagged_plan)
+        self.summary.tags += tags
+        self.summary.manifests += manifests_
+        self._check_stop()
 
     async def sweep(self, marks: Marks) -> list[Candidate]:
         """Phase 3: every blob not in use is a candidate unless it is too young.
@@ -401,6 +471,8 @@ class Engine:
         """Phase 4: repositories and manifest links, stale uploads, then blobs in batches."""
         self.progress.enter("delete" if self.options.mode == DELETE else "report")
         self._check_lease()
+        if self.untagged_plan is not None:
+            await self._remove_untagged()
         await self._remove_repositories(inventory, marks)
         await self._remove_uploads(inventory)
         if not candidates:

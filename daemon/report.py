@@ -26,6 +26,8 @@ class Ending:
     error: str | None = None
     grace: float | None = None
     upload_max_age: float | None = None
+    #: an untagged/retention run: its manifest and tag lines come first, zero or not
+    revisions_pruned: bool = False
 
 
 def summary_lines(mode: str, summary: Summary, ending: Ending | None = None) -> list[str]:
@@ -39,15 +41,19 @@ def summary_lines(mode: str, summary: Summary, ending: Ending | None = None) -> 
             f"{_run(ending)} {ending.state} during {ending.phase}: nothing was decided"
             + _cause(ending)
         ]
+    verb = "Deleted" if deleting else "Would delete"
+    lines: list[str] = []
+    if ending.revisions_pruned or summary.manifests or summary.tags:
+        lines += [f"{verb} {summary.manifests} manifests", f"{verb} {summary.tags} tags"]
     if deleting:
         # the original pruner's exact words, plural or not: scripts parse them
-        lines = [
+        lines += [
             f"Deleted {summary.blobs} blobs",
             f"Freed up {bytes_size(summary.bytes)} of disk space",
         ]
         verb = "Deleted"
     else:
-        lines = [
+        lines += [
             f"Would delete {summary.blobs} blobs",
             f"Would free up {bytes_size(summary.bytes)} of disk space",
         ]

@@ -105,12 +105,19 @@ class Run:
             "grace_seconds": self.options.grace,
             "upload_max_age_seconds": self.options.upload_max_age,
             "online": self.options.online,
+            **self._revision_options(),
             "progress": progress,
             "summary": self.summary.document(),
             "notes": self.notes[:100],
             "error": self.error,
             **self._findings(),
         }
+
+    def _revision_options(self) -> dict[str, Any]:
+        """untagged/retention runs say so (other runs' documents stay as they were)."""
+        if not self.options.revisions_pruned:
+            return {}
+        return {"untagged": self.options.untagged, "retention": self.options.retention.document()}
 
     def _findings(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -237,6 +244,10 @@ class RunManager:
     def candidates_path(self, run_id: str) -> Path:
         return self.dir / f"{run_id}.candidates.ndjson"
 
+    def manifests_path(self, run_id: str) -> Path:
+        """Revisions an untagged/retention run removes (or would): GET /runs/<id>/manifests."""
+        return self.dir / f"{run_id}.manifests.ndjson"
+
     def findings_path(self, run_id: str) -> Path:
         """Broken images (verify, and delete runs' verification) or lost manifests (recover)."""
         return self.dir / f"{run_id}.findings.ndjson"
@@ -262,6 +273,7 @@ class RunManager:
                 self.candidates_path(old.id),
                 self.lock_path(old.id),
                 self.findings_path(old.id),
+                self.manifests_path(old.id),
                 self.usage_path(old.id),
             ):
                 with contextlib.suppress(OSError):
@@ -345,7 +357,17 @@ class RunManager:
             findings.append(json.dumps(finding.document()))
             self.on_finding(finding)
 
+        removed: list[str] = []
+        manifests_path = self.manifests_path(run.id)
+
+        def on_manifest(removal: Any) -> None:
+            removed.append(json.dumps(removal.document()))
+
         async def flush() -> None:
+            if removed:
+                lines = "\n".join(removed) + "\n"
+                removed.clear()
+                await asyncio.to_thread(_append, manifests_path, lines)
             if buffer:
                 lines = "\n".join(buffer) + "\n"
                 buffer.clear()
@@ -369,6 +391,8 @@ class RunManager:
 
         await asyncio.to_thread(_append, path, "")
         await asyncio.to_thread(_append, findings_path, "")
+        if run.options.revisions_pruned:
+            await asyncio.to_thread(_append, manifests_path, "")
         source: ReferenceSource | None = None
         background = asyncio.create_task(saver())
         state, error = FAILED, None
@@ -390,6 +414,7 @@ class RunManager:
             )
             engine.summary = run.summary
             engine.on_finding = on_finding
+            engine.on_manifest = on_manifest
             log.info(
                 "run started",
                 grace=run.options.grace,
