@@ -87,9 +87,8 @@ class RunOptions:
     apply: bool = False  # recover: create the ImageStreamMappings, not only list them
     usage: bool = True  # a check also computes per-repository usage (sources that can)
     untagged: bool = False  # also remove revisions no kept tag reaches (daemon/untagged.py)
-    retention: Retention = field(
-        default_factory=Retention
-    )  # tags to drop first (daemon/retention.py)
+    #: tags to drop first (daemon/retention.py)
+    retention: Retention = field(default_factory=Retention)
 
     @property
     def revisions_pruned(self) -> bool:
@@ -386,6 +385,13 @@ class Engine:
         tags, manifests_ = await remover.apply(self.untagged_plan)
         self.summary.tags += tags
         self.summary.manifests += manifests_
+        if remover.failed:
+            # the mark left out everything the plan removes: a tag or revision that stayed
+            # would name blobs the sweep found unused. No blob goes in this run
+            raise RunFailed(
+                f"{remover.failed} tag or manifest removals failed (see the log); no blob was "
+                "deleted. Run again"
+            )
         self._check_stop()
 
     async def sweep(self, marks: Marks) -> list[Candidate]:

@@ -366,6 +366,11 @@ class Remover:
         self.log = log
         self.count_failures = count_failures
         self.on_manifest = on_manifest
+        self.failed = 0  # removals that did not happen (failed, or refused through a link)
+
+    def _failures(self, failures: list[DeleteFailure]) -> None:
+        self.failed += len(failures)
+        self.count_failures(failures)
 
     async def apply(self, plan: Plan) -> tuple[int, int]:
         """Remove what ``plan`` names; (tags, manifests) removed (or that would be)."""
@@ -375,7 +380,7 @@ class Remover:
             part = plan.dropped[start : start + 1000]
             prefixes = [tag_dir(repo, tag) for repo, tag in part]
             failures = await self.pruner.remove_tags(self.storage, prefixes)  # type: ignore[attr-defined]
-            self.count_failures(failures)
+            self._failures(failures)
             failed = {f.key for f in failures}
             for (repo, tag), prefix in zip(part, prefixes, strict=True):
                 if prefix in failed:
@@ -396,7 +401,7 @@ class Remover:
             part = removals[start : start + 1000]
             prefixes = [layout.revision_dir(r.repository, r.hex) for r in part]
             failures = await self.pruner.remove(self.storage, prefixes)  # type: ignore[attr-defined]
-            self.count_failures(failures)
+            self._failures(failures)
             failed = {f.key for f in failures}
             for removal, prefix in zip(part, prefixes, strict=True):
                 if prefix in failed:
@@ -433,4 +438,4 @@ class Remover:
             failures = await self.pruner.remove_tags(  # type: ignore[attr-defined]
                 self.storage, prefixes[start : start + 1000]
             )
-            self.count_failures(failures)
+            self._failures(failures)
