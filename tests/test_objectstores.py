@@ -188,6 +188,49 @@ async def run_engine(
 
 
 @pytest.mark.parametrize("part", PARTS)
+def test_a_small_store_lists_its_blobs_once_and_a_second_ask_lists_afresh(
+    part: str, emulators: dict[str, Emulator], shared: tuple[Registry, Scenario]
+) -> None:
+    registry, _scenario = shared
+    emulator = emulators[part]
+    name = seeded(emulator, registry, "flat")
+    stored = blobs_in(emulator, name)
+
+    def listings(proxy: FaultProxy) -> int:
+        return sum(
+            1
+            for s in proxy.seen
+            if s.method == "GET"
+            and ("comp=list" in s.path_qs or s.path_qs.partition("?")[0].endswith("/o"))
+        )
+
+    async def scenario_run() -> None:
+        async with FaultProxy(emulator.host_url) as proxy:  # type: ignore[attr-defined]
+            storage = driver(emulator, name, proxy.url)
+            try:
+                storage.warm_up()  # a run starts
+                listed = set()
+                for shard in layout.SHARDS:
+                    found = await storage.list_blob_shard(shard)
+                    listed |= {"sha256:" + entry.hex for entry in found}
+                    assert all(entry.hex.startswith(shard) for entry in found)
+                assert listed == stored
+                # the store fits in one page: one listing of blobs/, not 256
+                assert listings(proxy) == 1
+                # a shard is served from that page once: asked again, it is listed again
+                data = b"a blob written after the listing"
+                digest = hashlib.sha256(data).hexdigest()
+                emulator.put(name, f"{ROOT}/{layout.V2_ROOT}/{layout.blob_data(digest)}", data)
+                again = await storage.list_blob_shard(digest[:2])
+                assert digest in {entry.hex for entry in again}
+                assert listings(proxy) == 2
+            finally:
+                await storage.close()
+
+    asyncio.run(scenario_run())
+
+
+@pytest.mark.parametrize("part", PARTS)
 def test_faults_while_marking_give_the_same_answer_or_fail_closed(
     part: str, emulators: dict[str, Emulator], shared: tuple[Registry, Scenario]
 ) -> None:
