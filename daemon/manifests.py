@@ -8,6 +8,7 @@ manifests that way): case-insensitively, the last match winning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -183,6 +184,15 @@ def parse(data: bytes) -> References:
         return _parse(json.loads(data, object_pairs_hook=_ordered_pairs))
     except _Ambiguous as exc:  # pragma: no cover - the hook leaves one key per folded name
         raise ManifestError(f"ambiguous key {exc}") from None
+
+
+def parse_loaded(doc: Any, data: bytes) -> References:
+    """``parse`` of ``data``, whose JSON the caller has already loaded as ``doc`` (verify
+    reads the document for itself too: one load, not two)."""
+    if isinstance(doc, dict):
+        with contextlib.suppress(_Ambiguous):
+            return _parse(doc)
+    return parse(data)  # refused or ambiguous: parse words the error and reads in order
 
 
 def _parse(doc: dict[str, Any]) -> References:

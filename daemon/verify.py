@@ -27,6 +27,7 @@ VERIFY = "verify"
 RECOVER = "recover"
 MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
 CHUNK = 128
+TAG_CHUNK = 512  # a tag link is ~71 bytes: the call, not the data, is what costs
 EXAMPLES = 10
 T = TypeVar("T")
 R = TypeVar("R")
@@ -195,14 +196,13 @@ class StoreVerifier:
 
         self._tag_targets: list[tuple[str, str, bytes]] = []
         # links and the manifests they name in one pipeline, as the mark phase reads them:
-        # each chunk's new manifests are read by the worker that read its links
-        work: list[Callable[[], Awaitable[list[bytes]]]] = []
-        rev_chunks, tag_chunks = chunked(revisions), chunked(tags)
-        for i in range(max(len(rev_chunks), len(tag_chunks))):
-            if i < len(rev_chunks):
-                work.append(functools.partial(read_revisions, rev_chunks[i]))
-            if i < len(tag_chunks):
-                work.append(functools.partial(read_tags, tag_chunks[i]))
+        # each chunk's new manifests are read by the worker that read its links. Tags come
+        # last, in larger chunks: what they name is nearly always a revision read by then,
+        # so a tag chunk is one small read per tag and no manifest (fewer calls to readers)
+        work: list[Callable[[], Awaitable[list[bytes]]]] = [
+            *(functools.partial(read_revisions, chunk) for chunk in chunked(revisions)),
+            *(functools.partial(read_tags, chunk) for chunk in chunked(tags, TAG_CHUNK)),
+        ]
 
         async def links_then_manifests(step: Callable[[], Awaitable[list[bytes]]]) -> None:
             named = [raw for raw in await step() if raw not in self.facts]
@@ -247,7 +247,8 @@ class StoreVerifier:
             following: set[bytes] = set()
             for raw in pending:
                 facts = self.facts[raw]
-                if facts is not None:
+                # most manifests name neither (images, not lists or referrers)
+                if facts is not None and (facts.children or facts.subjects):
                     following.update(_digests(facts.children))
                     following.update(_digests(facts.subjects))
             pending = sorted(d for d in following if d not in self.facts)
@@ -258,23 +259,29 @@ class StoreVerifier:
 
     async def _presence(self) -> None:
         """Which referenced blobs have data, and their sizes: one pass per blob shard."""
-        wanted: dict[int, set[bytes]] = {}
-        prior = self.prior
-        trusted = prior is not None and self.storage.listing_proves_data
+        referenced: set[bytes] = set()  # each blob once, however many images share it
         for facts in self.facts.values():
             if facts is None:
                 continue
-            candidates = _digests(facts.blobs)
-            candidates += [layout.parse_digest(x) for x in facts.loose if x.startswith("sha256:")]
-            for raw in candidates:
-                if raw in self.facts and self.facts[raw] is not None:
-                    self.present[raw] = self.facts[raw].length  # type: ignore[union-attr]
-                    continue
-                # the sweep listed this in-use digest's whole shard: it has data
-                if trusted and prior and raw[0] in prior.complete and raw in prior.in_use:
-                    self.present[raw] = None
-                    continue
-                wanted.setdefault(raw[0], set()).add(raw)
+            packed = facts.blobs
+            referenced.update(packed[i : i + 32] for i in range(0, len(packed), 32))
+            referenced.update(
+                layout.parse_digest(x) for x in facts.loose if x.startswith("sha256:")
+            )
+        wanted: dict[int, set[bytes]] = {}
+        prior = self.prior
+        trusted = prior is not None and self.storage.listing_proves_data
+        manifest = self.facts.get
+        for raw in referenced:
+            known = manifest(raw)
+            if known is not None:
+                self.present[raw] = known.length
+                continue
+            # the sweep listed this in-use digest's whole shard: it has data
+            if trusted and prior and raw[0] in prior.complete and raw in prior.in_use:
+                self.present[raw] = None
+                continue
+            wanted.setdefault(raw[0], set()).add(raw)
         self.present.update(await sizes_of(self.storage, wanted, self.progress, self.workers))
 
     async def _named(self, holders: dict[bytes, list[str]]) -> dict[bytes, set[str]]:
@@ -331,39 +338,42 @@ class StoreVerifier:
     def _judge(self, roots: dict[str, set[bytes]], named: dict[bytes, set[str]]) -> None:
         problems: dict[bytes, list[tuple[str, str]]] = {}
         deleted = self.prior.deleted if self.prior is not None else set()
+        present = self.present
 
         def judge(raw: bytes, visiting: frozenset[bytes]) -> list[tuple[str, str]]:
             if raw in problems:
                 return problems[raw]
-            digest = layout.format_digest(raw)
             facts = self.facts.get(raw)
             found: list[tuple[str, str]] = []
             if facts is None:
+                digest = layout.format_digest(raw)
                 found.append((digest, f'image "{digest}": unknown blob'))
                 problems[raw] = found
                 return found
             if facts.error:
                 found.append(("", f"manifest cannot be parsed: {facts.error}"))
-            for blob in _digests(facts.blobs):
-                text = layout.format_digest(blob)
-                if blob not in self.present:
+            blobs = _digests(facts.blobs)
+            wants = facts.sizes or (None,) * (len(blobs) + len(facts.children) // 32)
+            for blob, want in zip(blobs, wants, strict=False):
+                if blob not in present:
+                    text = layout.format_digest(blob)
                     found.append((text, f'image blob "{text}": unknown blob'))
                     continue
-                size, want = self.present[blob], facts.size_of(blob)
+                size = present[blob]
                 if size is not None and want is not None and size != want:
+                    text = layout.format_digest(blob)
                     found.append(
                         ("", f'image blob "{text}": {size} bytes where the manifest says {want}')
                     )
             for text in facts.foreign:
                 if text not in self.foreign_present:
                     found.append((text, f'image blob "{text}": unknown blob'))
-            for child in _digests(facts.children):
+            for child, want in zip(_digests(facts.children), wants[len(blobs) :], strict=True):
                 text = layout.format_digest(child)
                 kid = self.facts.get(child)
                 if kid is None:
                     found.append((text, f'child manifest "{text}": unknown blob'))
                     continue
-                want = facts.size_of(child)
                 if want is not None and want != kid.length:
                     found.append(
                         (

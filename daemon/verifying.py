@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon import layout, manifests
-from daemon.storage.reading import stat_file
+from daemon.storage.model import StorageError
+from daemon.storage.reading import file_path
 
 # any case (matched on the lowered bytes: IGNORECASE made this regex most of a manifest's
 # reading time), anywhere: keys, values, strings inside strings; a longer hex run is no digest
@@ -30,48 +31,49 @@ NOTES = frozenset({"annotations", "history", "labels"})
 TypedParse = Callable[[bytes], manifests.References]
 
 
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """One manifest as verify needs it (compact: it crosses between processes)."""
+class Facts(NamedTuple):
+    """One manifest as verify needs it (a tuple: it crosses between processes, and a
+    dataclass's state took four times as long to pickle and unpickle)."""
 
     length: int
     kind: str = ""
     blobs: bytes = b""  # raw 32-byte digests the typed parse found: config, layers, blobs
     children: bytes = b""  # child manifests of a list/index
     subjects: bytes = b""  # the OCI 1.1 subject a referrer is about
-    sizes: tuple[tuple[str, int], ...] = ()  # descriptor sizes where one is given, by digest
+    #: the size a descriptor gives for each of ``blobs`` then ``children``, in their order
+    #: (None where no descriptor names it); the first descriptor naming a digest wins
+    sizes: tuple[int | None, ...] = ()
     foreign: tuple[str, ...] = ()  # non-sha256 digests the typed parse named
     loose: tuple[str, ...] = ()  # digest strings the typed parse did not explain
     noted: int = 0  # digest strings only in annotations/history: counted, not checked
     error: str = ""  # why the typed parse refused it
 
     def size_of(self, raw: bytes) -> int | None:
-        text = "sha256:" + raw.hex()
-        for digest, size in self.sizes:
-            if digest == text:
-                return size
+        packed = self.blobs + self.children
+        for index, start in enumerate(range(0, len(packed), 32)):
+            if packed[start : start + 32] == raw:
+                return self.sizes[index]
         return None
 
 
-def _descriptor(value: Any) -> tuple[str, int] | None:
-    if not isinstance(value, dict):
-        return None
-    digest, size = value.get("digest"), value.get("size")
-    if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool):
-        return None
-    return digest, size
-
-
-def _sizes(doc: dict[str, Any]) -> tuple[tuple[str, int], ...]:
-    """Descriptor sizes one level down, whatever the key is called."""
-    out: list[tuple[str, int]] = []
+def _sizes(doc: dict[str, Any]) -> dict[str, int]:
+    """Descriptor sizes one level down, whatever the key is called: digest -> first size."""
+    out: dict[str, int] = {}
     for value in doc.values():
-        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list):
+            items = value
+        elif isinstance(value, dict):
+            items = [value]
+        else:
+            continue
         for item in items:
-            found = _descriptor(item)
-            if found is not None:
-                out.append(found)
-    return tuple(out)
+            if not isinstance(item, dict):
+                continue
+            digest, size = item.get("digest"), item.get("size")
+            # type() is int: a JSON true is no size
+            if isinstance(digest, str) and type(size) is int and digest not in out:
+                out[digest] = size
+    return out
 
 
 def _subjects(doc: dict[str, Any]) -> bytes:
@@ -106,7 +108,9 @@ def read_facts(typed: TypedParse, data: bytes) -> Facts:
     refs: manifests.References | None = None
     error = ""
     try:
-        refs = typed(data)
+        # the typed parse reads the bytes itself (a test blinds it); the JSON just loaded
+        # is only lent to the module's own parse, which would load the same document again
+        refs = manifests.parse_loaded(doc, data) if typed is manifests.parse else typed(data)
     except (manifests.ManifestError, ValueError) as exc:
         error = str(exc) or type(exc).__name__
     blobs = b"".join(refs.blobs) if refs else b""
@@ -114,11 +118,8 @@ def read_facts(typed: TypedParse, data: bytes) -> Facts:
     named = (refs.foreign_blobs + refs.foreign_children) if refs else []
     foreign = tuple(f.lower() for f in named)
     subjects = _subjects(doc) if isinstance(doc, dict) else b""
-    explained = {
-        layout.format_digest(part[i : i + 32])
-        for part in (blobs, children, subjects)
-        for i in range(0, len(part), 32)
-    }
+    hexes = (blobs + children + subjects).hex()
+    explained = {"sha256:" + hexes[i : i + 64] for i in range(0, len(hexes), 64)}
     explained.update(foreign)
     if refs is not None and refs.subject and not refs.subject.startswith("sha256:"):
         explained.add(refs.subject.lower())  # a sha384/sha512 subject the parser read
@@ -136,13 +137,20 @@ def read_facts(typed: TypedParse, data: bytes) -> Facts:
             noted = len(hits - outside)
         else:
             loose = hits
+    sizes: tuple[int | None, ...] = ()
+    if isinstance(doc, dict) and (blobs or children):
+        given = _sizes(doc)
+        ends = 2 * (len(blobs) + len(children))  # hex digits of blobs then children
+        sizes = tuple(given.get("sha256:" + hexes[i : i + 64]) for i in range(0, ends, 64))
+    elif blobs or children:
+        sizes = (None,) * ((len(blobs) + len(children)) // 32)
     return Facts(
         length=len(data),
         kind=refs.kind if refs else "",
         blobs=blobs,
         children=children,
         subjects=subjects,
-        sizes=_sizes(doc) if isinstance(doc, dict) else (),
+        sizes=sizes,
         foreign=foreign,
         loose=tuple(sorted(loose)),
         noted=noted,
@@ -152,8 +160,17 @@ def read_facts(typed: TypedParse, data: bytes) -> Facts:
 
 def blob_sizes(base: str, hexes: list[str]) -> list[int | None]:
     """In a reader process: the data size of each blob, None where it has no data."""
+    # one stat per referenced blob is most of verify's extra work on a disk: no Entry, key
+    # or path check per blob (the names are hex digests: nothing to climb out with)
+    blobs = file_path(base, layout.BLOBS)
     out: list[int | None] = []
+    stat = os.stat
     for hexdigest in hexes:
-        entry = stat_file(base, layout.blob_data(hexdigest))
-        out.append(None if entry is None else entry.size)
+        path = f"{blobs}{hexdigest[:2]}/{hexdigest}/data"
+        try:
+            out.append(stat(path, follow_symlinks=False).st_size)
+        except FileNotFoundError:
+            out.append(None)
+        except OSError as exc:
+            raise StorageError(f"cannot stat {path}: {exc.strerror}") from exc
     return out

@@ -81,6 +81,19 @@ class BatchRefused(Exception):
     """The service (an emulator) has no batch delete: delete key by key instead."""
 
 
+@dataclass(slots=True)
+class _FlatBlobs:
+    """The first page of a flat listing of blobs/sha256/: what it holds, by shard."""
+
+    fetched: float  # time.monotonic()
+    covered: set[str]  # shards the page holds whole, not yet served
+    shards: dict[str, list[BlobEntry]]
+
+
+#: seconds a flat first page serves its shards: a run's sweep asks for them at once
+_FLAT_TTL = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Bounded exponential backoff with jitter; the SDKs' own retries are off."""
@@ -181,6 +194,9 @@ class ObjectStore(Storage):
         #: revision links whose content the last repository scan proved (see _proven_link)
         #: by revisions directory, the raw digests (a set of whole keys took ~220 bytes a link)
         self._proven: dict[str, set[bytes]] = {}
+        #: the blob shards the first page of one flat listing of blobs/ held whole (_flat_shards)
+        self._flat: _FlatBlobs | None = None
+        self._flat_lock = asyncio.Lock()
         # never structlog's global default: it prints to stdout, where the CLI's summary goes
         log = log or logs.make_logger("warning", "json", sys.stderr)
         self._log = log.bind(storage=self.description)
@@ -401,10 +417,17 @@ class ObjectStore(Storage):
                 f"(check rootdirectory {self.rootdirectory!r})"
             )
 
+    def warm_up(self) -> None:
+        # a run starts: its sweep lists the blobs afresh
+        self._flat = None
+
     async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
         """One flat listing of ``blobs/sha256/<shard>/``; size and mtime come from it."""
         if len(shard) != 2 or any(c not in "0123456789abcdef" for c in shard):
             raise ValueError(f"not a blob shard: {shard!r}")
+        served = await self._flat_shard(shard)
+        if served is not None:
+            return served
         prefix = self._key(f"{layout.BLOBS}{shard}/")
         cut = len(prefix)
         found: list[BlobEntry] = []
@@ -419,6 +442,52 @@ class ObjectStore(Storage):
                 ):
                     found.append(BlobEntry(hexdigest, size, mtime))
         return found
+
+    async def _flat_shard(self, shard: str) -> list[BlobEntry] | None:
+        """``shard``'s blobs from the first page of a flat listing of ``blobs/sha256/``,
+        where that page held the shard whole; None where a listing of its own is needed.
+
+        A store whose blobs fit in one page (5,000 keys on Azure, 1,000 on S3 and GCS) is
+        listed in one request instead of 256; on a larger one the page spares the shards it
+        covers. Each shard is served once (a later ask, as verify's after a delete, lists
+        afresh), and only to the run that fetched it (``warm_up``) or soon after."""
+        async with self._flat_lock:
+            flat = self._flat
+            if flat is None or time.monotonic() - flat.fetched > _FLAT_TTL:
+                flat = self._flat = await self._first_blob_page()
+        if shard not in flat.covered:
+            return None
+        flat.covered.discard(shard)
+        return flat.shards.pop(shard, [])
+
+    async def _first_blob_page(self) -> _FlatBlobs:
+        prefix = self._key(layout.BLOBS)
+        page = await self._call(
+            f"list {prefix!r}", functools.partial(self._list_page, prefix, None, None)
+        )
+        cut = len(prefix)
+        shards: dict[str, list[BlobEntry]] = {}
+        names = []
+        for key, size, mtime, _md5 in page.objects:
+            name = key[cut:]
+            names.append(name)
+            hexdigest, _, tail = name[3:].partition("/")
+            if (
+                tail == "data"
+                and key.startswith(prefix)
+                and name[2:3] == "/"
+                and layout.is_hex(hexdigest)
+                and hexdigest.startswith(name[:2])
+            ):
+                shards.setdefault(name[:2], []).append(BlobEntry(hexdigest, size, mtime))
+        if page.token is None:
+            covered = set(layout.SHARDS)  # the whole of blobs/ in one page
+        elif names and names == sorted(names):
+            # listings come in key order: every shard before the page's last one is whole
+            covered = {s for s in layout.SHARDS if s < names[-1][:2]}
+        else:
+            covered = set()
+        return _FlatBlobs(time.monotonic(), covered, shards)
 
     async def walk(self, prefix: str) -> AsyncIterator[list[Entry]]:
         """Every object below ``prefix``: flat listings of its subtrees, run concurrently."""
