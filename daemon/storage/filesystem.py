@@ -461,6 +461,38 @@ class FilesystemStorage(Storage):
             raise StorageError(f"cannot move {self.location(src)}: {exc.strerror}") from exc
         return True
 
+    async def move_keys(
+        self, moves: Sequence[tuple[str, str, int | None]]
+    ) -> tuple[list[str], list[DeleteFailure]]:
+        """Renames, in chunks on the thread pool; never through a symbolic link."""
+        chunks = [moves[i : i + _BATCH] for i in range(0, len(moves), _BATCH)]
+        moved: list[str] = []
+        failures: list[DeleteFailure] = []
+        results = await asyncio.gather(*(self._run(self._rename_many, c) for c in chunks))
+        for done, failed in results:
+            moved += done
+            failures += failed
+        return moved, failures
+
+    def _rename_many(
+        self, moves: Sequence[tuple[str, str, int | None]]
+    ) -> tuple[list[str], list[DeleteFailure]]:
+        moved: list[str] = []
+        failures: list[DeleteFailure] = []
+        plain: set[str] = set()
+        for src, dst, _size in moves:
+            # a move through a link would take what it points to (another volume's data)
+            link = self._link_on_path(src, plain)
+            if link:
+                failures.append(DeleteFailure(src, _through(link), kept=True))
+                continue
+            try:
+                if self._move(src, dst):
+                    moved.append(src)
+            except StorageError as exc:
+                failures.append(DeleteFailure(src, str(exc)))
+        return moved, failures
+
     async def remove_empty_dirs(self, prefixes: Sequence[str]) -> None:
         await self._run(self._rmdirs, prefixes)
 
