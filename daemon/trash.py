@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from daemon import layout
 from daemon.storage.base import DeleteFailure, NotFound, Storage, StorageError
 
+T = TypeVar("T")
 ROOT = f"{layout.OWN}trash/"
 META = "trash.json"
 MANIFEST = "manifest/"
@@ -431,3 +432,51 @@ async def purge_expired(
         runs += 1
         log.info("purged an expired trash", trash_run=trash.run_id)
     return runs, freed
+
+
+async def under_lease(
+    storage: Storage,
+    name: str,
+    work: Callable[[], Awaitable[T]],
+    dead_runs: frozenset[str] = frozenset(),
+    log: structlog.typing.FilteringBoundLogger | None = None,
+) -> T:
+    """``work()`` while holding the store's delete lease (never beside a delete run);
+    LeaseHeld while another holds it."""
+    from daemon.lease import Lease
+
+    lease = Lease(storage, name, log=log)
+    await lease.acquire(dead_runs)
+    try:
+        result = await work()
+        if not lease.held():
+            raise StorageError(
+                f"{name}: the store's lease was lost on the way; run it again to finish"
+            )
+        return result
+    finally:
+        await lease.release()
+        await storage.remove_empty_dirs([layout.OWN])
+
+
+async def restore_run(
+    storage: Storage,
+    run_id: str,
+    dead_runs: frozenset[str] = frozenset(),
+    log: structlog.typing.FilteringBoundLogger | None = None,
+) -> Restored:
+    """Put a trashed delete run back, under the lease; TrashGone, LeaseHeld, StorageError."""
+    trash = Trash(storage, run_id, log)
+    return await under_lease(storage, f"restore-{run_id}", trash.restore, dead_runs, log)
+
+
+async def purge_now(
+    storage: Storage,
+    dead_runs: frozenset[str] = frozenset(),
+    log: structlog.typing.FilteringBoundLogger | None = None,
+) -> tuple[int, int]:
+    """``POST /trash/purge``: purge expired trash under the lease; (runs, bytes freed)."""
+    log = log or structlog.get_logger()
+    return await under_lease(
+        storage, "trash-purge", lambda: purge_expired(storage, log), dead_runs, log
+    )

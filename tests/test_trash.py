@@ -1,0 +1,210 @@
+"""Deletes you can undo: a delete run with trash, then a restore, on a store the real registry
+wrote; the store is the same key for key and byte for byte, and every tag pulls."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from daemon import layout
+from tests.conftest import pruned
+from tests.harness.daemon import Daemon
+from tests.harness.images import Scenario, skopeo_pull
+from tests.harness.registry import Registry, blobs_on_disk
+from tests.test_safety_crash import plant_orphans, wait_for
+
+#: our own bookkeeping (the lease, the trash and its records): not registry data. The
+#: comparisons leave it out; each test says what of it must be there or gone
+OWN = layout.OWN
+
+
+def snapshot(registry: Registry) -> dict[str, str]:
+    """Every registry key of a filesystem store and the sha256 of its content."""
+    v2 = registry.root / layout.V2_ROOT
+    return {
+        str(path.relative_to(v2)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in v2.rglob("*")
+        if path.is_file() and not str(path.relative_to(v2)).startswith(OWN)
+    }
+
+
+def run_ids(state: Path) -> list[str]:
+    return sorted(p.stem for p in (state / "runs").glob("*.json"))
+
+
+def pull_all(registry: Registry, scenario: Scenario, where: Path) -> None:
+    registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(registry.url, repo, ref, where / f"pull{i}")
+
+
+def test_delete_with_trash_then_restore_gives_the_same_store(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    registry, scenario = fresh
+    before = snapshot(registry)
+    state = tmp_path / "state"
+    config = registry.config_path
+    args = ("--registry-config", config, "--grace", "0", "--state-dir", state)
+    registry.restart(read_only=True)
+    # stale uploads go too: whole trees, not only blobs and links
+    deleted = pruned("delete", *args, "--trash", "7d", "--upload-max-age", "0")
+    assert deleted.returncode == 0, deleted.stderr
+    lines = deleted.stdout.splitlines()
+    orphans = len(scenario.expected_orphans)
+    assert lines[0] == f"Deleted {orphans} blobs"
+    assert lines[1].startswith(f"Moved {orphans} blobs (") and " to the trash until " in lines[1]
+    assert not any(line.startswith("Freed up") for line in lines)
+    assert blobs_on_disk(registry) == scenario.in_use
+    after_delete = snapshot(registry)
+    assert set(after_delete) < set(before)
+    assert not any("/_uploads/" in key for key in after_delete)
+    (run_id,) = run_ids(state)
+    doc = json.loads((state / "runs" / f"{run_id}.json").read_text())
+    summary = doc["summary"]
+    assert summary["trashed_bytes"] >= summary["bytes"] > 0
+    assert summary["trashed_objects"] == len(set(before) - set(after_delete))
+    assert summary["freed_bytes"] == 0
+    # the trash keeps each key's relative path; its manifest names every key it moved
+    trash = registry.root / layout.V2_ROOT / OWN / "trash" / run_id
+    for key in set(before) - set(after_delete):
+        assert hashlib.sha256((trash / key).read_bytes()).hexdigest() == before[key], key
+    listed = {
+        key
+        for chunk in (trash / "manifest").glob("*.json")
+        for key in json.loads(chunk.read_text())["keys"]
+    }
+    assert listed == set(before) - set(after_delete)
+
+    restored = pruned("restore", run_id, *args)
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stdout.startswith(f"Run {run_id}: Restored {summary['trashed_objects']} ")
+    assert snapshot(registry) == before
+    doc = json.loads((state / "runs" / f"{run_id}.json").read_text())
+    assert doc["state"] == "restored" and doc["restore"]["objects"] == summary["trashed_objects"]
+    # idempotent: a second restore changes nothing and says so
+    again = pruned("restore", run_id, *args)
+    assert again.returncode == 0, again.stderr
+    assert snapshot(registry) == before
+    # what is left of ours is the trash's record, saying it was restored
+    left = {p.name for p in (registry.root / layout.V2_ROOT / OWN).rglob("*") if p.is_file()}
+    assert left == {"trash.json"}
+    pull_all(registry, scenario, tmp_path)
+
+
+def test_restore_answers_409_without_trash_and_after_a_purge(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    """Expired trash goes at the next delete's start (counted there), not before; a restore
+    of a run without trash, or of a purged one, is a 409 with the reason."""
+    registry, scenario = fresh
+    planted = plant_orphans(registry, 50, seed=17)
+    registry.restart(read_only=True)
+    daemon = Daemon(registry.config_path, tmp_path / "state", "--grace", "0").start()
+    try:
+        plain = daemon.json("POST", "/prune?mode=delete&wait=true")[1]
+        assert plain["state"] == "succeeded", plain
+        status, answer = daemon.json("POST", f"/runs/{plain['id']}/restore")
+        assert status == 409 and "without trash" in answer["error"], answer
+        planted = plant_orphans(registry, 50, seed=18)
+        first = daemon.json("POST", "/prune?mode=delete&wait=true&trash=3s")[1]
+        assert first["state"] == "succeeded", first
+        assert first["summary"]["trashed_objects"] >= len(planted)
+        status, listing = daemon.json("GET", "/trash")
+        assert status == 200 and [t["id"] for t in listing] == [first["id"]]
+        assert listing[0]["objects"] == first["summary"]["trashed_objects"]
+        assert listing[0]["bytes"] == first["summary"]["trashed_bytes"] and listing[0]["expires"]
+        # not expired yet: neither the next delete nor a purge touches it
+        second = daemon.json("POST", "/prune?mode=delete&wait=true")[1]
+        assert second["summary"]["purged_trash_runs"] == 0
+        status, purged = daemon.json("POST", "/trash/purge")
+        assert status == 200 and purged["purged_runs"] == 0, purged
+        assert [t["id"] for t in daemon.json("GET", "/trash")[1]] == [first["id"]]
+        time.sleep(3.5)
+        third = daemon.json("POST", "/prune?mode=delete&wait=true")[1]
+        assert third["state"] == "succeeded", third
+        assert third["summary"]["purged_trash_runs"] == 1
+        assert third["summary"]["purged_trash_bytes"] == first["summary"]["trashed_bytes"]
+        assert daemon.json("GET", "/trash")[1] == []
+        status, answer = daemon.json("POST", f"/runs/{first['id']}/restore")
+        assert status == 409 and "purged" in answer["error"], answer
+    finally:
+        daemon.stop()
+    assert blobs_on_disk(registry) == scenario.in_use
+    trash = registry.root / layout.V2_ROOT / OWN / "trash" / first["id"]
+    assert {p.name for p in trash.rglob("*") if p.is_file()} == {"trash.json"}
+
+
+def test_sigkill_during_the_move_and_during_the_restore(
+    fresh: tuple[Registry, Scenario], tmp_path: Path
+) -> None:
+    """A delete with trash killed mid-move: the next delete puts the dead run's part back
+    and moves everything into its own trash, once. A restore killed mid-way: the next restore
+    finishes it. Nothing lost, nothing twice."""
+    registry, scenario = fresh
+    plant_orphans(registry, 6000, seed=99)
+    before = snapshot(registry)
+    registry.restart(read_only=True)
+    state = tmp_path / "state"
+    daemon = Daemon(registry.config_path, state, "--grace", "0").start()
+    try:
+        _status, run = daemon.json("POST", "/prune?mode=delete&trash=7d")
+        reached = wait_for(daemon, run["id"], "delete", 1500)
+        daemon.terminate(signal.SIGKILL)
+    finally:
+        daemon.stop()
+    assert reached["state"] == "running", reached
+    own = registry.root / layout.V2_ROOT / OWN / "trash"
+    half = [p for p in (own / run["id"]).rglob("data")]
+    assert half, "killed before anything was moved"
+    # nothing lost: each key is in place or in the dead run's trash, never in neither
+    trashed = {str(p.relative_to(own / run["id"])) for p in (own / run["id"]).rglob("*")}
+    assert set(before) <= set(snapshot(registry)) | trashed
+
+    again = Daemon(registry.config_path, state, "--grace", "0").start()
+    try:
+        final = again.json("POST", "/prune?mode=delete&wait=true&trash=7d")[1]
+        assert final["state"] == "succeeded", final
+        assert any("interrupted runs had moved aside" in n for n in final["notes"]), final
+        assert not (own / run["id"]).exists()  # put back, then moved again by this run
+        assert blobs_on_disk(registry) == scenario.in_use
+        assert [t["id"] for t in again.json("GET", "/trash")[1]] == [final["id"]]
+    finally:
+        again.stop()
+
+    # a restore killed mid-way (one-shot CLI), then finished by the next call
+    cmd = [
+        str(Path(__import__("sys").executable)),
+        "-m",
+        "daemon",
+        "restore",
+        final["id"],
+        "--registry-config",
+        str(registry.config_path),
+        "--state-dir",
+        str(state),
+    ]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+    meta = own / final["id"] / "trash.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if '"restoring"' in meta.read_text() and len(blobs_on_disk(registry)) > len(
+            scenario.in_use
+        ):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert '"restoring"' in meta.read_text(), "the restore ended before the kill"
+    assert snapshot(registry) != before
+    finished = pruned(
+        "restore", final["id"], "--registry-config", registry.config_path, "--state-dir", state
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert snapshot(registry) == before
+    assert {p.name for p in (own / final["id"]).rglob("*") if p.is_file()} == {"trash.json"}
+    pull_all(registry, scenario, tmp_path)
