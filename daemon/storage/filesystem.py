@@ -342,7 +342,13 @@ class FilesystemStorage(Storage):
         if self._processes is None:
             # spawn, not fork: this process has threads (the pool above, the event loop's)
             context = multiprocessing.get_context("spawn")
-            self._processes = ProcessPoolExecutor(self._reader_count, mp_context=context)
+            self._processes = ProcessPoolExecutor(
+                self._reader_count,
+                mp_context=context,
+                # a reader outlived a SIGKILLed one-shot run by minutes: it goes with us
+                initializer=reading.die_with_parent,
+                initargs=(os.getpid(),),
+            )
         return self._processes
 
     async def _in_process(self, fn: Callable[..., T], *args: object) -> T:
