@@ -119,9 +119,7 @@ def test_sigkilled_delete_lease_is_taken_over_at_once(big_store: Path, tmp_path:
     assert lease["expires"] > time.time() + 20  # held for long yet, by a dead holder
     assert lease["pid"] == proc.pid and lease["boot_id"] and lease["pid_namespace"]
     started = time.monotonic()
-    again = subprocess.run(
-        [PRUNED, "delete", *args], capture_output=True, text=True, timeout=300
-    )
+    again = subprocess.run([PRUNED, "delete", *args], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "taking over the lease of a dead holder" in again.stderr
     assert time.monotonic() - started < 60
