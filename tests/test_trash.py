@@ -3,18 +3,23 @@ wrote; the store is the same key for key and byte for byte, and every tag pulls.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from daemon import layout
 from tests.conftest import pruned
 from tests.harness.daemon import Daemon
-from tests.harness.images import Scenario, skopeo_pull
-from tests.harness.registry import Registry, blobs_on_disk
+from tests.harness.images import Scenario, build_scenario, skopeo_pull
+from tests.harness.registry import Registry, blobs_on_disk, running_registry
 from tests.test_safety_crash import plant_orphans, wait_for
 
 #: our own bookkeeping (the lease, the trash and its records): not registry data. The
@@ -208,3 +213,71 @@ def test_sigkill_during_the_move_and_during_the_restore(
     assert snapshot(registry) == before
     assert {p.name for p in (own / final["id"]).rglob("*") if p.is_file()} == {"trash.json"}
     pull_all(registry, scenario, tmp_path)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[tuple[Registry, Scenario, Path]]:
+    """The standard scenario on a small tmpfs of its own (a real filesystem that fills up:
+    CI runs as root, as this machine does), and a filler file's path."""
+    mount = tmp_path / "registry"
+    storage = mount / "storage"
+    storage.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(storage)], check=True)
+    try:
+        with running_registry(mount) as registry:
+            yield registry, build_scenario(registry), storage / "filler"
+    finally:
+        subprocess.run(["umount", "-l", str(storage)], check=False)
+
+
+def fill(filler: Path, leave: int = 0) -> None:
+    """Write ``filler`` until the filesystem is full, then give back ``leave`` bytes."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (1 << 20, 4096):  # megabytes, then the last pages
+            while True:
+                try:
+                    if os.write(fd, b"\0" * size) < size:
+                        break
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+    finally:
+        os.close(fd)
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+def test_delete_with_trash_on_a_full_filesystem_fails_closed(
+    full_disk: tuple[Registry, Scenario, Path], tmp_path: Path
+) -> None:
+    registry, scenario, filler = full_disk
+    before = snapshot(registry)
+    registry.restart(read_only=True)
+    state = tmp_path / "state"
+    args = ("--registry-config", registry.config_path, "--grace", "0", "--state-dir", state)
+    own = registry.root / layout.V2_ROOT / OWN
+    # full to the last page, then with a few pages free: the run stops where the store
+    # refuses a write (the lease, the trash's record, a manifest chunk), says so, loses nothing
+    for leave in (0, 2 * 4096, 4 * 4096):
+        fill(filler, leave)
+        result = pruned("delete", *args, "--trash", "7d", "--upload-max-age", "0")
+        assert result.returncode == 1, (leave, result.stdout, result.stderr)
+        assert "No space left on device" in result.stderr, (leave, result.stderr)
+        trashed = {
+            str(p.relative_to(t)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for t in own.glob("trash/*")
+            for p in t.rglob("*")
+            if p.is_file() and not str(p.relative_to(t)).startswith(("manifest/", "trash.json"))
+        }
+        now = snapshot(registry)
+        assert {**now, **trashed} == before, leave  # each key in place or in a trash, intact
+        assert scenario.in_use <= blobs_on_disk(registry)
+    filler.unlink()
+    done = pruned("delete", *args, "--trash", "7d", "--upload-max-age", "0")
+    assert done.returncode == 0, done.stderr
+    assert blobs_on_disk(registry) == scenario.in_use
+    newest = run_ids(state)[-1]
+    restored = pruned("restore", newest, *args)
+    assert restored.returncode == 0, restored.stderr
+    assert snapshot(registry) == before
