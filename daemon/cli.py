@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +343,8 @@ async def restore_once(settings: Settings, run_id: str) -> int:
             else:
                 # a run of another daemon on this store: the store's trash is the truth
                 result = await restore_run(storage, run_id, manager.dead_runs(), log)
-                restored = {"restored_at": "now", **result.document()}
+                when = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+                restored = {"restored_at": when, **result.document()}
         except (TrashGone, LeaseHeld, Busy, StorageError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
