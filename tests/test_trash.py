@@ -18,7 +18,9 @@ import pytest
 from daemon import layout
 from tests.conftest import pruned
 from tests.harness.daemon import Daemon
+from tests.harness.fake_openshift import FakeOpenShift
 from tests.harness.images import Scenario, build_scenario, skopeo_pull
+from tests.harness.openshift_scenario import Pushed, cluster_for, run_cli
 from tests.harness.registry import Registry, blobs_on_disk, running_registry
 from tests.test_safety_crash import plant_orphans, wait_for
 
@@ -281,3 +283,35 @@ def test_delete_with_trash_on_a_full_filesystem_fails_closed(
     restored = pruned("restore", newest, *args)
     assert restored.returncode == 0, restored.stderr
     assert snapshot(registry) == before
+
+
+async def test_openshift_delete_with_trash_moves_whole_repositories_and_links_then_restore(
+    openshift_store: tuple[Registry, dict[str, Pushed]], tmp_path: Path
+) -> None:
+    """The openshift source removes whole repositories and revision links: they go to the
+    trash too, and come back with their tags."""
+    registry, images = openshift_store
+    cluster = cluster_for(images, skip={"app2"})
+    before = snapshot(registry)
+    state = tmp_path / "state"
+    env = {"PRUNER_STATE_DIR": str(state)}
+    async with FakeOpenShift(cluster) as api:
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        code, out, err = await run_cli(
+            registry, "delete", "--trash", "7d", kubeconfig=kubeconfig, env=env
+        )
+    assert code == 0, err
+    assert "to the trash until" in out and "Deleted 2 repositories" in out, out
+    repos = registry.root / layout.V2_ROOT / "repositories"
+    assert not (repos / "ns2/gone/_manifests").exists()
+    (run_id,) = run_ids(state)
+    trash = registry.root / layout.V2_ROOT / OWN / "trash" / run_id
+    app2 = images["app2"].manifest.digest[7:]
+    assert (trash / layout.revision_dir("ns1/app", app2) / "link").is_file()
+    assert list((trash / "repositories/ns2/gone/_manifests/tags").glob("*/current/link"))
+    restored = pruned("restore", run_id, "--registry-config", registry.config_path, env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert snapshot(registry) == before
+    for i, name in enumerate(("app1", "app2", "gone", "web")):
+        p = images[name]
+        skopeo_pull(registry.url, p.repo, p.tag, tmp_path / f"pull{i}")
