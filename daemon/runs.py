@@ -191,7 +191,8 @@ class RunManager:
         known = {r.id: r.state for r in self.runs.values() if r.saved is None}
         seen = {r.id: r.saved for r in self.runs.values() if r.saved is not None}
         for doc in await asyncio.to_thread(self._read_all, False):
-            if doc["id"] in known:
+            # a run of ours that another process restored since: its document says so now
+            if doc["id"] in known and not (doc.get("state") == RESTORED != known[doc["id"]]):
                 continue
             if doc != seen.get(doc["id"]) or doc.get("state") == RUNNING:
                 # a running one may have lost its process since: settle it again

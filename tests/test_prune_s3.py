@@ -502,3 +502,84 @@ def test_delete_with_trash_then_restore_gives_the_same_bucket(fresh: Store, tmp_
     store.registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
+
+
+def test_sigkill_mid_move_to_the_trash_and_mid_restore(fresh: Store, tmp_path: Path) -> None:
+    """Copies made, sources not yet deleted: the next delete puts the dead run's trash back
+    (dropping the copies whose originals stayed), and the next restore finishes a killed one.
+    Each key ends once in the bucket, with its bytes."""
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_safety_crash import wait_for
+
+    store, scenario = fresh, fresh.scenario
+    rng = __import__("random").Random(17)
+    planted = {}
+    for _ in range(3000):
+        data = rng.randbytes(48)
+        hexd = hashlib.sha256(data).hexdigest()
+        planted[f"{store.root}/docker/registry/v2/{layout.blob_data(hexd)}"] = data
+    asyncio.run(store.weed.seed(store.bucket, planted))
+    before = bucket_snapshot(store)
+    store.registry.restart(read_only=True)
+    state = tmp_path / "state"
+    daemon = Daemon(store.registry.config_path, state, "--grace", "0").start()
+    try:
+        _status, run = daemon.json("POST", "/prune?mode=delete&trash=7d")
+        reached = wait_for(daemon, run["id"], "delete", 1)
+        daemon.terminate(signal.SIGKILL)
+    finally:
+        daemon.stop()
+    assert reached["state"] == "running", reached
+    trash_prefix = f"{store.root}/{layout.V2_ROOT}/{layout.OWN}trash/"
+    trashed = [k for k in store.all_keys() if k.startswith(trash_prefix + run["id"] + "/blobs/")]
+    assert trashed, "killed before anything was moved"
+    again = Daemon(store.registry.config_path, state, "--grace", "0").start()
+    try:
+        started = again.json("POST", "/prune?mode=delete&trash=7d")[1]
+        final = again.wait_done(started["id"], timeout=300)
+        assert final["state"] == "succeeded", final
+        assert store.blobs() == scenario.in_use
+        left = {
+            k.split("/")[len(trash_prefix.split("/")) - 1]
+            for k in store.all_keys()
+            if k.startswith(trash_prefix)
+        }
+        assert left == {final["id"]}  # the dead run's trash went back, then into this one
+    finally:
+        again.stop()
+    cmd = [
+        sys.executable,
+        "-m",
+        "daemon",
+        "restore",
+        final["id"],
+        "--registry-config",
+        str(store.registry.config_path),
+        "--state-dir",
+        str(state),
+    ]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(store.blobs()) < len(scenario.in_use) + 500:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert bucket_snapshot(store) != before, "the restore ended before the kill"
+    finished = pruned(
+        "restore",
+        final["id"],
+        "--registry-config",
+        store.registry.config_path,
+        "--state-dir",
+        state,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert bucket_snapshot(store) == before
+    store.registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
