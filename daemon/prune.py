@@ -183,6 +183,8 @@ class Engine:
         self.on_candidate = on_candidate or (lambda _c: None)
         self.log = log or structlog.get_logger()
         self.pruner: Pruner = Deleter() if options.mode == DELETE else DryRun()
+        #: blobs put back from a dead delete's trash: aged by that run's judgement
+        self.aged: set[str] = set()
         #: where a delete moves things aside: its trash, and online mode's parking place
         self.trash = Trash(storage, self.run_id, self.log, clock)
         if options.mode == DELETE and options.trash > 0:
@@ -239,7 +241,7 @@ class Engine:
     async def _settle_trash(self) -> None:
         """Under the lease, before anything is decided: what dead runs left moving aside goes
         back, expired trash is purged, and this run's trash is opened."""
-        recovered = await settle_unfinished(self.storage, self.run_id, self.log)
+        recovered, self.aged = await settle_unfinished(self.storage, self.run_id, self.log)
         if recovered:
             note = f"put back {recovered} keys that interrupted runs had moved aside"
             self.notes.append(note)
@@ -431,8 +433,9 @@ class Engine:
         self, hexdigest: str, size: int | None, mtime: float | None, out: list[Candidate]
     ) -> None:
         key = layout.blob_data(hexdigest)
-        # a blob directory without data is a blob being written: never a candidate
-        if size is None or mtime is None or mtime > self.cutoff:
+        # a blob directory without data is a blob being written: never a candidate. One a
+        # dead delete had moved aside and this run put back is as old as that run found it
+        if size is None or mtime is None or (mtime > self.cutoff and hexdigest not in self.aged):
             self.summary.too_young += 1
             self.progress.too_young += 1
             return

@@ -206,7 +206,7 @@ class Trash:
     async def put_back(self, keys: Sequence[str]) -> int:
         """Put these (original) keys back from the trash; how many moved back."""
         moved, _size = await self._restore_keys([self.trashed(k) for k in keys])
-        return moved
+        return len(moved)
 
     async def drop(self, keys: Sequence[str]) -> list[DeleteFailure]:
         """Delete the trashed copies of these keys for good; failures named by key."""
@@ -285,7 +285,8 @@ class Trash:
         await self._write_meta(doc)
         return Restored(objects, size)
 
-    async def _restore_all(self) -> tuple[int, int]:
+    async def _restore_all(self, aged: set[str] | None = None) -> tuple[int, int]:
+        """Everything back; the hex digests of the blobs moved back go into ``aged``."""
         found = sorted(
             (_order(key[len(self.root) :]), key, size) for key, size in await self._entries()
         )
@@ -295,16 +296,18 @@ class Trash:
             for start in range(0, len(keys), _BATCH):
                 part = dict(keys[start : start + _BATCH])
                 moved, moved_bytes = await self._restore_keys(list(part), part)
-                objects += moved
+                objects += len(moved)
                 size += moved_bytes
+                if aged is not None and group == 0:
+                    aged.update(k.rsplit("/", 2)[-2] for k in moved if k.endswith("/data"))
         return objects, size
 
     async def _restore_keys(
         self, trashed: Sequence[str], sizes: Mapping[str, int] | None = None
-    ) -> tuple[int, int]:
+    ) -> tuple[list[str], int]:
         """Move trashed keys back where their original is missing; drop the copy where it
-        exists (a copy whose delete was cut short, or a key written again since). How many
-        keys went back, and their bytes (by ``sizes``)."""
+        exists (a copy whose delete was cut short, or a key written again since). The
+        (trashed) keys that went back, and their bytes (by ``sizes``)."""
         originals = [k[len(self.root) :] for k in trashed]
         present: set[str] = set()
         for start in range(0, len(originals), 256):
@@ -325,7 +328,7 @@ class Trash:
                 f"cannot remove the trashed copy {failed[0].key}: {failed[0].reason}; "
                 "run the restore again"
             )
-        return len(moved), sum((sizes or {}).get(k, 0) for k in moved)
+        return moved, sum((sizes or {}).get(k, 0) for k in moved)
 
     async def _clear_all_but_meta(self) -> None:
         # the trash holds registry keys (blobs/, repositories/) and its manifest only
@@ -395,10 +398,13 @@ def _iso(epoch: object) -> str | None:
 
 async def settle_unfinished(
     storage: Storage, own: str, log: structlog.typing.FilteringBoundLogger
-) -> int:
+) -> tuple[int, set[str]]:
     """Under the lease: put back every trash a dead process left moving or restoring (its
-    run was interrupted: nothing of it stands). How many keys went back."""
+    run was interrupted: nothing of it stands). How many keys went back, and the blobs a dead
+    delete had moved aside: their age was judged by that run (an object store's copy back
+    makes them look new, and the grace period would keep them a run longer)."""
     back = 0
+    aged: set[str] = set()
     for trash, doc in await trashes(storage, log):
         if trash.run_id == own or doc.get("state") not in UNFINISHED:
             continue
@@ -407,7 +413,7 @@ async def settle_unfinished(
             back += restored.objects
             log.warning("finished a restore a process left half done", trash_run=trash.run_id)
             continue
-        objects, _size = await trash._restore_all()
+        objects, _size = await trash._restore_all(aged)
         await storage.delete_tree(trash.root)
         back += objects
         log.warning(
@@ -415,7 +421,7 @@ async def settle_unfinished(
         )
     if back:
         await storage.remove_empty_dirs([ROOT, layout.OWN])
-    return back
+    return back, aged
 
 
 async def purge_expired(

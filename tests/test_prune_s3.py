@@ -454,6 +454,11 @@ def test_usage_per_repository_from_the_listing_sizes(
     )
 
 
+def differing(now: dict[str, str], before: dict[str, str]) -> list[str]:
+    """Keys missing, added or changed (a short list: pytest's diff of big dicts takes ages)."""
+    return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))[:20]
+
+
 def bucket_snapshot(store: Store) -> dict[str, str]:
     """Every registry key of the bucket and the sha256 of its content (our own
     ``_registry-pruned/`` bookkeeping left out)."""
@@ -498,7 +503,7 @@ def test_delete_with_trash_then_restore_gives_the_same_bucket(fresh: Store, tmp_
         assert status == 200 and again["restore"] == doc["restore"], again
     finally:
         daemon.stop()
-    assert bucket_snapshot(store) == before
+    assert differing(bucket_snapshot(store), before) == []
     store.registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
@@ -569,7 +574,7 @@ def test_sigkill_mid_move_to_the_trash_and_mid_restore(fresh: Store, tmp_path: P
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert bucket_snapshot(store) != before, "the restore ended before the kill"
+    assert differing(bucket_snapshot(store), before), "the restore ended before the kill"
     finished = pruned(
         "restore",
         final["id"],
@@ -579,7 +584,7 @@ def test_sigkill_mid_move_to_the_trash_and_mid_restore(fresh: Store, tmp_path: P
         state,
     )
     assert finished.returncode == 0, finished.stderr
-    assert bucket_snapshot(store) == before
+    assert differing(bucket_snapshot(store), before) == []
     store.registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")

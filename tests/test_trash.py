@@ -39,6 +39,11 @@ def snapshot(registry: Registry) -> dict[str, str]:
     }
 
 
+def differing(now: dict[str, str], before: dict[str, str]) -> list[str]:
+    """Keys missing, added or changed (a short list: pytest's diff of big dicts takes ages)."""
+    return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))[:20]
+
+
 def run_ids(state: Path) -> list[str]:
     return sorted(p.stem for p in (state / "runs").glob("*.json"))
 
@@ -90,13 +95,13 @@ def test_delete_with_trash_then_restore_gives_the_same_store(
     restored = pruned("restore", run_id, *args)
     assert restored.returncode == 0, restored.stderr
     assert restored.stdout.startswith(f"Run {run_id}: Restored {summary['trashed_objects']} ")
-    assert snapshot(registry) == before
+    assert differing(snapshot(registry), before) == []
     doc = json.loads((state / "runs" / f"{run_id}.json").read_text())
     assert doc["state"] == "restored" and doc["restore"]["objects"] == summary["trashed_objects"]
     # idempotent: a second restore changes nothing and says so
     again = pruned("restore", run_id, *args)
     assert again.returncode == 0, again.stderr
-    assert snapshot(registry) == before
+    assert differing(snapshot(registry), before) == []
     # what is left of ours is the trash's record, saying it was restored
     left = {p.name for p in (registry.root / layout.V2_ROOT / OWN).rglob("*") if p.is_file()}
     assert left == {"trash.json"}
@@ -207,12 +212,12 @@ def test_sigkill_during_the_move_and_during_the_restore(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert '"restoring"' in meta.read_text(), "the restore ended before the kill"
-    assert snapshot(registry) != before
+    assert differing(snapshot(registry), before)
     finished = pruned(
         "restore", final["id"], "--registry-config", registry.config_path, "--state-dir", state
     )
     assert finished.returncode == 0, finished.stderr
-    assert snapshot(registry) == before
+    assert differing(snapshot(registry), before) == []
     assert {p.name for p in (own / final["id"]).rglob("*") if p.is_file()} == {"trash.json"}
     pull_all(registry, scenario, tmp_path)
 
@@ -282,7 +287,7 @@ def test_delete_with_trash_on_a_full_filesystem_fails_closed(
     newest = run_ids(state)[-1]
     restored = pruned("restore", newest, *args)
     assert restored.returncode == 0, restored.stderr
-    assert snapshot(registry) == before
+    assert differing(snapshot(registry), before) == []
 
 
 async def test_openshift_delete_with_trash_moves_whole_repositories_and_links_then_restore(
@@ -311,7 +316,7 @@ async def test_openshift_delete_with_trash_moves_whole_repositories_and_links_th
     assert list((trash / "repositories/ns2/gone/_manifests/tags").glob("*/current/link"))
     restored = pruned("restore", run_id, "--registry-config", registry.config_path, env=env)
     assert restored.returncode == 0, restored.stderr
-    assert snapshot(registry) == before
+    assert differing(snapshot(registry), before) == []
     for i, name in enumerate(("app1", "app2", "gone", "web")):
         p = images[name]
         skopeo_pull(registry.url, p.repo, p.tag, tmp_path / f"pull{i}")
