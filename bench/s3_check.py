@@ -131,6 +131,13 @@ def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
     # 1M bucket next to the 50k one made the 50k check's requests cost ~1.7 times the CPU
     weed = SeaweedFS(workdir=weed_dir(args)).start()
     weed.create_bucket(bucket)
+    return weed, fill_bucket(weed, args)
+
+
+def fill_bucket(weed: SeaweedFS, args: argparse.Namespace) -> dict[str, Any]:
+    """The bucket made the synthetic store again: what a delete removed uploaded, what is not
+    the store's (a trash) removed."""
+    bucket = bucket_for(args.blobs)
     complete = weed_dir(args) / f"{bucket}.complete"
     meta = weed_dir(args) / f"{bucket}.json"
     started = time.monotonic()
@@ -169,7 +176,7 @@ def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
         "removed": len(extra),
         "upload_seconds": round(time.monotonic() - started, 1),
     }
-    return weed, info
+    return info
 
 
 def registry_config(weed: SeaweedFS, bucket: str, path: Path, read_only: bool) -> Path:
@@ -305,9 +312,9 @@ def _ts(line: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
-def delete_run(config: Path, state: Path) -> dict[str, Any]:
+def delete_run(config: Path, state: Path, *extra: str) -> dict[str, Any]:
     """The CLI's delete; the rate from the log: sweep's end to the last blob deleted."""
-    child = run_child(ours_cmd("delete", config, state, "--log-level", "info"))  # last wins
+    child = run_child(ours_cmd("delete", config, state, "--log-level", "info", *extra))
     lines = [json.loads(line) for line in child.stdout.splitlines() if line.startswith(b"{")]
     swept = next(line for line in lines if line.get("event") == "swept")
     deleted = [line for line in lines if str(line.get("event", "")).startswith("Deleted blob: ")]
@@ -319,9 +326,38 @@ def delete_run(config: Path, state: Path) -> dict[str, Any]:
         "blobs_per_s": round(len(deleted) / span) if span > 0 else None,
         "cli_seconds": round(child.seconds, 2),
         "summary": [
-            line.decode() for line in child.stdout.splitlines() if line.startswith((b"Del", b"Fre"))
+            line.decode()
+            for line in child.stdout.splitlines()
+            if line.startswith((b"Del", b"Fre", b"Mov"))
         ],
     }
+
+
+def trash_compare(weed: SeaweedFS, args: argparse.Namespace, config: Path, state: Path) -> None:
+    """Delete rate without and with trash (copy then batched delete, per key), alternating,
+    the bucket made whole again before each delete."""
+    rates: dict[str, list[float]] = {"plain": [], "trash": []}
+    for _ in range(args.repeats):
+        for name, extra in (("plain", ()), ("trash", ("--trash", "7d"))):
+            (weed_dir(args) / f"{bucket_for(args.blobs)}.complete").unlink(missing_ok=True)
+            fill_bucket(weed, args)
+            before = os.getloadavg()
+            result = delete_run(config, state, *extra)
+            rates[name].append(result["blobs_per_s"] or 0)
+            emit(
+                measure=f"delete_{name}",
+                loadavg_before=[round(x, 2) for x in before],
+                loadavg_after=[round(x, 2) for x in os.getloadavg()],
+                **result,
+            )
+    plain, trash = median(rates["plain"]), median(rates["trash"])
+    emit(
+        measure="delete_trash_ratio",
+        plain_blobs_per_s_median=plain,
+        trash_blobs_per_s_median=trash,
+        trash_over_plain=round(trash / plain, 2) if plain else None,
+    )
+    (weed_dir(args) / f"{bucket_for(args.blobs)}.complete").unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -330,6 +366,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/pruned-bench"))
     parser.add_argument("--no-delete", action="store_true", help="measure the check only")
+    parser.add_argument(
+        "--trash-compare",
+        action="store_true",
+        help="only the delete, without and with --trash 7d, side by side (--repeats rounds)",
+    )
     parser.add_argument(
         "--ours-only",
         action="store_true",
@@ -353,6 +394,9 @@ def main() -> None:
         emit(store=info, loadavg=[round(x, 2) for x in os.getloadavg()])
         config = registry_config(weed, bucket, args.work / f"{bucket}.yml", read_only=False)
         read_only = registry_config(weed, bucket, args.work / f"{bucket}-ro.yml", read_only=True)
+        if args.trash_compare:
+            trash_compare(weed, args, read_only, state)
+            return
         api_state = args.work / "state-s3-api"
         daemon = Daemon(config, api_state, "--log-level", "warning", "--grace", "0").start()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import signal
@@ -20,19 +21,32 @@ from daemon import usage as usage_report
 from daemon.api_views import add_listing_routes, findings_text
 from daemon.auth import VERIFIED, Authenticator, auth_enabled, create_reviewer, is_loopback
 from daemon.config import SOURCES, ConfigError, Settings, parse_duration
+from daemon.lease import LeaseHeld
 from daemon.metrics import CONTENT_TYPE, Metrics
 from daemon.origin import OriginGuard, allowed_host_names
 from daemon.prune import CHECK, DELETE, RunOptions, Summary
 from daemon.readiness import Readiness
-from daemon.report import Ending, summary_lines
+from daemon.report import Ending, restore_line, summary_lines
 from daemon.retention import REVISION_PARAMS, PolicyError, revision_options
-from daemon.runs import RUNNING, Busy, Run, RunManager, manager_for
+from daemon.runs import RESTORED, RUNNING, Busy, Run, RunManager, manager_for
 from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
-from daemon.storage.base import Storage
+from daemon.storage.base import Storage, StorageError
+from daemon.trash import TrashGone, purge_now, trashes
+from daemon.trash import listing as trash_listing
 from daemon.verify import RECOVER, VERIFY
 
-PRUNE_PARAMS = {"mode", "wait", "grace", "source", "online", "apply", "usage", *REVISION_PARAMS}
+PRUNE_PARAMS = {
+    "mode",
+    "wait",
+    "grace",
+    "source",
+    "online",
+    "apply",
+    "usage",
+    "trash",
+    *REVISION_PARAMS,
+}
 MODES = (CHECK, DELETE, VERIFY, RECOVER)
 MANAGER = web.AppKey("manager", RunManager)
 SETTINGS = web.AppKey("settings", Settings)
@@ -89,7 +103,12 @@ def _text(run: Run) -> str:
         upload_max_age=doc.get("upload_max_age_seconds"),
         revisions_pruned="untagged" in doc,
     )
+    restored = doc.get("restore") if doc["state"] == RESTORED else None
+    if restored:
+        ending = dataclasses.replace(ending, state=doc.get("state_before_restore") or "succeeded")
     lines = summary_lines(doc["mode"], summary, ending)
+    if restored:
+        lines.append(restore_line(restored))
     if doc["state"] == RUNNING:
         progress = doc["progress"]
         lines = [
@@ -128,6 +147,12 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         grace = parse_duration(query["grace"]) if "grace" in query else settings.grace
     except ValueError as exc:
         raise BadRequest(f"grace: {exc}") from None
+    try:
+        trash = parse_duration(query["trash"]) if "trash" in query else settings.trash
+    except ValueError as exc:
+        raise BadRequest(f"trash: {exc}") from None
+    if "trash" in query and mode != DELETE:
+        raise BadRequest("trash is for mode=delete only")
     online = _bool(query.get("online", "false"), "online")
     wait = _bool(query.get("wait", "false"), "wait")
     # per-repository usage of a check (on by default): on a filesystem it stats every blob
@@ -151,6 +176,7 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         usage=usage,
         untagged=untagged,
         retention=retention,
+        trash=trash if mode == DELETE else 0.0,
     )
     return mode, source, options, wait
 
@@ -291,6 +317,37 @@ async def stop_run(request: web.Request) -> web.Response:
         )
     await request.app[MANAGER].stop(run)
     return web.json_response(run.document(), status=202)
+
+
+async def restore_run(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    run = _find(request)
+    try:
+        run = await manager.restore(run.id)
+    except Busy as exc:
+        return _error(409, str(exc), active=exc.active)
+    except (TrashGone, LeaseHeld) as exc:
+        return _error(409, str(exc))
+    except StorageError as exc:
+        return _error(503, f"{exc}; the restore is resumable: ask again")
+    return _run_response(request, run, 200)
+
+
+async def list_trash(request: web.Request) -> web.Response:
+    return web.json_response(trash_listing(await trashes(request.app[STORAGE])))
+
+
+async def purge_trash(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    if manager.active is not None:
+        return _error(409, Busy(manager.active.id).args[0], active=manager.active.id)
+    try:
+        runs, freed = await purge_now(request.app[STORAGE], manager.dead_runs(), request.app[LOG])
+    except LeaseHeld as exc:
+        return _error(409, str(exc))
+    except StorageError as exc:
+        return _error(503, str(exc))
+    return web.json_response({"purged_runs": runs, "freed_bytes": freed})
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -445,6 +502,9 @@ def make_app(
     add_listing_routes(app.router, STORAGE)
     app.router.add_get("/runs/{id}/usage", usage)
     app.router.add_post("/runs/{id}/stop", stop_run)
+    app.router.add_post("/runs/{id}/restore", restore_run)
+    app.router.add_get("/trash", list_trash)
+    app.router.add_post("/trash/purge", purge_trash)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

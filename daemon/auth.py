@@ -314,6 +314,9 @@ class Authenticator:
             # stopping a run interferes with it as much as starting it: its mode's verb
             mode = run_mode(request)
             return self.delete if mode == "delete" else self.check
+        if canonical in ("/runs/{id}/restore", "/trash/purge"):
+            # writes to the store: putting a delete back, or deleting the trash for good
+            return self.delete
         # reads, /metrics and unknown paths (404 only once authenticated)
         return self.check
 

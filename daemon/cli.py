@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from daemon import client, logs, operator_storage
 from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.findings import Finding
+from daemon.lease import LeaseHeld
 from daemon.listings import LISTINGS, print_listing
 from daemon.prune import CHECK, DELETE, RunOptions
-from daemon.report import Ending, summary_lines
+from daemon.report import Ending, restore_line, summary_lines
 from daemon.retention import PolicyError, Retention, add_revision_flags, revision_options
-from daemon.runs import STOPPED, SUCCEEDED, Run, RunManager, manager_for
+from daemon.runs import STOPPED, SUCCEEDED, Busy, Run, RunManager, manager_for
 from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
+from daemon.storage.base import StorageError
+from daemon.trash import TrashGone, restore_run
 from daemon.usage import table as usage_table
 from daemon.verify import RECOVER, VERIFY
 
@@ -83,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--state-dir", type=Path, default=_env("STATE_DIR", "state"))
     common.add_argument("--grace", type=_duration, default=_env("GRACE", "1h"))
     common.add_argument("--upload-max-age", type=_duration, default=_env("UPLOAD_MAX_AGE", "24h"))
+    common.add_argument(
+        "--trash",
+        type=_duration,
+        default=_env("TRASH", "0"),
+        help="delete: move what is removed into the store's trash, kept this long (e.g. 7d) "
+        "for `registry-pruned restore RUN_ID`; default off (0)",
+    )
     common.add_argument(
         "--source", choices=("storage", "openshift"), default=_env("SOURCE", "storage")
     )
@@ -168,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="create the ImageStreamMappings (needs the optional recover ClusterRole)",
             )
+    restore = sub.add_parser(
+        "restore", parents=[common], help="put a delete run's trash back (delete --trash 7d)"
+    )
+    restore.add_argument("run_id", metavar="RUN_ID")
+    restore.add_argument("--log-level", choices=logs.LEVELS, default=_env("LOG_LEVEL", "warning"))
     listing = sub.add_parser("list", parents=[common], help="list what the store holds (NDJSON)")
     listing.add_argument("what", choices=LISTINGS)
     listing.add_argument("repository", nargs="?", help="for manifests: one repository only")
@@ -224,6 +241,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         state_dir=args.state_dir,
         grace=args.grace,
         upload_max_age=args.upload_max_age,
+        trash=args.trash,
         source=args.source,
         kubeconfig=args.kubeconfig,
         api_page_size=args.api_page_size,
@@ -282,6 +300,7 @@ async def run_once(
         usage=usage,
         untagged=untagged,
         retention=retention or Retention(),
+        trash=settings.trash if mode == DELETE else 0.0,
     )
     try:
         await manager.load()
@@ -331,6 +350,33 @@ async def run_once(
         print("\n".join(_lines(mode, run, ending)))
     print(f"error: {run.error}", file=sys.stderr)
     return 1
+
+
+async def restore_once(settings: Settings, run_id: str) -> int:
+    """Put a trashed delete run back, under the store's lease; recorded in its document where
+    this state directory has it. Resumable: a restore cut short is finished by the next."""
+    log = logs.make_logger(settings.log_level, settings.log_format, sys.stderr)
+    storage = open_storage(settings.storage, settings.workers)
+    manager = manager_for(settings, storage, log, log_end_as_problem=False)
+    try:
+        with contextlib.suppress(OSError):
+            await manager.load()
+        try:
+            if manager.get(run_id) is not None:
+                run = await manager.restore(run_id)
+                restored = run.document()["restore"]
+            else:
+                # a run of another daemon on this store: the store's trash is the truth
+                result = await restore_run(storage, run_id, manager.dead_runs(), log)
+                when = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+                restored = {"restored_at": when, **result.document()}
+        except (TrashGone, LeaseHeld, Busy, StorageError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        await storage.close()
+    print(f"Run {run_id}: " + restore_line(restored))
+    return 0
 
 
 async def _draw(view: client.ProgressView, run: Run, mode: str) -> None:
@@ -383,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.api import serve
 
         return serve(settings)
+    if args.command == "restore":
+        return asyncio.run(restore_once(settings, args.run_id))
     if args.command == "list":
         return asyncio.run(print_listing(settings, args.what, args.repository))
     try:

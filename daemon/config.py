@@ -123,6 +123,8 @@ class Settings:
     state_dir: Path = Path("state")
     grace: float = 3600.0
     upload_max_age: float = 86400.0
+    #: delete runs keep what they remove in the store's trash this long (seconds); 0: off
+    trash: float = 0.0
     source: str = "storage"
     workers: int = 16
     log_level: str = "warning"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 V2_ROOT = "docker/registry/v2"
 BLOBS = "blobs/sha256/"
 REPOSITORIES = "repositories/"
-#: the pruner's own keys (lease, quarantine): never registry data, gone after each delete run
+#: the pruner's own keys (lease, trash): never registry data; only a kept trash outlives a run
 OWN = "_registry-pruned/"
 SHARDS = tuple(f"{i:02x}" for i in range(256))
 #: the digest algorithms go-digest (and so the registry) accepts besides sha256: hex length.

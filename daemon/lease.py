@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 import uuid
@@ -50,6 +51,8 @@ class Lease:
         # others see the lease expire by their own clocks: stop well before the ttl
         self.margin = ttl / 4
         self.holder = f"{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
+        #: who holds it, so that a successor on the same host can prove the holder dead
+        self.process = process_identity()
         self.log = log or structlog.get_logger()
         self.lost = asyncio.Event()
         self.atomic = False  # conditional writes in use
@@ -61,7 +64,12 @@ class Lease:
     # -- reading and writing ------------------------------------------------------------
 
     def _doc(self) -> bytes:
-        doc = {"holder": self.holder, "run": self.run_id, "expires": time.time() + self.ttl}
+        doc = {
+            "holder": self.holder,
+            "run": self.run_id,
+            "expires": time.time() + self.ttl,
+            **self.process,
+        }
         return json.dumps(doc).encode()
 
     @staticmethod
@@ -87,6 +95,15 @@ class Lease:
         if not current or current.get("holder") == self.holder:
             return
         expires = float(current.get("expires", 0) or 0)  # type: ignore[arg-type]
+        if expires > time.time() and holder_dead(current, self.process):
+            # a one-shot run killed on this very host: no need to wait for the expiry
+            self.log.warning(
+                "taking over the lease of a dead holder",
+                holder=current.get("holder"),
+                run=current.get("run"),
+                pid=current.get("pid"),
+            )
+            return
         if expires > time.time() and current.get("run") not in dead_runs:
             raise LeaseHeld(
                 f"another pruner ({current.get('holder')}, run {current.get('run')}) holds "
@@ -170,3 +187,51 @@ class Lease:
             current, _version = await self._read()
             if current and current.get("holder") == self.holder:
                 await self.storage.delete_keys([KEY])
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" if none): a pid used again
+    by a later process has another."""
+    stat = _read(f"/proc/{pid}/stat")
+    # the command name (field 2) may hold spaces and parentheses: count from its end
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_identity() -> dict[str, object]:
+    """Host, boot, PID namespace, pid and its start time of this process (Linux)."""
+    pid = os.getpid()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+        "pid_namespace": namespace,
+        "pid": pid,
+        "pid_start": _start_time(pid),
+    }
+
+
+def holder_dead(lease: dict[str, object], me: dict[str, object]) -> bool:
+    """True only where the lease's holder is provably gone: it ran on this host, this boot,
+    in this PID namespace, and its pid is now free or another process's. Anything unknown
+    (another pod, another namespace, an older lease without these fields): False."""
+    for field in ("host", "boot_id", "pid_namespace"):
+        if not me.get(field) or lease.get(field) != me.get(field):
+            return False
+    pid, started = lease.get("pid"), lease.get("pid_start")
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(started, str) or not started:
+        return False
+    # "" once the pid is free; another start time once a later process took the pid (a
+    # zombie not yet reaped keeps its own: alive until its parent has seen it die)
+    return _start_time(pid) != started

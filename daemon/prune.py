@@ -22,11 +22,10 @@ from daemon.findings import Finding, Verification
 from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
 from daemon.progress import Progress
-from daemon.quarantine import PREFIX as QUARANTINE
-from daemon.quarantine import Quarantine
 from daemon.retention import Retention
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import RUN_LOG, DeleteFailure, Storage, StorageError
+from daemon.trash import Trash, purge_expired, settle_unfinished
 from daemon.usage import UsageTally
 from daemon.verify import RECOVER, VERIFY, Prior, StoreVerifier
 from daemon.verifying import TypedParse
@@ -70,6 +69,14 @@ class Summary:
     failed: int = 0
     tags: int = 0  # untagged/retention runs: tags removed (or that would be)
     manifests: int = 0  # untagged/retention runs: revisions removed (or that would be)
+    # trash=<duration> runs: what went to the trash (until trash_until, epoch seconds); what
+    # this run freed for good (its deletes without trash, and the expired trash it purged)
+    trashed_objects: int = 0
+    trashed_bytes: int = 0
+    trash_until: int = 0
+    freed_bytes: int = 0
+    purged_trash_runs: int = 0
+    purged_trash_bytes: int = 0
 
     def document(self) -> dict[str, int]:
         return asdict(self)
@@ -94,6 +101,8 @@ class RunOptions:
     def revisions_pruned(self) -> bool:
         """An untagged or retention run: tags and revisions may go, not only blobs."""
         return self.untagged or self.retention.active
+
+    trash: float = 0.0  # delete: seconds what it removes is kept in the store's trash; 0 off
 
 
 class Pruner(ABC):
@@ -129,6 +138,19 @@ class Deleter(Pruner):
 
     async def remove_blobs(self, storage: Storage, hexes: Sequence[str]) -> list[DeleteFailure]:
         return await storage.delete_blobs(hexes)
+
+
+class Trasher(Pruner):
+    """trash=<duration>: whatever a delete removes is moved into the run's trash instead."""
+
+    def __init__(self, trash: Trash) -> None:
+        self.trash = trash
+
+    async def remove(self, storage: Storage, prefixes: Sequence[str]) -> list[DeleteFailure]:
+        return await self.trash.move_trees(prefixes)
+
+    async def remove_blobs(self, storage: Storage, hexes: Sequence[str]) -> list[DeleteFailure]:
+        return await self.trash.move_blobs(hexes)
 
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
@@ -181,6 +203,12 @@ class Engine:
         self.on_candidate = on_candidate or (lambda _c: None)
         self.log = log or structlog.get_logger()
         self.pruner: Pruner = Deleter() if options.mode == DELETE else DryRun()
+        #: blobs put back from a dead delete's trash: aged by that run's judgement
+        self.aged: set[str] = set()
+        #: where a delete moves things aside: its trash, and online mode's parking place
+        self.trash = Trash(storage, self.run_id, self.log, clock)
+        if options.mode == DELETE and options.trash > 0:
+            self.pruner = Trasher(self.trash)
         self.summary = Summary()
         self.notes: list[str] = []
         #: the per-repository usage report of a check, once its sweep is done
@@ -205,10 +233,7 @@ class Engine:
             if self.options.mode == DELETE:
                 self.lease = Lease(self.storage, self.run_id, self.options.lease_ttl, log=self.log)
                 await self.lease.acquire(self.dead_runs)
-                # blobs a dead online run left parked go back before anything is decided
-                recovered = await Quarantine(self.storage, self.run_id).recover()
-                if recovered:
-                    self.log.warning("put back blobs a stopped run had parked", blobs=recovered)
+                await self._settle_trash()
             # reading phases are cancelled outright on stop: nothing has been changed yet
             inventory = await self._stoppable(self.scan_repositories())
             marks = await self._stoppable(self.mark(inventory))
@@ -224,15 +249,45 @@ class Engine:
             raise RunFailed(str(exc)) from exc
         finally:
             if self.lease is not None:
+                await self._seal_trash()
                 await self.lease.release()
-                # nothing of ours stays in the store once a delete run is over: the lease's
-                # and the quarantine's directories go where they are empty
-                await self.storage.remove_empty_dirs(
-                    [f"{QUARANTINE}{self.run_id}/", QUARANTINE, layout.OWN]
-                )
+                # nothing of ours stays in the store once a delete run is over but its trash:
+                # the lease's directory goes where it is empty
+                await self.storage.remove_empty_dirs([layout.OWN])
             RUN_LOG.reset(run_log)
         self.progress.enter("done")
         return self.summary
+
+    async def _settle_trash(self) -> None:
+        """Under the lease, before anything is decided: what dead runs left moving aside goes
+        back, expired trash is purged, and this run's trash is opened."""
+        recovered, self.aged = await settle_unfinished(self.storage, self.run_id, self.log)
+        if recovered:
+            note = f"put back {recovered} keys that interrupted runs had moved aside"
+            self.notes.append(note)
+            self.log.warning("put back blobs a stopped run had parked", keys=recovered)
+        runs, freed = await purge_expired(self.storage, self.log, self.clock())
+        self.summary.purged_trash_runs += runs
+        self.summary.purged_trash_bytes += freed
+        self.summary.freed_bytes += freed
+        if self.options.trash > 0:
+            await self.trash.begin(self.options.trash)
+            self.summary.trash_until = int(self.clock() + self.options.trash)
+
+    async def _seal_trash(self) -> None:
+        """The run is over: its trash says what it holds (a parking place goes)."""
+        try:
+            doc = await self.trash.seal()
+        except StorageError as exc:
+            # left "moving": the next delete run puts it back, nothing is lost
+            self.log.error("cannot seal this run's trash", error=str(exc))
+            self.notes.append(
+                f"the trash could not be sealed ({exc}); the next delete run puts its contents back"
+            )
+            return
+        if doc is not None:
+            self.summary.trashed_objects = int(doc.get("objects", 0))
+            self.summary.trashed_bytes = int(doc.get("bytes", 0))
 
     async def _stoppable(self, work: Coroutine[Any, Any, T]) -> T:
         task = asyncio.ensure_future(work)
@@ -455,8 +510,9 @@ class Engine:
         self, hexdigest: str, size: int | None, mtime: float | None, out: list[Candidate]
     ) -> None:
         key = layout.blob_data(hexdigest)
-        # a blob directory without data is a blob being written: never a candidate
-        if size is None or mtime is None or mtime > self.cutoff:
+        # a blob directory without data is a blob being written: never a candidate. One a
+        # dead delete had moved aside and this run put back is as old as that run found it
+        if size is None or mtime is None or (mtime > self.cutoff and hexdigest not in self.aged):
             self.summary.too_young += 1
             self.progress.too_young += 1
             return
@@ -569,6 +625,8 @@ class Engine:
                 continue
             self.summary.blobs += 1
             self.summary.bytes += candidate.size
+            if not self.options.trash:
+                self.summary.freed_bytes += candidate.size
             self.progress.deleted += 1
             self.progress.deleted_bytes += candidate.size
             self.on_candidate(candidate)
@@ -596,32 +654,40 @@ class Engine:
         A push that looks for a parked blob uploads it again or fails; one that found it just
         before registers its image within the settle time, and gets the blob and links back.
         """
-        quarantine = Quarantine(self.storage, self.run_id)
-        try:
+        trash = self.trash
+        await trash.begin(self.options.trash)  # without trash: a parking place only
+        hexes = [c.digest.hex() for c in batch]
+        moved, failed = await trash.park(hexes)
+        if failed:
             # a move that fails (a copy the store refuses) puts back what was parked
-            parked = set(await quarantine.park([c.digest.hex() for c in batch]))
-        except StorageError:
+            await trash.put_back([layout.blob_data(h) for h in moved])
             await self._restore_links(batch, layers)
-            raise
+            raise StorageError(f"cannot park blob {failed[0].key}: {failed[0].reason}")
+        parked = set(moved)
         await asyncio.sleep(self.options.online_settle)
         try:
             protected = await self.source.newly_in_use(c.digest for c in batch)
         except SourceError:
             try:
-                await quarantine.release(sorted(parked))  # unsure: everything goes back
+                # unsure: everything goes back
+                await trash.put_back([layout.blob_data(h) for h in sorted(parked)])
             finally:
                 await self._restore_links(batch, layers)
             raise
         back = [c for c in batch if c.digest in protected]
-        await quarantine.release([c.digest.hex() for c in back if c.digest.hex() in parked])
+        await trash.put_back(
+            [layout.blob_data(c.digest.hex()) for c in back if c.digest.hex() in parked]
+        )
         await self._restore_links(back, layers)
         for candidate in back:
             self.summary.too_young += 1
             self.progress.too_young += 1
             self.log.warning("kept: referenced during the run", digest=candidate.digest.hex())
         doomed = [c for c in batch if c.digest not in protected and c.digest.hex() in parked]
-        failures = await quarantine.purge([c.digest.hex() for c in doomed])
-        return doomed, failures
+        if self.options.trash:
+            return doomed, []  # they stay in the trash
+        dropped = await trash.drop([layout.blob_data(c.digest.hex()) for c in doomed])
+        return doomed, [DeleteFailure(f.key.rsplit("/", 2)[-2], f.reason) for f in dropped]
 
     async def _restore_links(
         self, candidates: list[Candidate], layers: dict[bytes, list[str]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from daemon.prune import DELETE, Summary
 from daemon.units import bytes_size, duration_text
@@ -47,10 +48,20 @@ def summary_lines(mode: str, summary: Summary, ending: Ending | None = None) -> 
         lines += [f"{verb} {summary.manifests} manifests", f"{verb} {summary.tags} tags"]
     if deleting:
         # the original pruner's exact words, plural or not: scripts parse them
-        lines += [
-            f"Deleted {summary.blobs} blobs",
-            f"Freed up {bytes_size(summary.bytes)} of disk space",
-        ]
+        lines += [f"Deleted {summary.blobs} blobs"]
+        if summary.trash_until:
+            # moved, not freed: the trash keeps them until then (restore puts them back)
+            lines.append(
+                f"Moved {summary.blobs} blobs ({bytes_size(summary.bytes)}) to the trash until "
+                f"{_date(summary.trash_until)}"
+            )
+        else:
+            lines.append(f"Freed up {bytes_size(summary.bytes)} of disk space")
+        if summary.purged_trash_runs:
+            lines.append(
+                f"Purged the expired trash of {count(summary.purged_trash_runs, 'run')}: "
+                f"freed up {bytes_size(summary.purged_trash_bytes)} of disk space"
+            )
         verb = "Deleted"
     else:
         lines += [
@@ -83,6 +94,19 @@ def summary_lines(mode: str, summary: Summary, ending: Ending | None = None) -> 
         where = f" during {ending.phase}" if ending.phase else ""
         lines.append(f"{_run(ending)} {ending.state}{where}: counts are partial{_cause(ending)}")
     return lines
+
+
+def restore_line(restore: dict[str, object]) -> str:
+    """A restored run's last line: what went back, and when."""
+    size = restore.get("bytes", 0)
+    return (
+        f"Restored {restore.get('objects', 0)} objects ({bytes_size(float(size))}) from the "  # type: ignore[arg-type]
+        f"trash at {restore.get('restored_at')}"
+    )
+
+
+def _date(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _run(ending: Ending) -> str:

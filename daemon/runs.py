@@ -25,15 +25,17 @@ from daemon.prune import DELETE, Candidate, Engine, RunFailed, RunOptions, Stopp
 from daemon.sources import open_source
 from daemon.sources.base import ReadOnlyRefused, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
+from daemon.trash import TrashGone, restore_run
 
-RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED = (
+RUNNING, SUCCEEDED, FAILED, STOPPED, INTERRUPTED, RESTORED = (
     "running",
     "succeeded",
     "failed",
     "stopped",
     "interrupted",
+    "restored",  # a trashed delete run put back
 )
-FINAL = (SUCCEEDED, FAILED, STOPPED, INTERRUPTED)
+FINAL = (SUCCEEDED, FAILED, STOPPED, INTERRUPTED, RESTORED)
 #: opens a reference source by name, logging through the given (run-bound) logger
 SourceFactory = Callable[[str, structlog.typing.FilteringBoundLogger], Awaitable[ReferenceSource]]
 
@@ -106,6 +108,7 @@ class Run:
             "upload_max_age_seconds": self.options.upload_max_age,
             "online": self.options.online,
             **self._revision_options(),
+            "trash_seconds": self.options.trash,
             "progress": progress,
             "summary": self.summary.document(),
             "notes": self.notes[:100],
@@ -195,7 +198,8 @@ class RunManager:
         known = {r.id: r.state for r in self.runs.values() if r.saved is None}
         seen = {r.id: r.saved for r in self.runs.values() if r.saved is not None}
         for doc in await asyncio.to_thread(self._read_all, False):
-            if doc["id"] in known:
+            # a run of ours that another process restored since: its document says so now
+            if doc["id"] in known and not (doc.get("state") == RESTORED != known[doc["id"]]):
                 continue
             if doc != seen.get(doc["id"]) or doc.get("state") == RUNNING:
                 # a running one may have lost its process since: settle it again
@@ -410,7 +414,7 @@ class RunManager:
                 run_id=run.id,
                 # a run this daemon recorded as interrupted died holding the store's lease:
                 # its successor may take the lease over instead of waiting for it to expire
-                dead_runs=frozenset(r.id for r in self.runs.values() if r.state == INTERRUPTED),
+                dead_runs=self.dead_runs(),
             )
             engine.summary = run.summary
             engine.on_finding = on_finding
@@ -478,6 +482,41 @@ class RunManager:
 
     async def stop(self, run: Run) -> None:
         run.stop.set()
+
+    # -- the trash -----------------------------------------------------------------------
+
+    def dead_runs(self) -> frozenset[str]:
+        """Runs recorded as interrupted: they died holding the store's lease, perhaps."""
+        return frozenset(r.id for r in self.runs.values() if r.state == INTERRUPTED)
+
+    async def restore(self, run_id: str) -> Run:
+        """Put a trashed delete run back and record it in its document: TrashGone (nothing
+        to restore), Busy (a run is active here), LeaseHeld, StorageError."""
+        run = self.get(run_id)
+        if run is None:
+            raise KeyError(run_id)
+        if self.active is not None:
+            raise Busy(self.active.id)
+        doc = dict(run.document())
+        if doc.get("mode") != DELETE or not doc.get("trash_seconds"):
+            raise TrashGone(
+                f"run {run.id} is a {doc.get('mode')} run without trash: nothing was kept to "
+                "restore (delete with trash=<duration> to be able to undo)"
+            )
+        if doc.get("state") == RUNNING:
+            raise TrashGone(f"run {run.id} is still running; stop it first")
+        result = await restore_run(self.storage, run.id, self.dead_runs(), self.log)
+        if doc.get("state") != RESTORED:
+            doc["state_before_restore"] = doc.get("state")
+        doc["state"] = RESTORED
+        doc["restore"] = {
+            "restored_at": doc.get("restore", {}).get("restored_at") or _now(),
+            **result.document(),
+        }
+        run.saved, run.state = doc, RESTORED
+        await self._save_doc(doc)
+        self.log.info("run restored", run_id=run.id, **result.document())
+        return run
 
     async def shutdown(self) -> None:
         """Stop the active run, wait for it to record itself."""

@@ -452,3 +452,139 @@ def test_usage_per_repository_from_the_listing_sizes(
     assert report["repositories"][0]["repository"] == max(
         expected, key=lambda r: expected[r]["exclusive_bytes"]
     )
+
+
+def differing(now: dict[str, str], before: dict[str, str]) -> list[str]:
+    """Keys missing, added or changed (a short list: pytest's diff of big dicts takes ages)."""
+    return sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))[:20]
+
+
+def bucket_snapshot(store: Store) -> dict[str, str]:
+    """Every registry key of the bucket and the sha256 of its content (our own
+    ``_registry-pruned/`` bookkeeping left out)."""
+    import hashlib
+
+    client = store.weed.client()
+    return {
+        key: hashlib.sha256(
+            client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+        ).hexdigest()
+        for key in store.all_keys()
+        if f"/{layout.OWN}" not in key
+    }
+
+
+def test_delete_with_trash_then_restore_gives_the_same_bucket(fresh: Store, tmp_path: Path) -> None:
+    """Server-side copies into the trash, batched deletes, and back: key for key, byte for byte."""
+    store, scenario = fresh, fresh.scenario
+    before = bucket_snapshot(store)
+    store.registry.restart(read_only=True)
+    state = tmp_path / "state"
+    args = ("--registry-config", store.registry.config_path, "--grace", "0", "--state-dir", state)
+    result = pruned("delete", *args, "--trash", "7d", "--upload-max-age", "0")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"Deleted {len(scenario.expected_orphans)} blobs"
+    assert lines[1].startswith(f"Moved {len(scenario.expected_orphans)} blobs (")
+    assert store.blobs() == scenario.in_use
+    after = bucket_snapshot(store)
+    moved = set(before) - set(after)
+    assert any("/_uploads/" in key for key in moved) and any("/_layers/" in key for key in moved)
+    trashed = {k for k in store.all_keys() if f"/{layout.OWN}trash/" in k}
+    (run_id,) = [p.stem for p in (state / "runs").glob("*.json")]
+    root = f"{store.root}/{layout.V2_ROOT}/"
+    assert {f"{root}{layout.OWN}trash/{run_id}/{k[len(root) :]}" for k in moved} <= trashed
+    daemon = Daemon(store.registry.config_path, state, "--grace", "0").start()
+    try:
+        status, doc = daemon.json("POST", f"/runs/{run_id}/restore")
+        assert status == 200 and doc["state"] == "restored", doc
+        assert doc["restore"]["objects"] == len(moved)
+        status, again = daemon.json("POST", f"/runs/{run_id}/restore")  # idempotent
+        assert status == 200 and again["restore"] == doc["restore"], again
+    finally:
+        daemon.stop()
+    assert differing(bucket_snapshot(store), before) == []
+    store.registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
+
+
+def test_sigkill_mid_move_to_the_trash_and_mid_restore(fresh: Store, tmp_path: Path) -> None:
+    """Copies made, sources not yet deleted: the next delete puts the dead run's trash back
+    (dropping the copies whose originals stayed), and the next restore finishes a killed one.
+    Each key ends once in the bucket, with its bytes."""
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_safety_crash import wait_for
+
+    store, scenario = fresh, fresh.scenario
+    rng = __import__("random").Random(17)
+    planted = {}
+    for _ in range(3000):
+        data = rng.randbytes(48)
+        hexd = hashlib.sha256(data).hexdigest()
+        planted[f"{store.root}/docker/registry/v2/{layout.blob_data(hexd)}"] = data
+    asyncio.run(store.weed.seed(store.bucket, planted))
+    before = bucket_snapshot(store)
+    store.registry.restart(read_only=True)
+    state = tmp_path / "state"
+    daemon = Daemon(store.registry.config_path, state, "--grace", "0").start()
+    try:
+        _status, run = daemon.json("POST", "/prune?mode=delete&trash=7d")
+        reached = wait_for(daemon, run["id"], "delete", 1)
+        daemon.terminate(signal.SIGKILL)
+    finally:
+        daemon.stop()
+    assert reached["state"] == "running", reached
+    trash_prefix = f"{store.root}/{layout.V2_ROOT}/{layout.OWN}trash/"
+    trashed = [k for k in store.all_keys() if k.startswith(trash_prefix + run["id"] + "/blobs/")]
+    assert trashed, "killed before anything was moved"
+    again = Daemon(store.registry.config_path, state, "--grace", "0").start()
+    try:
+        started = again.json("POST", "/prune?mode=delete&trash=7d")[1]
+        final = again.wait_done(started["id"], timeout=300)
+        assert final["state"] == "succeeded", final
+        assert store.blobs() == scenario.in_use
+        left = {
+            k.split("/")[len(trash_prefix.split("/")) - 1]
+            for k in store.all_keys()
+            if k.startswith(trash_prefix)
+        }
+        assert left == {final["id"]}  # the dead run's trash went back, then into this one
+    finally:
+        again.stop()
+    cmd = [
+        sys.executable,
+        "-m",
+        "daemon",
+        "restore",
+        final["id"],
+        "--registry-config",
+        str(store.registry.config_path),
+        "--state-dir",
+        str(state),
+    ]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(store.blobs()) < len(scenario.in_use) + 500:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert differing(bucket_snapshot(store), before), "the restore ended before the kill"
+    finished = pruned(
+        "restore",
+        final["id"],
+        "--registry-config",
+        store.registry.config_path,
+        "--state-dir",
+        state,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert differing(bucket_snapshot(store), before) == []
+    store.registry.restart(read_only=False)
+    for i, (repo, ref) in enumerate(scenario.kept):
+        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")

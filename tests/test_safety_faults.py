@@ -416,15 +416,17 @@ def test_blobs_parked_by_a_dead_online_run_go_back(
     parked = sorted(scenario.in_use)[:5]
     for digest in parked:
         hexd = digest[7:]
-        target = v2 / "_registry-pruned/quarantine/dead-run" / hexd
+        target = v2 / "_registry-pruned/trash/dead-run" / layout.blob_data(hexd)
         target.parent.mkdir(parents=True, exist_ok=True)
         (v2 / layout.blob_data(hexd)).rename(target)
+    # what a parking run writes before its first move: it was moving when it died
+    (v2 / "_registry-pruned/trash/dead-run/trash.json").write_text('{"state": "moving"}')
     registry.restart(read_only=True)
     result = pruned("delete", "--registry-config", registry.config_path, "--grace", "0")
     assert result.returncode == 0, result.stderr
     assert "put back blobs a stopped run had parked" in result.stderr
     assert blobs_on_disk(registry) == scenario.in_use
-    assert not list((v2 / "_registry-pruned/quarantine").glob("*/*"))
+    assert not (v2 / "_registry-pruned").exists()
     registry.restart(read_only=False)
     for i, (repo, ref) in enumerate(scenario.kept):
         skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")

@@ -178,12 +178,12 @@ class RefusingMove(FilesystemStorage):
         super().__init__(root, 2)
         self.moves = 0
 
-    async def move(self, src: str, dst: str) -> bool:
+    def _move(self, src: str, dst: str) -> bool:
         if src.startswith(layout.BLOBS):
             self.moves += 1
             if self.moves > 1:
                 raise StorageError(f"cannot copy {src}: EntityTooLarge (injected)")
-        return await super().move(src, dst)
+        return super()._move(src, dst)
 
 
 def layer_links(registry: Registry) -> dict[str, str]:
@@ -210,10 +210,10 @@ async def test_links_come_back_when_parking_fails(
         finally:
             await source.close()
             await storage.close()
-    assert storage.moves == 2  # one blob parked, the next refused
+    assert storage.moves >= 2  # one blob parked, the next ones refused
     assert blobs_on_disk(registry) == before  # the parked one is back
     v2 = registry.root / "docker/registry/v2"
-    assert not list((v2 / "_registry-pruned/quarantine").glob("*/*"))
+    assert not (v2 / "_registry-pruned").exists()  # nothing parked is left
     # the links the batch removed before parking are back, each naming its blob (ns2/gone
     # and a/b/c have no stream: removed whole before the blobs, as they should be)
     kept = {path: link for path, link in links.items() if path.startswith("ns")}

@@ -225,6 +225,21 @@ class Storage(ABC):
         """Move one file/object; False when ``src`` does not exist."""
         raise StorageError(f"{type(self).__name__} cannot move {src}")
 
+    async def move_keys(
+        self, moves: Sequence[tuple[str, str, int | None]]
+    ) -> tuple[list[str], list[DeleteFailure]]:
+        """Move each ``(src, dst, size or None)``: the sources moved (a missing source is
+        neither moved nor a failure) and the failures, named by source. Drivers batch it."""
+        moved: list[str] = []
+        failures: list[DeleteFailure] = []
+        for src, dst, _size in moves:
+            try:
+                if await self.move(src, dst):
+                    moved.append(src)
+            except StorageError as exc:
+                failures.append(DeleteFailure(src, str(exc)))
+        return moved, failures
+
     async def remove_empty_dirs(self, prefixes: Sequence[str]) -> None:  # noqa: B027
         """Remove these directories where they are empty; object stores have none."""
 

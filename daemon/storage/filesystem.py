@@ -342,7 +342,13 @@ class FilesystemStorage(Storage):
         if self._processes is None:
             # spawn, not fork: this process has threads (the pool above, the event loop's)
             context = multiprocessing.get_context("spawn")
-            self._processes = ProcessPoolExecutor(self._reader_count, mp_context=context)
+            self._processes = ProcessPoolExecutor(
+                self._reader_count,
+                mp_context=context,
+                # a reader outlived a SIGKILLed one-shot run by minutes: it goes with us
+                initializer=reading.die_with_parent,
+                initargs=(os.getpid(),),
+            )
         return self._processes
 
     async def _in_process(self, fn: Callable[..., T], *args: object) -> T:
@@ -460,6 +466,38 @@ class FilesystemStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot move {self.location(src)}: {exc.strerror}") from exc
         return True
+
+    async def move_keys(
+        self, moves: Sequence[tuple[str, str, int | None]]
+    ) -> tuple[list[str], list[DeleteFailure]]:
+        """Renames, in chunks on the thread pool; never through a symbolic link."""
+        chunks = [moves[i : i + _BATCH] for i in range(0, len(moves), _BATCH)]
+        moved: list[str] = []
+        failures: list[DeleteFailure] = []
+        results = await asyncio.gather(*(self._run(self._rename_many, c) for c in chunks))
+        for done, failed in results:
+            moved += done
+            failures += failed
+        return moved, failures
+
+    def _rename_many(
+        self, moves: Sequence[tuple[str, str, int | None]]
+    ) -> tuple[list[str], list[DeleteFailure]]:
+        moved: list[str] = []
+        failures: list[DeleteFailure] = []
+        plain: set[str] = set()
+        for src, dst, _size in moves:
+            # a move through a link would take what it points to (another volume's data)
+            link = self._link_on_path(src, plain)
+            if link:
+                failures.append(DeleteFailure(src, _through(link), kept=True))
+                continue
+            try:
+                if self._move(src, dst):
+                    moved.append(src)
+            except StorageError as exc:
+                failures.append(DeleteFailure(src, str(exc)))
+        return moved, failures
 
     async def remove_empty_dirs(self, prefixes: Sequence[str]) -> None:
         await self._run(self._rmdirs, prefixes)

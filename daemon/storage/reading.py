@@ -23,6 +23,34 @@ _HEX = re.compile(r"[0-9a-f]{64}").fullmatch
 _SIZED = struct.Struct("<6sQ")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """A reader process's initializer: the kernel kills it when its parent dies, SIGKILL
+    included (Linux ``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent instead."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the signal was asked for
+
+
 def parse_each(
     datas: Sequence[bytes | None], parse: Callable[[bytes], P]
 ) -> list[P | ValueError | None]:
