@@ -185,11 +185,13 @@ class SimStorage(Storage):
         return range(shard, self.shape.blobs, 256)
 
     def _shard_entries(self, shard: str) -> Iterator[tuple[bytes, int]]:
-        """(raw digest, ordinal) of each blob in ``shard``, lazily, in ordinal order."""
+        """(raw digest, ordinal) of each blob in ``shard``, in byte order, as an object store
+        lists them. One shard's digests are held while it is listed (~73 bytes each: 1/256
+        of the store, the driver's own transient), nothing else of the store."""
         digest, alive = self.digest, self._alive
-        for o in self.shard_ordinals(int(shard, 16)):
-            if alive(o):
-                yield digest(o), o
+        raws = sorted(digest(o) for o in self.shard_ordinals(int(shard, 16)) if alive(o))
+        for raw in raws:
+            yield raw, int.from_bytes(raw[24:], "big")
 
     # -- Storage -----------------------------------------------------------------------
 
