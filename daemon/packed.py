@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Iterator, MutableSet, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
 from collections.abc import Set as AbstractSet
-from typing import overload
+from typing import Generic, Protocol, TypeVar, overload
 
 WIDTH = 32
 _RECORDS = re.compile(rb".{32}", re.DOTALL)  # 32-byte records, split in C
@@ -238,3 +238,80 @@ class NameSet(MutableSet[str]):
 
     def __repr__(self) -> str:
         return f"NameSet({len(self)} names)"
+
+
+class Sized(Protocol):
+    digest: bytes
+    size: int
+
+
+S = TypeVar("S", bound=Sized)
+
+
+class PackedCandidates(Generic[S]):
+    """A delete run's candidates as 40-byte records (digest, size) in 256 per-shard buffers,
+    where a candidate object with its path took ~300 bytes; each comes back made by
+    ``make``, in shard order."""
+
+    __slots__ = ("_make", "_shards")
+    _RECORD = WIDTH + 8
+
+    def __init__(self, make: Callable[[bytes, int], S]) -> None:
+        self._shards = [bytearray() for _ in range(256)]
+        self._make = make
+
+    def append(self, item: S) -> None:
+        if len(item.digest) != WIDTH:
+            raise ValueError("a candidate is named by a 32-byte digest")
+        self._shards[item.digest[0]] += item.digest + item.size.to_bytes(8, "little")
+
+    def _records(self, start: int, stop: int) -> Iterator[bytes]:
+        """Records ``start`` to ``stop`` (indexes across the shards, in shard order)."""
+        r = self._RECORD
+        first = 0
+        for data in self._shards:
+            count = len(data) // r
+            lo, hi = max(start - first, 0), min(stop - first, count)
+            for j in range(lo, hi):
+                yield bytes(data[j * r : (j + 1) * r])
+            first += count
+            if first >= stop:
+                return
+
+    def _made(self, record: bytes) -> S:
+        return self._make(record[:WIDTH], int.from_bytes(record[WIDTH:], "little"))
+
+    def __len__(self) -> int:
+        return sum(map(len, self._shards)) // self._RECORD
+
+    def __bool__(self) -> bool:
+        return any(self._shards)
+
+    @overload
+    def __getitem__(self, i: int) -> S: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[S]: ...
+    def __getitem__(self, i: int | slice) -> S | list[S]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("candidates are sliced in steps of one")
+            return [self._made(rec) for rec in self._records(start, stop)]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self[i % n : i % n + 1][0]
+
+    def __iter__(self) -> Iterator[S]:
+        for rec in self._records(0, len(self)):
+            yield self._made(rec)
+
+    def digests(self) -> PackedShard:
+        """Every candidate's digest, as a packed set: sorted a shard at a time, so the only
+        transient is one shard's records."""
+        r = self._RECORD
+        parts = [
+            sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
+            for data in self._shards
+        ]
+        return PackedShard(b"".join(parts))
