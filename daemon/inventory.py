@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, MutableSet
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from daemon import layout, packed
@@ -30,8 +31,9 @@ class Repository:
     #: a set of hex strings took ~160)
     revisions: packed.HexSet = field(default_factory=packed.HexSet)
     tags: packed.NameSet = field(default_factory=packed.NameSet)  # one '/'-joined string
-    #: raw 32-byte digests of _layers links, concatenated (only when the inventory keeps them):
-    #: 32 bytes a link where a set of hex strings took about 160
+    #: raw digests of _layers links, concatenated (only when the inventory keeps them): the
+    #: inventory's ``layer_width`` bytes of each (32, or a prefix), where a set of hex strings
+    #: took about 160
     layers: bytearray = field(default_factory=bytearray)
     #: "<algorithm>:<hex>" of _layers links named by sha384/sha512 (only when the inventory
     #: keeps layers): each holds the sha256 digest of the blob it stands for
@@ -39,11 +41,12 @@ class Repository:
     uploads: set[str] = field(default_factory=set)  # upload uuids
     uploads_started: set[str] = field(default_factory=set)  # uuids that have a startedat file
 
-    def layer_digests(self) -> Iterator[bytes]:
-        """The raw digests of this repository's _layers links."""
+    def layer_digests(self, width: int = 32) -> Iterator[bytes]:
+        """The raw digests (or prefixes ``width`` bytes long) of this repository's _layers
+        links."""
         view = memoryview(self.layers)
-        for i in range(0, len(view), 32):
-            yield bytes(view[i : i + 32])
+        for i in range(0, len(view), width):
+            yield bytes(view[i : i + width])
 
 
 @dataclass(slots=True)
@@ -53,6 +56,9 @@ class Inventory:
     unknown: int = 0
     #: _layers links are only needed to unlink deleted blobs; a check does not hold them
     keep_layers: bool = True
+    #: bytes kept of each _layers link's digest: 32, or a prefix (8) where the links are only
+    #: matched against the doomed blobs (``layer_links``): 8 bytes a link instead of 32
+    layer_width: int = 32
 
     def repo(self, name: str) -> Repository:
         found = self.repositories.get(name)
@@ -71,6 +77,7 @@ class Inventory:
         plain = _PLAIN_NAME.fullmatch
         repos = self.repositories
         keep_layers = self.keep_layers
+        hex_end = -69 + 2 * self.layer_width  # the kept part of a layer link's hex
         # keys come a repository at a time: its name is checked once, not once a key
         last_name, last_repo = "", None
         for key in keys:
@@ -96,7 +103,7 @@ class Inventory:
                         if cut == 98:
                             repo.revisions.add(key[-69:-5])
                         elif keep_layers:
-                            repo.layers += bytes.fromhex(key[-69:-5])
+                            repo.layers += bytes.fromhex(key[-69:hex_end])
                         continue
                 elif key[-13:] == "/current/link":
                     head, _, tag = key[:-13].rpartition("/")
@@ -110,6 +117,34 @@ class Inventory:
                         continue
             self._add_general(key)
 
+    def layer_links(self, doomed: AbstractSet[bytes]) -> Iterator[tuple[str, bytes]]:
+        """(repository, digest) of each _layers link of a ``doomed`` digest. With prefixes, a
+        link whose prefix only matches names the doomed digest's link, which that repository
+        does not have: removing a missing link is a no-op, so a match never costs a link."""
+        width = self.layer_width
+        if width == 32:
+            for repo in self.repositories.values():
+                for raw in repo.layer_digests():
+                    if raw in doomed:
+                        yield repo.name, raw
+            return
+        packed_doomed = (
+            doomed
+            if isinstance(doomed, packed.PackedShard)
+            else packed.PackedShard(packed.sorted_unique(b"".join(doomed)))
+        )
+        # a bit per 24-bit prefix (2 MiB) answers most links without a bisect
+        seen = bytearray(1 << 21)
+        for raw in packed_doomed:
+            at = int.from_bytes(raw[:3], "big")
+            seen[at >> 3] |= 1 << (at & 7)
+        for repo in self.repositories.values():
+            for prefix in repo.layer_digests(width):
+                at = int.from_bytes(prefix[:3], "big")
+                if seen[at >> 3] & (1 << (at & 7)):
+                    for raw in packed_doomed.starting_with(prefix):
+                        yield repo.name, raw
+
     def _add_general(self, key: str) -> None:
         kind = layout.classify_repo_key(key)
         if kind is None:
@@ -121,7 +156,7 @@ class Inventory:
                 repo.revisions.add(kind.digest_hex)
             case "layer":
                 if self.keep_layers:
-                    repo.layers += bytes.fromhex(kind.digest_hex)
+                    repo.layers += bytes.fromhex(kind.digest_hex)[: self.layer_width]
             case "tag_current" | "tag_index":
                 repo.tags.add(kind.tag)
             case "upload_startedat":

@@ -112,6 +112,17 @@ class PackedShard(AbstractSet[bytes]):
         self._at = (value, at)
         return found
 
+    def starting_with(self, prefix: bytes) -> list[bytes]:
+        """The digests that begin with ``prefix``."""
+        found: list[bytes] = []
+        at = bisect.bisect_left(_Records(self.data), prefix)
+        while True:
+            record = self.data[at * WIDTH : (at + 1) * WIDTH]
+            if not record.startswith(prefix) or not record:
+                return found
+            found.append(record)
+            at += 1
+
     def __len__(self) -> int:
         return len(self.data) // WIDTH
 

@@ -297,7 +297,9 @@ class Engine:
         # _layers links only serve to unlink deleted blobs: a check neither lists nor keeps
         # them (they are most of the keys under repositories/)
         deleting = self.options.mode == DELETE
-        inventory = Inventory(keep_layers=deleting)
+        # a prefix of each layer link is enough to find the doomed blobs' links; online runs
+        # remove a repository's scanned links by name, which takes the whole digest
+        inventory = Inventory(keep_layers=deleting, layer_width=32 if self.options.online else 8)
         async for batch in self.storage.scan_repositories(layers=deleting):
             for start in range(0, len(batch), 2000):
                 inventory.add_keys(batch[start : start + 2000])
@@ -423,10 +425,8 @@ class Engine:
             return
         layers: dict[bytes, list[str]] = {}
         doomed = _digests(candidates)
-        for repo in inventory.repositories.values():
-            for raw in repo.layer_digests():
-                if raw in doomed:
-                    layers.setdefault(raw, []).append(layout.layer_link_dir(repo.name, raw.hex()))
+        for name, raw in inventory.layer_links(doomed):
+            layers.setdefault(raw, []).append(layout.layer_link_dir(name, raw.hex()))
         await self._foreign_layer_links(inventory, doomed, layers)
         del doomed
         # two batches in flight: one's links go while the other's blobs go, so the store is

@@ -134,3 +134,25 @@ def test_packed_candidates_keep_every_candidate_and_slice_in_shard_order() -> No
     assert list(made) == got and made[-1] == got[-1]
     doomed = made.digests()
     assert all(c.digest in doomed for c in wanted) and digests(1)[0] not in doomed
+
+
+@pytest.mark.parametrize("width", [32, 8])
+def test_layer_links_of_doomed_blobs_with_whole_digests_or_prefixes(width: int) -> None:
+    from daemon.inventory import Inventory
+
+    doomed = sorted(digests(300))
+    kept = digests(300)
+    twin = doomed[5][:8] + bytes(24)  # a kept blob whose first 8 bytes are a doomed one's
+    inventory = Inventory(keep_layers=True, layer_width=width)
+    keys = [f"repositories/ns/a/_layers/sha256/{d.hex()}/link" for d in [*doomed[:10], *kept]]
+    keys += [f"repositories/ns/b/_layers/sha256/{twin.hex()}/link"]
+    keys += [f"repositories/c/_layers/sha256/{d.hex()}/link" for d in (doomed[0], doomed[-1])]
+    inventory.add_keys(keys)
+    found = set(inventory.layer_links(PackedShard(b"".join(doomed))))
+    wanted = {("ns/a", d) for d in doomed[:10]} | {("c", doomed[0]), ("c", doomed[-1])}
+    # a prefix that matches names the doomed digest's own link, which ns/b does not have:
+    # removing it is a no-op, and ns/b's link of the kept twin is never named
+    assert found - {("ns/b", doomed[5])} == wanted
+    assert all(raw != twin for _name, raw in found)
+    assert ("ns/b", doomed[5]) in found if width == 8 else ("ns/b", doomed[5]) not in found
+    assert set(inventory.layer_links(set(doomed))) == found  # a plain set answers alike
