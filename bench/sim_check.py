@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 import tracemalloc
@@ -41,6 +42,14 @@ from daemon.sources.storage import StorageSource  # noqa: E402
 def emit(**fields: Any) -> None:
     fields.setdefault("load", [round(x, 2) for x in os.getloadavg()])
     print(json.dumps(fields), flush=True)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _top(snapshot: tracemalloc.Snapshot, n: int = 12) -> list[str]:
@@ -100,10 +109,12 @@ async def run_once(
     if profile:
         tracemalloc.start()
     phases: dict[str, float] = {}
+    peaks: dict[str, float] = {}  # this process's RSS, the highest seen in each phase (MB)
     current = [progress.phase, time.perf_counter()]
 
     def note() -> None:
         now = time.perf_counter()
+        peaks[progress.phase] = max(peaks.get(progress.phase, 0.0), _rss_mb())
         if progress.phase != current[0]:
             phases[current[0]] = phases.get(current[0], 0.0) + now - current[1]
             current[:] = [progress.phase, now]
@@ -120,6 +131,7 @@ async def run_once(
     finally:
         watcher.cancel()
     seconds = time.perf_counter() - started
+    used = resource.getrusage(resource.RUSAGE_SELF)
     note()
     result: dict[str, Any] = {
         "blobs": storage.shape.blobs,
@@ -127,7 +139,9 @@ async def run_once(
         "usage": usage,
         "verify": verify,
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(used.ru_utime + used.ru_stime, 2),
         "phases": {k: round(v, 2) for k, v in phases.items() if k not in ("starting", "done")},
+        "rss_mb_by_phase": {k: round(v, 1) for k, v in peaks.items()},
         "candidates": found[0],
         "summary_blobs": summary.blobs,
         "left": storage.alive_blobs(),
