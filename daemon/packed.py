@@ -199,7 +199,7 @@ class HexSet(MutableSet[str]):
 
 class NameSet(MutableSet[str]):
     """A set of short names (tags: path components, so never containing '/') held as one
-    sorted '/'-joined string and a short list; iterates in sorted order."""
+    sorted string, each name after a '/', and a short list; iterates in sorted order."""
 
     __slots__ = ("_run", "_tail")
     _SEP = "/"
@@ -215,37 +215,37 @@ class NameSet(MutableSet[str]):
         return set(it)
 
     def add(self, value: str) -> None:
-        if not value or self._SEP in value:
+        if self._SEP in value:
             raise ValueError(f"not a name: {value!r}")
         self._tail.append(value)
         if len(self._tail) > 16:
             self._settle()
 
     def _names(self) -> list[str]:
-        return self._run.split(self._SEP) if self._run else []
+        return self._run.split(self._SEP)[1:]
 
     def _settle(self) -> str:
         if self._tail:
-            self._run = self._SEP.join(sorted({*self._names(), *self._tail}))
+            self._run = "".join(self._SEP + n for n in sorted({*self._names(), *self._tail}))
             self._tail = []
         return self._run
 
     def __contains__(self, value: object) -> bool:
-        if not isinstance(value, str) or not value or self._SEP in value:
+        if not isinstance(value, str) or self._SEP in value:
             return False
         return value in self._tail or value in self._names()
 
     def discard(self, value: str) -> None:
         if value in self:
             self._settle()
-            self._run = self._SEP.join(n for n in self._names() if n != value)
+            self._run = "".join(self._SEP + n for n in self._names() if n != value)
 
     def __len__(self) -> int:
-        run = self._settle()
-        return run.count(self._SEP) + 1 if run else 0
+        return self._settle().count(self._SEP)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._settle() and self._names())
+        self._settle()
+        return iter(self._names())
 
     def __repr__(self) -> str:
         return f"NameSet({len(self)} names)"

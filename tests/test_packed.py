@@ -110,6 +110,8 @@ def test_hex_set_and_name_set() -> None:
     assert "v3" not in tags and len(tags) == 39 and len(NameSet()) == 0
     with pytest.raises(ValueError):
         tags.add("a/b")
+    tags.add("")  # an object store's key may hold an empty component: a set kept it too
+    assert "" in tags and len(tags) == 40 and next(iter(tags)) == ""
 
 
 @dataclass(frozen=True)
