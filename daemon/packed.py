@@ -160,6 +160,10 @@ class HexSet(MutableSet[str]):
     def add(self, value: str) -> None:
         self.add_raw(bytes.fromhex(value))
 
+    def update(self, values: Iterable[str]) -> None:
+        for value in values:
+            self.add(value)
+
     def _settle(self) -> bytes:
         if self._tail:
             self._run = sorted_unique(self._run, self._tail)
@@ -220,6 +224,10 @@ class NameSet(MutableSet[str]):
         self._tail.append(value)
         if len(self._tail) > 16:
             self._settle()
+
+    def update(self, values: Iterable[str]) -> None:
+        for value in values:
+            self.add(value)
 
     def _names(self) -> list[str]:
         return self._run.split(self._SEP)[1:]

@@ -101,6 +101,8 @@ def test_hex_set_and_name_set() -> None:
     revisions.discard(raws[0].hex())
     assert raws[0].hex() not in revisions and len(revisions) == 499
     assert revisions & {raws[1].hex(), "x"} == {raws[1].hex()}
+    revisions.update([raws[0].hex(), raws[1].hex()])  # as a set's update
+    assert len(revisions) == 500
     tags = NameSet()
     for i in range(100):
         tags.add(f"v{i % 40}")
@@ -108,6 +110,9 @@ def test_hex_set_and_name_set() -> None:
     assert list(tags) == sorted(f"v{i}" for i in range(40))
     tags.discard("v3")
     assert "v3" not in tags and len(tags) == 39 and len(NameSet()) == 0
+    tags.update(["v3", "v4"])
+    assert "v3" in tags and len(tags) == 40
+    tags.discard("v3")
     with pytest.raises(ValueError):
         tags.add("a/b")
     tags.add("")  # an object store's key may hold an empty component: a set kept it too
