@@ -6,11 +6,11 @@ Also the compact set of in-use digests the mark phase fills and the sweep reads.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableSet
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from daemon import layout
+from daemon import layout, packed
 
 _PREFIX = len(layout.REPOSITORIES)
 _HEX_AT = re.compile(r"[0-9a-f]{64}")  # fullmatch(key, start, end): no slice to make
@@ -27,10 +27,13 @@ _TAG_TAIL = "/_manifests/tags/"  # then <tag>/current/link
 @dataclass(slots=True)
 class Repository:
     name: str
-    revisions: set[str] = field(default_factory=set)  # hex of revisions whose link exists
-    tags: set[str] = field(default_factory=set)
-    #: raw 32-byte digests of _layers links, concatenated (only when the inventory keeps them):
-    #: 32 bytes a link where a set of hex strings took about 160
+    #: hex of revisions whose link exists, held as sorted raw digests (32 bytes each, where
+    #: a set of hex strings took ~160)
+    revisions: packed.HexSet = field(default_factory=packed.HexSet)
+    tags: packed.NameSet = field(default_factory=packed.NameSet)  # one '/'-joined string
+    #: raw digests of _layers links, concatenated (only when the inventory keeps them): the
+    #: inventory's ``layer_width`` bytes of each (32, or a prefix), where a set of hex strings
+    #: took about 160
     layers: bytearray = field(default_factory=bytearray)
     #: "<algorithm>:<hex>" of _layers links named by sha384/sha512 (only when the inventory
     #: keeps layers): each holds the sha256 digest of the blob it stands for
@@ -38,11 +41,12 @@ class Repository:
     uploads: set[str] = field(default_factory=set)  # upload uuids
     uploads_started: set[str] = field(default_factory=set)  # uuids that have a startedat file
 
-    def layer_digests(self) -> Iterator[bytes]:
-        """The raw digests of this repository's _layers links."""
+    def layer_digests(self, width: int = 32) -> Iterator[bytes]:
+        """The raw digests (or prefixes ``width`` bytes long) of this repository's _layers
+        links."""
         view = memoryview(self.layers)
-        for i in range(0, len(view), 32):
-            yield bytes(view[i : i + 32])
+        for i in range(0, len(view), width):
+            yield bytes(view[i : i + width])
 
 
 @dataclass(slots=True)
@@ -52,6 +56,9 @@ class Inventory:
     unknown: int = 0
     #: _layers links are only needed to unlink deleted blobs; a check does not hold them
     keep_layers: bool = True
+    #: bytes kept of each _layers link's digest: 32, or a prefix (8) where the links are only
+    #: matched against the doomed blobs (``layer_links``): 8 bytes a link instead of 32
+    layer_width: int = 32
 
     def repo(self, name: str) -> Repository:
         found = self.repositories.get(name)
@@ -70,6 +77,7 @@ class Inventory:
         plain = _PLAIN_NAME.fullmatch
         repos = self.repositories
         keep_layers = self.keep_layers
+        hex_end = -69 + 2 * self.layer_width  # the kept part of a layer link's hex
         # keys come a repository at a time: its name is checked once, not once a key
         last_name, last_repo = "", None
         for key in keys:
@@ -95,7 +103,7 @@ class Inventory:
                         if cut == 98:
                             repo.revisions.add(key[-69:-5])
                         elif keep_layers:
-                            repo.layers += bytes.fromhex(key[-69:-5])
+                            repo.layers += bytes.fromhex(key[-69:hex_end])
                         continue
                 elif key[-13:] == "/current/link":
                     head, _, tag = key[:-13].rpartition("/")
@@ -109,6 +117,34 @@ class Inventory:
                         continue
             self._add_general(key)
 
+    def layer_links(self, doomed: AbstractSet[bytes]) -> Iterator[tuple[str, bytes]]:
+        """(repository, digest) of each _layers link of a ``doomed`` digest. With prefixes, a
+        link whose prefix only matches names the doomed digest's link, which that repository
+        does not have: removing a missing link is a no-op, so a match never costs a link."""
+        width = self.layer_width
+        if width == 32:
+            for repo in self.repositories.values():
+                for raw in repo.layer_digests():
+                    if raw in doomed:
+                        yield repo.name, raw
+            return
+        packed_doomed = (
+            doomed
+            if isinstance(doomed, packed.PackedShard)
+            else packed.PackedShard(packed.sorted_unique(b"".join(doomed)))
+        )
+        # a bit per 24-bit prefix (2 MiB) answers most links without a bisect
+        seen = bytearray(1 << 21)
+        for raw in packed_doomed:
+            at = int.from_bytes(raw[:3], "big")
+            seen[at >> 3] |= 1 << (at & 7)
+        for repo in self.repositories.values():
+            for prefix in repo.layer_digests(width):
+                at = int.from_bytes(prefix[:3], "big")
+                if seen[at >> 3] & (1 << (at & 7)):
+                    for raw in packed_doomed.starting_with(prefix):
+                        yield repo.name, raw
+
     def _add_general(self, key: str) -> None:
         kind = layout.classify_repo_key(key)
         if kind is None:
@@ -120,7 +156,7 @@ class Inventory:
                 repo.revisions.add(kind.digest_hex)
             case "layer":
                 if self.keep_layers:
-                    repo.layers += bytes.fromhex(kind.digest_hex)
+                    repo.layers += bytes.fromhex(kind.digest_hex)[: self.layer_width]
             case "tag_current" | "tag_index":
                 repo.tags.add(kind.tag)
             case "upload_startedat":
@@ -138,25 +174,22 @@ class Inventory:
 
 
 class DigestSet(MutableSet[bytes]):
-    """A set of 32-byte sha256 digests in about 32-64 bytes each (a ``set[bytes]``: ~110).
+    """A set of 32-byte sha256 digests in about 32-40 bytes each (a ``set[bytes]``: ~110).
 
     New digests gather in a small plain set (duplicates, a base layer named by every
     manifest, vanish there at C speed); full, it is spread over 256 shards by first byte
-    (the blob store's own shards) as concatenated 32-byte records, deduplicated when a
-    shard's unmerged part outgrows its merged part. Membership builds a plain set for one
-    shard at a time and keeps a few: the sweep asks shard by shard. Exact, not probabilistic.
+    (the blob store's own shards) as unsorted 32-byte records, merged into the shard's
+    sorted, deduplicated buffer when they pass an eighth of it. A shard is handed out as a
+    ``PackedShard`` over that buffer, without a copy: the sweep's lookups bisect it, or walk
+    it forward against a sorted listing. Exact, not probabilistic.
     """
 
     _FLUSH = 1 << 13  # the plain set's peak: ~110 bytes an entry
-    _CACHED = 24  # the sweep's workers (16 on S3) each hold one shard
 
     def __init__(self, items: Iterable[bytes] = ()) -> None:
         self._pending: set[bytes] = set()
-        self._runs: list[bytes] = [b""] * 256  # merged: each digest once
+        self._runs: list[bytes] = [b""] * 256  # sorted, each digest once
         self._tails: list[bytearray] = [bytearray() for _ in range(256)]  # not yet merged
-        self._limits: list[int] = [64 * 32] * 256
-        self._cache: OrderedDict[int, frozenset[bytes]] = OrderedDict()
-        self._merged = 0  # digests in the runs
         self._cursor = 0  # where the next flush starts looking for shards to merge
         self.update(items)
 
@@ -176,6 +209,12 @@ class DigestSet(MutableSet[bytes]):
             raise ValueError("a DigestSet holds 32-byte digests")
         self.update(_RECORDS.findall(packed))
 
+    @staticmethod
+    def _due(run: bytes, tail: bytearray) -> bool:
+        # amortised: the unmerged part may grow to an eighth of the merged one, so a digest
+        # costs at most ~36 bytes, and a merge's sort is a few per cent of the mark
+        return len(tail) > max(64 * 32, len(run) >> 3)
+
     def _flush(self) -> None:
         pending = self._pending
         if not pending:
@@ -185,35 +224,26 @@ class DigestSet(MutableSet[bytes]):
         if set(map(type, pending)) != {bytes} or set(map(len, pending)) != {32}:
             raise ValueError("a DigestSet holds 32-byte digests")
         self._pending = set()
-        tails, cache, limits = self._tails, self._cache, self._limits
+        tails, runs = self._tails, self._runs
         for value in pending:
             tails[value[0]] += value
-        if cache:
-            for shard in {value[0] for value in pending}:
-                cache.pop(shard, None)
         # shards fill alike and would all come due in one flush: merging 256 at once held
         # the event loop for a few hundred ms (status p99); a few per flush, round robin
         merges = 0
         for _ in range(256):
             shard = self._cursor = (self._cursor + 1) % 256
-            if len(tails[shard]) > limits[shard]:
+            if self._due(runs[shard], tails[shard]):
                 self._merge(shard)
                 merges += 1
                 if merges == _MERGES_PER_FLUSH:
                     break
 
-    def _merge(self, shard: int) -> None:
+    def _merge(self, shard: int) -> bytes:
         tail = self._tails[shard]
-        if not tail:
-            return
-        records = set(_RECORDS.findall(self._runs[shard]))
-        before = len(records)
-        records.update(_RECORDS.findall(tail))
-        self._merged += len(records) - before
-        run = self._runs[shard] = b"".join(records)
-        self._tails[shard] = bytearray()
-        # amortised: the unmerged part may grow as large as the merged one
-        self._limits[shard] = max(64 * 32, len(run))
+        if tail:
+            self._runs[shard] = packed.sorted_unique(self._runs[shard], tail)
+            self._tails[shard] = bytearray()
+        return self._runs[shard]
 
     def _settle(self) -> None:
         for _ in self.settle_steps():
@@ -226,40 +256,34 @@ class DigestSet(MutableSet[bytes]):
             self._merge(shard)
             yield shard
 
-    def _members(self, shard: int) -> frozenset[bytes]:
-        found = self._cache.get(shard)
-        if found is None:
-            self._merge(shard)
-            found = self._cache[shard] = frozenset(_RECORDS.findall(self._runs[shard]))
-            while len(self._cache) > self._CACHED:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(shard)
-        return found
-
-    def shard(self, shard: int) -> frozenset[bytes]:
-        """Every digest whose first byte is ``shard``, as a plain set (for a sweep's batch)."""
+    def shard(self, shard: int) -> packed.PackedShard:
+        """Every digest whose first byte is ``shard``: a set over the shard's sorted buffer."""
         self._flush()
-        return self._members(shard)
+        return packed.PackedShard(self._merge(shard))
 
     def discard(self, value: bytes) -> None:
         if value not in self:
             return
         self._flush()
         shard = value[0]
-        self._merge(shard)
-        self._runs[shard] = b"".join(self._members(shard) - {value})
-        self._cache.pop(shard, None)
-        self._merged -= 1
+        run = self._merge(shard)
+        _found, at = packed.find_sorted(run, value)
+        self._runs[shard] = run[: at * 32] + run[(at + 1) * 32 :]
 
     def __contains__(self, value: object) -> bool:
         if not isinstance(value, bytes) or len(value) != 32:
             return False
-        return value in self._pending or value in self._members(value[0])
+        if value in self._pending:
+            return True
+        shard = value[0]
+        return (
+            packed.in_unsorted(self._tails[shard], value)
+            or packed.find_sorted(self._runs[shard], value)[0]
+        )
 
     def __len__(self) -> int:
         self._settle()
-        return self._merged
+        return sum(len(run) for run in self._runs) // 32
 
     def __iter__(self) -> Iterator[bytes]:
         self._settle()

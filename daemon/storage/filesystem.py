@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from daemon import layout, verifying
 from daemon.atomic import atomic_write
 from daemon.cpus import usable_cpus
+from daemon.packed import PackedShard
 from daemon.storage import reading
 from daemon.storage.base import (
     BlobEntry,
@@ -302,7 +303,7 @@ class FilesystemStorage(Storage):
     ) -> tuple[int, list[BlobEntry]]:
         # the listing, the digests and the stats stay in the reader process: only the
         # blobs outside come back (most of a sweep's time, on the loop's thread, before)
-        return await self._in_process(reading.shard_outside, self._base, shard, frozenset(members))
+        return await self._in_process(reading.shard_outside, self._base, shard, _portable(members))
 
     async def blob_sizes(self, shard: str, wanted: AbstractSet[bytes]) -> dict[bytes, int]:
         # a stat per wanted blob, in a reader process: no shard listing needed on a disk
@@ -316,7 +317,7 @@ class FilesystemStorage(Storage):
         self, shard: str, members: AbstractSet[bytes]
     ) -> tuple[int, list[BlobEntry], bytes]:
         # the in-use blobs' stats stay in the reader too: only packed sizes come back
-        return await self._in_process(reading.shard_sized, self._base, shard, frozenset(members))
+        return await self._in_process(reading.shard_sized, self._base, shard, _portable(members))
 
     def warm_up(self) -> None:
         # the reader processes take a few hundred ms to start: they do it during the scan
@@ -654,3 +655,9 @@ def _unlink_with_lock(path: str) -> None:
         os.unlink(_lock_path(path))
     finally:
         os.close(fd)
+
+
+def _portable(members: AbstractSet[bytes]) -> AbstractSet[bytes]:
+    """``members`` as sent to a reader: a packed shard as it is (its buffer, 32 bytes a
+    digest), any other set as a frozenset."""
+    return members if isinstance(members, PackedShard) else frozenset(members)

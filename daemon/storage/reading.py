@@ -178,6 +178,7 @@ def shard_outside(
 ) -> tuple[int, list[BlobEntry]]:
     """In a reader process: a blob shard's size, and its blobs not in ``members``, stat'ed."""
     names, linked = blob_names(file_path(base, layout.BLOBS + shard))
+    names.sort()  # hex order is byte order: lookups in a packed shard walk it forward
     outside: list[BlobEntry] = []
     for name in names:
         if bytes.fromhex(name) in members:
@@ -193,6 +194,7 @@ def shard_sized(
     """``shard_outside``, and the in-use blobs' sizes as 14-byte records (digest bytes 1-6,
     size): every blob is stat'ed, and the sizes go back packed, not as entries."""
     names, linked = blob_names(file_path(base, layout.BLOBS + shard))
+    names.sort()  # hex order is byte order: lookups in a packed shard walk it forward
     outside: list[BlobEntry] = []
     sized = bytearray()
     pack = _SIZED.pack

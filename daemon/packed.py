@@ -1,0 +1,336 @@
+"""Packed, sorted sets of 32-byte digests and of short names: a few bytes an item where a
+Python ``set`` of ``bytes`` or ``str`` takes ~110. No asyncio: reader processes import it.
+
+A buffer holds fixed-width records, each once, in byte order (hex order is byte order, so a
+sorted listing of a shard meets them in the same order). Lookups bisect; a caller asking in
+ascending order (a merge against a sorted listing) moves a cursor forward instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
+from collections.abc import Set as AbstractSet
+from typing import Generic, Protocol, TypeVar, overload
+
+WIDTH = 32
+_RECORDS = re.compile(rb".{32}", re.DOTALL)  # 32-byte records, split in C
+_STEPS = 8  # records a forward lookup walks before it bisects
+
+
+def records(data: bytes) -> list[bytes]:
+    """The 32-byte records concatenated in ``data``."""
+    return _RECORDS.findall(data)
+
+
+def sorted_unique(*parts: bytes) -> bytes:
+    """The 32-byte records of ``parts``, each once, in byte order, concatenated."""
+    found: set[bytes] = set()
+    for part in parts:
+        if len(part) % WIDTH:
+            raise ValueError("a packed digest buffer holds 32-byte digests")
+        found.update(_RECORDS.findall(part))
+    return b"".join(sorted(found))
+
+
+class _Records(Sequence[bytes]):
+    """A buffer's records as a sequence, for ``bisect`` (no copy of the buffer)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // WIDTH
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(i, slice):
+            raise TypeError("no slices")
+        return self.data[i * WIDTH : (i + 1) * WIDTH]
+
+
+def find_sorted(data: bytes, value: bytes, lo: int = 0) -> tuple[bool, int]:
+    """Whether ``value`` is a record of the sorted buffer ``data``, and where it is (or would
+    be), searching from record ``lo`` on."""
+    at = bisect.bisect_left(_Records(data), value, lo)
+    return data[at * WIDTH : (at + 1) * WIDTH] == value, at
+
+
+def in_unsorted(data: bytes | bytearray, value: bytes) -> bool:
+    """Whether ``value`` is one of the 32-byte records of the unsorted buffer ``data``."""
+    at = data.find(value)
+    while at >= 0:
+        if at % WIDTH == 0:
+            return True
+        at = data.find(value, at + 1)
+    return False
+
+
+class PackedShard(AbstractSet[bytes]):
+    """An immutable set of 32-byte digests over one sorted, deduplicated buffer.
+
+    Ascending lookups (a merge join with a sorted listing) cost a few comparisons each; any
+    other order bisects. Pickles as its buffer (a sweep sends it to a reader process).
+    """
+
+    __slots__ = ("_at", "data")
+
+    def __init__(self, data: bytes = b"") -> None:
+        if len(data) % WIDTH:
+            raise ValueError("a packed digest buffer holds 32-byte digests")
+        self.data = data
+        #: (last value asked, its position): one tuple, replaced whole, so that a reader of
+        #: the pair never sees one lookup's value with another's position
+        self._at: tuple[bytes, int] = (b"", 0)
+
+    def __reduce__(self) -> tuple[type[PackedShard], tuple[bytes]]:
+        return PackedShard, (bytes(self.data),)
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, bytes) or len(value) != WIDTH:
+            return False
+        data = self.data
+        last, lo = self._at
+        if value < last:
+            lo = 0  # not ascending: bisect the whole buffer
+        else:
+            # a merge: the answer is at or after the last one, usually a few records on
+            end = len(data)
+            for _ in range(_STEPS):
+                record = data[lo * WIDTH : (lo + 1) * WIDTH]
+                if lo * WIDTH >= end or record >= value:
+                    self._at = (value, lo)
+                    return record == value
+                lo += 1
+        found, at = find_sorted(data, value, lo)
+        self._at = (value, at)
+        return found
+
+    def starting_with(self, prefix: bytes) -> list[bytes]:
+        """The digests that begin with ``prefix``."""
+        found: list[bytes] = []
+        at = bisect.bisect_left(_Records(self.data), prefix)
+        while True:
+            record = self.data[at * WIDTH : (at + 1) * WIDTH]
+            if not record.startswith(prefix) or not record:
+                return found
+            found.append(record)
+            at += 1
+
+    def __len__(self) -> int:
+        return len(self.data) // WIDTH
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(_RECORDS.findall(self.data))
+
+    def __repr__(self) -> str:
+        return f"PackedShard({len(self)} digests)"
+
+
+class HexSet(MutableSet[str]):
+    """A set of sha256 hex strings held as sorted raw digests (32 bytes each, plus a small
+    unsorted tail); iterates in hex order. Set operators give plain sets."""
+
+    __slots__ = ("_run", "_tail")
+
+    def __init__(self, items: Iterable[str] = ()) -> None:
+        self._run = b""
+        self._tail = bytearray()
+        for item in items:
+            self.add(item)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[str]) -> set[str]:
+        return set(it)
+
+    def add_raw(self, raw: bytes) -> None:
+        """Add one 32-byte digest."""
+        if len(raw) != WIDTH:
+            raise ValueError("a HexSet holds 32-byte digests")
+        self._tail += raw
+        if len(self._tail) > max(16 * WIDTH, len(self._run) // 8):
+            self._settle()
+
+    def add(self, value: str) -> None:
+        self.add_raw(bytes.fromhex(value))
+
+    def update(self, values: Iterable[str]) -> None:
+        for value in values:
+            self.add(value)
+
+    def _settle(self) -> bytes:
+        if self._tail:
+            self._run = sorted_unique(self._run, self._tail)
+            self._tail = bytearray()
+        return self._run
+
+    def contains_raw(self, raw: bytes) -> bool:
+        return in_unsorted(self._tail, raw) or find_sorted(self._run, raw)[0]
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, str) or len(value) != 2 * WIDTH:
+            return False
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            return False
+        return self.contains_raw(raw)
+
+    def discard(self, value: str) -> None:
+        if value not in self:
+            return
+        raw = bytes.fromhex(value)
+        run = self._settle()
+        _found, at = find_sorted(run, raw)
+        self._run = run[: at * WIDTH] + run[(at + 1) * WIDTH :]
+
+    def __len__(self) -> int:
+        return len(self._settle()) // WIDTH
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in _RECORDS.findall(self._settle()):
+            yield raw.hex()
+
+    def __repr__(self) -> str:
+        return f"HexSet({len(self)} digests)"
+
+
+class NameSet(MutableSet[str]):
+    """A set of short names (tags: path components, so never containing '/') held as one
+    sorted string, each name after a '/', and a short list; iterates in sorted order."""
+
+    __slots__ = ("_run", "_tail")
+    _SEP = "/"
+
+    def __init__(self, items: Iterable[str] = ()) -> None:
+        self._run = ""
+        self._tail: list[str] = []
+        for item in items:
+            self.add(item)
+
+    @classmethod
+    def _from_iterable(cls, it: Iterable[str]) -> set[str]:
+        return set(it)
+
+    def add(self, value: str) -> None:
+        if self._SEP in value:
+            raise ValueError(f"not a name: {value!r}")
+        self._tail.append(value)
+        if len(self._tail) > 16:
+            self._settle()
+
+    def update(self, values: Iterable[str]) -> None:
+        for value in values:
+            self.add(value)
+
+    def _names(self) -> list[str]:
+        return self._run.split(self._SEP)[1:]
+
+    def _settle(self) -> str:
+        if self._tail:
+            self._run = "".join(self._SEP + n for n in sorted({*self._names(), *self._tail}))
+            self._tail = []
+        return self._run
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, str) or self._SEP in value:
+            return False
+        return value in self._tail or value in self._names()
+
+    def discard(self, value: str) -> None:
+        if value in self:
+            self._settle()
+            self._run = "".join(self._SEP + n for n in self._names() if n != value)
+
+    def __len__(self) -> int:
+        return self._settle().count(self._SEP)
+
+    def __iter__(self) -> Iterator[str]:
+        self._settle()
+        return iter(self._names())
+
+    def __repr__(self) -> str:
+        return f"NameSet({len(self)} names)"
+
+
+class Sized(Protocol):
+    digest: bytes
+    size: int
+
+
+S = TypeVar("S", bound=Sized)
+
+
+class PackedCandidates(Generic[S]):
+    """A delete run's candidates as 40-byte records (digest, size) in 256 per-shard buffers,
+    where a candidate object with its path took ~300 bytes; each comes back made by
+    ``make``, in shard order."""
+
+    __slots__ = ("_make", "_shards")
+    _RECORD = WIDTH + 8
+
+    def __init__(self, make: Callable[[bytes, int], S]) -> None:
+        self._shards = [bytearray() for _ in range(256)]
+        self._make = make
+
+    def append(self, item: S) -> None:
+        if len(item.digest) != WIDTH:
+            raise ValueError("a candidate is named by a 32-byte digest")
+        self._shards[item.digest[0]] += item.digest + item.size.to_bytes(8, "little")
+
+    def _records(self, start: int, stop: int) -> Iterator[bytes]:
+        """Records ``start`` to ``stop`` (indexes across the shards, in shard order)."""
+        r = self._RECORD
+        first = 0
+        for data in self._shards:
+            count = len(data) // r
+            lo, hi = max(start - first, 0), min(stop - first, count)
+            for j in range(lo, hi):
+                yield bytes(data[j * r : (j + 1) * r])
+            first += count
+            if first >= stop:
+                return
+
+    def _made(self, record: bytes) -> S:
+        return self._make(record[:WIDTH], int.from_bytes(record[WIDTH:], "little"))
+
+    def __len__(self) -> int:
+        return sum(map(len, self._shards)) // self._RECORD
+
+    def __bool__(self) -> bool:
+        return any(self._shards)
+
+    @overload
+    def __getitem__(self, i: int) -> S: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[S]: ...
+    def __getitem__(self, i: int | slice) -> S | list[S]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("candidates are sliced in steps of one")
+            return [self._made(rec) for rec in self._records(start, stop)]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self[i % n : i % n + 1][0]
+
+    def __iter__(self) -> Iterator[S]:
+        for rec in self._records(0, len(self)):
+            yield self._made(rec)
+
+    def digests(self) -> PackedShard:
+        """Every candidate's digest, as a packed set: sorted a shard at a time, so the only
+        transient is one shard's records."""
+        r = self._RECORD
+        parts = [
+            sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
+            for data in self._shards
+        ]
+        return PackedShard(b"".join(parts))

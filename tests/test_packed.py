@@ -1,0 +1,165 @@
+"""The packed digest structures (daemon/packed.py, DigestSet): exact as plain sets."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from daemon.inventory import DigestSet
+from daemon.packed import HexSet, NameSet, PackedCandidates, PackedShard, sorted_unique
+
+RNG = random.Random(19)
+
+
+def digests(n: int, first: int | None = None) -> list[bytes]:
+    out = [RNG.randbytes(32) for _ in range(n)]
+    return out if first is None else [bytes((first,)) + d[1:] for d in out]
+
+
+def test_packed_shard_answers_like_a_set_in_any_order() -> None:
+    members = digests(3000, first=0x42)
+    others = digests(3000, first=0x42)
+    shard = PackedShard(sorted_unique(b"".join(members + members[:100])))
+    assert len(shard) == 3000 and set(shard) == set(members)
+    everything = members + others
+    # ascending (a merge against a sorted listing), descending, and shuffled
+    for order in (sorted(everything), sorted(everything, reverse=True), everything):
+        assert [d in shard for d in order] == [d in set(members) for d in order]
+    # the first and the last digest a shard can hold, and near misses around them
+    low, high = b"\x42" + b"\x00" * 31, b"\x42" + b"\xff" * 31
+    edge = PackedShard(sorted_unique(low + high + members[0]))
+    assert low in edge and high in edge and members[0] in edge
+    assert b"\x42" + b"\x00" * 30 + b"\x01" not in edge
+    assert b"\x42" + b"\xff" * 30 + b"\xfe" not in edge
+    assert b"\x43" + b"\x00" * 31 not in edge  # past the last record
+    assert b"\x41" + b"\xff" * 31 not in edge  # before the first
+    assert "not bytes" not in edge and b"short" not in edge  # type: ignore[operator]
+
+
+def test_packed_shard_edges_and_pickling() -> None:
+    empty = PackedShard()
+    assert len(empty) == 0 and digests(1)[0] not in empty and list(empty) == []
+    one = digests(1)[0]
+    single = PackedShard(one)
+    assert one in single and bytes(32) not in single
+    copied = pickle.loads(pickle.dumps(PackedShard(sorted_unique(b"".join(digests(50))))))
+    assert isinstance(copied, PackedShard) and len(copied) == 50
+    with pytest.raises(ValueError):
+        PackedShard(b"x" * 33)
+
+
+def test_digest_set_edges_first_last_empty_and_one_full_shard() -> None:
+    ours = DigestSet()
+    assert len(ours) == 0 and all(len(ours.shard(s)) == 0 for s in (0, 128, 255))
+    # every digest in one shard: its merges, and the other 255 shards stay empty
+    crowded = digests(20_000, first=0x00)
+    first, last = bytes(32), b"\x00" + b"\xff" * 31
+    ours.update(crowded)
+    ours.add(last)
+    ours.add(first)
+    ours.update(crowded[:5000])  # duplicates after merges
+    assert len(ours) == 20_002
+    shard = ours.shard(0)
+    assert list(shard) == sorted({*crowded, first, last})
+    assert first in shard and last in shard and first in ours and last in ours
+    assert all(len(ours.shard(s)) == 0 for s in range(1, 256))
+    assert b"\x01" + bytes(31) not in ours
+    ours.discard(first)
+    ours.discard(last)
+    assert first not in ours and last not in ours and len(ours) == 20_000
+
+
+def test_digest_set_lookups_before_and_after_merges() -> None:
+    ours, plain = DigestSet(), set()
+    values = digests(40_000)
+    probes = values + digests(2000)
+    for i, value in enumerate(values):
+        ours.add(value)
+        plain.add(value)
+        if i % 7919 == 0:  # pending, unmerged tails and merged runs all answer
+            assert all((p in ours) == (p in plain) for p in probes[:3000])
+    assert all((p in ours) == (p in plain) for p in probes)
+    assert sorted(ours) == sorted(plain)
+    for s in (0, 1, 0x80, 0xFE, 0xFF):
+        assert ours.shard(s) == {v for v in plain if v[0] == s}
+    ours.add(b"too short")
+    with pytest.raises(ValueError):  # refused at the latest when it would be packed
+        len(ours)
+
+
+def test_hex_set_and_name_set() -> None:
+    raws = digests(500)
+    revisions = HexSet(r.hex() for r in raws[:300])
+    for raw in raws[250:]:
+        revisions.add_raw(raw)
+    assert len(revisions) == 500 and list(revisions) == sorted(r.hex() for r in raws)
+    assert raws[0].hex() in revisions and digests(1)[0].hex() not in revisions
+    assert "zz" not in revisions and 5 not in revisions  # type: ignore[operator]
+    revisions.discard(raws[0].hex())
+    assert raws[0].hex() not in revisions and len(revisions) == 499
+    assert revisions & {raws[1].hex(), "x"} == {raws[1].hex()}
+    revisions.update([raws[0].hex(), raws[1].hex()])  # as a set's update
+    assert len(revisions) == 500
+    tags = NameSet()
+    for i in range(100):
+        tags.add(f"v{i % 40}")
+    assert len(tags) == 40 and "v3" in tags and "v41" not in tags
+    assert list(tags) == sorted(f"v{i}" for i in range(40))
+    tags.discard("v3")
+    assert "v3" not in tags and len(tags) == 39 and len(NameSet()) == 0
+    tags.update(["v3", "v4"])
+    assert "v3" in tags and len(tags) == 40
+    tags.discard("v3")
+    with pytest.raises(ValueError):
+        tags.add("a/b")
+    tags.add("")  # an object store's key may hold an empty component: a set kept it too
+    assert "" in tags and len(tags) == 40 and next(iter(tags)) == ""
+
+
+@dataclass(frozen=True)
+class _Cand:
+    digest: bytes
+    size: int
+
+
+def test_packed_candidates_keep_every_candidate_and_slice_in_shard_order() -> None:
+    made = PackedCandidates(_Cand)
+    assert not made and len(made) == 0 and made[0:1000] == [] and len(made.digests()) == 0
+    wanted = [_Cand(d, i * 1000 + 7) for i, d in enumerate(digests(2500))]
+    wanted.append(_Cand(bytes(32), 2**40))  # the first digest there is, a large size
+    wanted.append(_Cand(b"\xff" * 32, 0))  # the last
+    for c in wanted:
+        made.append(c)
+    assert len(made) == len(wanted) and made
+    batches = [made[i : i + 1000] for i in range(0, len(made), 1000)]
+    got = [c for batch in batches for c in batch]
+    assert sorted(got, key=lambda c: c.digest) == sorted(wanted, key=lambda c: c.digest)
+    assert [c.digest[0] for c in got] == sorted(c.digest[0] for c in got)  # shard order
+    assert list(made) == got and made[-1] == got[-1]
+    doomed = made.digests()
+    assert all(c.digest in doomed for c in wanted) and digests(1)[0] not in doomed
+
+
+@pytest.mark.parametrize("width", [32, 8])
+def test_layer_links_of_doomed_blobs_with_whole_digests_or_prefixes(width: int) -> None:
+    from daemon.inventory import Inventory
+
+    doomed = sorted(digests(300))
+    kept = digests(300)
+    twin = doomed[5][:8] + bytes(24)  # a kept blob whose first 8 bytes are a doomed one's
+    inventory = Inventory(keep_layers=True, layer_width=width)
+    keys = [f"repositories/ns/a/_layers/sha256/{d.hex()}/link" for d in [*doomed[:10], *kept]]
+    keys += [f"repositories/ns/b/_layers/sha256/{twin.hex()}/link"]
+    keys += [f"repositories/c/_layers/sha256/{d.hex()}/link" for d in (doomed[0], doomed[-1])]
+    inventory.add_keys(keys)
+    found = set(inventory.layer_links(PackedShard(b"".join(doomed))))
+    wanted = {("ns/a", d) for d in doomed[:10]} | {("c", doomed[0]), ("c", doomed[-1])}
+    # a prefix that matches names the doomed digest's own link, which ns/b does not have:
+    # removing it is a no-op, and ns/b's link of the kept twin is never named
+    assert found - {("ns/b", doomed[5])} == wanted
+    assert all(raw != twin for _name, raw in found)
+    assert ("ns/b", doomed[5]) in found if width == 8 else ("ns/b", doomed[5]) not in found
+    assert set(inventory.layer_links(set(doomed))) == found  # a plain set answers alike
