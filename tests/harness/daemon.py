@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,7 +51,6 @@ class Daemon:
             "debug",
             *self.args,
         ]
-        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,
@@ -64,8 +64,8 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited: {self.log.read_text()[-3000:]}")
             # Another suite's daemon may answer on this port before ours fails to bind: only
-            # our own "listening" line, written after the bind, proves the port is ours.
-            if self._listening(offset):
+            # our own process holding the listening socket proves the port is ours.
+            if self._listening():
                 try:
                     self.get("/healthz")
                     return self
@@ -74,11 +74,28 @@ class Daemon:
             time.sleep(0.05)
         raise RuntimeError("daemon did not answer /healthz")
 
-    def _listening(self, offset: int) -> bool:
-        with open(self.log, "rb") as log:
-            log.seek(offset)
-            address = f":{self.port}".encode()
-            return any(b"listening" in line and address in line for line in log.read().splitlines())
+    def _listening(self) -> bool:
+        """Whether our process holds the listening socket on our port (Linux /proc)."""
+        assert self.proc is not None
+        inodes: set[str] = set()
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError), open(table) as rows:
+                for row in list(rows)[1:]:
+                    fields = row.split()
+                    # local address "HEX:PORT", state 0A is LISTEN, inode is field 9
+                    if (
+                        int(fields[1].rsplit(":", 1)[1], 16) == self.port
+                        and fields[3] == "0A"
+                        and fields[9] in inodes
+                    ):
+                        return True
+        return False
 
     def request(
         self, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 60
