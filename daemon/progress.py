@@ -14,8 +14,8 @@ DELETE_WEIGHTS = (
     ("scan-repositories", 0.1),
     ("mark", 0.15),
     ("sweep", 0.1),
-    ("delete", 0.25),
-    ("verify", 0.4),
+    ("delete", 0.3),
+    ("verify", 0.35),
 )
 #: phases whose own pace says how long the later ones take: they read the store as those do.
 #: A delete's pace follows its candidates and says nothing about the verify after it.
