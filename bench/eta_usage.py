@@ -1,13 +1,15 @@
 """How good the ETA is, and what per-repository usage costs, on the bench stores.
 
-    python bench/eta_usage.py eta [--blobs 500000] [--mode check|delete] [--runs 2]
+    python bench/eta_usage.py eta [--blobs 500000] [--mode check|delete] [--runs 2] [--s3]
     python bench/eta_usage.py rss [--blobs 1000000]
 
 ``eta``: runs through the API on the kept store (bench/run.py's, under --work), polling the
 run every 50 ms; at the first look where ``fraction`` >= 0.5 it compares ``eta_seconds``
 with the time the run really took from there (a ratio of 1.0 is exact; the goal is within
 2x). Consecutive runs share a daemon, so the second knows the first's repository count.
-A delete runs on a hard-link copy with a read-only config. ``rss``: peak RSS of one warm
+A delete runs on a hard-link copy with a read-only config. With ``--s3`` the store is
+bench/s3_check.py's bucket on a local SeaweedFS (its set-up and upload), and a delete's
+bucket is made whole again before the next run. ``rss``: peak RSS of one warm
 CLI check with ``--usage`` and one without (bench/run.py's measure: the process tree).
 Each figure is one JSON line.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -36,7 +39,17 @@ from bench.run import (  # noqa: E402
     run_child,
     store,
 )
+from bench.s3_check import (  # noqa: E402
+    bucket_for,
+    fill_bucket,
+    prepare,
+    weed_dir,
+)
+from bench.s3_check import registry_config as s3_registry_config  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
+
+#: the harness takes a daemon as ready only once it logged "listening", an info line
+LOG_LEVEL = ("--log-level", "info")
 
 
 def _get(url: str) -> dict[str, Any]:
@@ -97,14 +110,14 @@ def bench_eta(work: Path, blobs: int, mode: str, runs: int) -> None:
     config = registry_config(work, root, read_only=mode == "delete")
     state = work / f"state-eta-{blobs}-{mode}"
     shutil.rmtree(state, ignore_errors=True)
-    daemon = Daemon(config, state, "--log-level", "warning").start()
+    daemon = Daemon(config, state, *LOG_LEVEL).start()
     try:
         for i in range(runs):
             if mode == "delete" and i:
                 daemon.stop()
                 assert copy is not None
                 _hardlink_copy(work / f"store-{blobs}", copy)  # orphans back for the next
-                daemon = Daemon(config, state, "--log-level", "warning").start()
+                daemon = Daemon(config, state, *LOG_LEVEL).start()
             found = follow(daemon, mode)
             emit(
                 bench="eta",
@@ -118,6 +131,51 @@ def bench_eta(work: Path, blobs: int, mode: str, runs: int) -> None:
         daemon.stop()
         if copy is not None:
             shutil.rmtree(copy, ignore_errors=True)
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def bench_eta_s3(work: Path, blobs: int, mode: str, runs: int) -> None:
+    """``bench_eta`` on bench/s3_check.py's bucket, SeaweedFS as S3."""
+    args = argparse.Namespace(work=work, blobs=blobs, untagged=False)
+    weed, info = prepare(args)
+    bucket = info["bucket"]
+    complete = weed_dir(args) / f"{bucket_for(blobs)}.complete"
+    config = s3_registry_config(
+        weed, bucket, work / f"{bucket}-eta-{mode}.yml", read_only=mode == "delete"
+    )
+    state = work / f"state-eta-s3-{blobs}-{mode}"
+    shutil.rmtree(state, ignore_errors=True)
+    daemon: Daemon | None = None
+    try:
+        emit(store=info, loadavg=_loadavg())
+        daemon = Daemon(config, state, *LOG_LEVEL).start()
+        for i in range(runs):
+            if mode == "delete":
+                if i:
+                    daemon.stop()
+                    fill_bucket(weed, args)  # orphans back for the next
+                    daemon = Daemon(config, state, *LOG_LEVEL).start()
+                # the bucket changes from here on: the next set-up lists it again
+                complete.unlink(missing_ok=True)
+            before = _loadavg()
+            found = follow(daemon, mode)
+            emit(
+                bench="eta",
+                driver="s3",
+                mode=mode,
+                blobs=info["blobs"],
+                run=i + 1,
+                loadavg_before=before,
+                loadavg_after=_loadavg(),
+                **found,
+            )
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        weed.stop()
 
 
 def bench_rss(work: Path, blobs: int) -> None:
@@ -151,11 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--blobs", type=int, action="append")
     parser.add_argument("--mode", choices=("check", "delete"), default="check")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--s3", action="store_true", help="eta on SeaweedFS (bench/s3_check.py)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     for blobs in args.blobs or [500_000]:
         if args.command == "eta":
-            bench_eta(args.work, blobs, args.mode, args.runs)
+            eta = bench_eta_s3 if args.s3 else bench_eta
+            eta(args.work, blobs, args.mode, args.runs)
         else:
             bench_rss(args.work, blobs)
     return 0

@@ -7,9 +7,19 @@ from dataclasses import asdict, dataclass, field
 
 #: the share of a run's time each phase takes (bench/README.md, "ETA"): a check with usage
 #: at 500k blobs on a filesystem spent ~5% scanning, ~45% marking, ~48% sweeping; on S3 the
-#: scan weighs more (26 s of 113 s without usage). A delete adds its own phase.
+#: scan weighs more (26 s of 113 s without usage). A delete adds its own phase and the
+#: verify that proves it (at 50k blobs: delete 15-50%, verify 25-55% of the run).
 CHECK_WEIGHTS = (("scan-repositories", 0.1), ("mark", 0.45), ("sweep", 0.45))
-DELETE_WEIGHTS = (("scan-repositories", 0.12), ("mark", 0.4), ("sweep", 0.23), ("delete", 0.25))
+DELETE_WEIGHTS = (
+    ("scan-repositories", 0.1),
+    ("mark", 0.15),
+    ("sweep", 0.1),
+    ("delete", 0.3),
+    ("verify", 0.35),
+)
+#: phases whose own pace says how long the later ones take: they read the store as those do.
+#: A delete's pace follows its candidates and says nothing about the verify after it.
+_OWN_PACE = ("mark", "sweep")
 _MIN_FRACTION = 0.03  # below it an ETA is mostly noise
 _MIN_WITHIN = 0.05  # how far into a phase before its own pace is trusted
 
@@ -77,12 +87,19 @@ class Progress:
         weights = DELETE_WEIGHTS if deleting else CHECK_WEIGHTS
         names = [name for name, _w in weights]
         within = self._within(self.phase)
-        if self.phase in names and self.phase != "scan-repositories" and within >= _MIN_WITHIN:
+        if self.phase in names and self.phase in _OWN_PACE and within >= _MIN_WITHIN:
             here = names.index(self.phase)
             spent = time.monotonic() - self.phase_started
             phase_total = spent / within
             later = sum(w for _n, w in weights[here + 1 :])
             return round(phase_total - spent + phase_total / weights[here][1] * later, 1)
+        if self.phase in names and self.phase == "verify":
+            # no counters of its own: the phases before it say how long it takes; past that,
+            # "a second", not 0 (which says the run is over)
+            here = names.index(self.phase)
+            spent = time.monotonic() - self.phase_started
+            before = sum(w for _n, w in weights[:here])
+            return round(max((elapsed - spent) / before * weights[here][1] - spent, 1.0), 1)
         if fraction < _MIN_FRACTION:
             return None
         return round(elapsed * (1 - fraction) / fraction, 1)

@@ -72,6 +72,36 @@ def test_fraction_grows_over_the_phases() -> None:
     assert progress.eta(10.0, False) is None
 
 
+def test_a_delete_runs_fraction_and_eta_count_the_verify_after_it() -> None:
+    progress = Progress()
+    seen: list[float] = []
+    progress.enter("scan-repositories")
+    progress.repositories_expected = progress.repositories = 10
+    seen.append(progress.fraction(True))
+    progress.enter("mark")
+    progress.manifests_total = progress.manifests = 100
+    seen.append(progress.fraction(True))
+    progress.enter("sweep")
+    progress.shards_done = 256
+    seen.append(progress.fraction(True))
+    progress.enter("delete")
+    progress.candidates, progress.deleted = 100, 50
+    seen.append(progress.fraction(True))
+    # the delete phase's own pace says nothing of the verify: the whole run's pace
+    assert progress.eta(24.0, True) == pytest.approx(24.0, abs=0.1)  # half of 0.3 after 0.35
+    progress.deleted = 100
+    progress.enter("verify")
+    seen.append(progress.fraction(True))
+    assert seen == sorted(seen) and seen[-1] == 0.65  # not back to 0 while verifying
+    # 30 s before the verify weighed 0.65, so the verify (0.35) takes 16.2 s; 5 s are spent
+    progress.phase_started -= 5.0
+    assert progress.eta(35.0, True) == pytest.approx(30 / 0.65 * 0.35 - 5, abs=0.1)
+    progress.phase_started -= 60.0  # slower than foreseen: about to end, never "over"
+    assert progress.eta(95.0, True) == 1.0
+    progress.enter("done")
+    assert progress.fraction(True) == 1.0 and progress.eta(95.0, True) == 0.0
+
+
 def test_fraction_and_eta_while_a_check_runs(daemon: Daemon) -> None:
     status, run = daemon.json("POST", "/prune?mode=check")
     assert status == 202
