@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import structlog
 
-from daemon import layout, manifests
+from daemon import layout, manifests, packed
 from daemon.findings import Finding, Verification
 from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
@@ -130,7 +130,7 @@ class StoreVerifier:
         self.prior = prior
         self.result = Verification(after_delete=prior is not None)
         self.facts: dict[bytes, Facts | None] = {}
-        self.present: dict[bytes, int | None] = {}  # blob -> size (None: present, not sized)
+        self.present = packed.BlobSizes()  # referenced blob -> size, MISSING or UNSIZED
         self.foreign_present: set[str] = set()  # sha512/sha384 blobs with data
 
     async def run(self, inventory: Inventory) -> Verification:
@@ -259,30 +259,41 @@ class StoreVerifier:
 
     async def _presence(self) -> None:
         """Which referenced blobs have data, and their sizes: one pass per blob shard."""
-        referenced: set[bytes] = set()  # each blob once, however many images share it
+        present = self.present  # each blob once, however many images share it
         for facts in self.facts.values():
             if facts is None:
                 continue
-            packed = facts.blobs
-            referenced.update(packed[i : i + 32] for i in range(0, len(packed), 32))
-            referenced.update(
-                layout.parse_digest(x) for x in facts.loose if x.startswith("sha256:")
-            )
-        wanted: dict[int, set[bytes]] = {}
+            present.add_packed(facts.blobs)
+            for text in facts.loose:
+                if text.startswith("sha256:"):
+                    present.add_packed(layout.parse_digest(text))
+        present.seal()
         prior = self.prior
         trusted = prior is not None and self.storage.listing_proves_data
         manifest = self.facts.get
-        for raw in referenced:
-            known = manifest(raw)
-            if known is not None:
-                self.present[raw] = known.length
-                continue
-            # the sweep listed this in-use digest's whole shard: it has data
-            if trusted and prior and raw[0] in prior.complete and raw in prior.in_use:
-                self.present[raw] = None
-                continue
-            wanted.setdefault(raw[0], set()).add(raw)
-        self.present.update(await sizes_of(self.storage, wanted, self.progress, self.workers))
+        # the wanted digests of a shard, packed (sorted: the shard's order), until it is asked
+        asks: dict[int, bytearray] = {}
+        for shard in range(256):
+            for raw in packed.records(present.shard(shard)):
+                known = manifest(raw)
+                if known is not None:
+                    present.set(raw, known.length)
+                # the sweep listed this in-use digest's whole shard: it has data
+                elif trusted and prior and shard in prior.complete and raw in prior.in_use:
+                    present.set(raw, packed.UNSIZED)
+                else:
+                    asks.setdefault(shard, bytearray()).extend(raw)
+        self.progress.shards_total = len(asks)
+        self.progress.shards_done = 0
+
+        async def ask(shard: int) -> None:
+            digests = packed.PackedShard(bytes(asks.pop(shard)))
+            for raw, size in (await self.storage.blob_sizes(f"{shard:02x}", digests)).items():
+                present.set(raw, size)
+            self.progress.blobs_scanned += len(digests)
+            self.progress.shards_done += 1
+
+        await in_parallel(sorted(asks), ask, self.workers)
 
     async def _named(self, holders: dict[bytes, list[str]]) -> dict[bytes, set[str]]:
         """Per manifest, the loose digest strings that name a blob or link of this store."""
@@ -355,12 +366,12 @@ class StoreVerifier:
             blobs = _digests(facts.blobs)
             wants = facts.sizes or (None,) * (len(blobs) + len(facts.children) // 32)
             for blob, want in zip(blobs, wants, strict=False):
-                if blob not in present:
+                size = present.get(blob)
+                if size == packed.MISSING:
                     text = layout.format_digest(blob)
                     found.append((text, f'image blob "{text}": unknown blob'))
                     continue
-                size = present[blob]
-                if size is not None and want is not None and size != want:
+                if size != packed.UNSIZED and want is not None and size != want:
                     text = layout.format_digest(blob)
                     found.append(
                         ("", f'image blob "{text}": {size} bytes where the manifest says {want}')
