@@ -9,7 +9,9 @@ beside the typed parse, every digest-shaped string of the manifest (daemon.verif
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -90,6 +92,15 @@ async def sizes_of(
 
 def _digests(packed: bytes) -> list[bytes]:
     return [packed[i : i + 32] for i in range(0, len(packed), 32)]
+
+
+def _compact(facts: Facts) -> Facts:
+    """Facts as held until judged, one a manifest: sizes as 8-byte records, not int objects."""
+    sizes: Sequence[int | None] = facts.sizes
+    if packed.NO_SIZE not in sizes:
+        with contextlib.suppress(OverflowError):  # past int64: kept as they are
+            sizes = packed.PackedSizes(sizes)
+    return facts._replace(kind=sys.intern(facts.kind), sizes=sizes)
 
 
 def tag_link(repository: str, tag: str) -> str:
@@ -235,7 +246,10 @@ class StoreVerifier:
         found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
         for raw, facts in zip(chunk, found, strict=True):
             # read_facts never raises: a ValueError here came from the driver
-            self.facts[raw] = facts if isinstance(facts, Facts) else None
+            if isinstance(facts, Facts):
+                self.facts[raw] = _compact(facts)
+            else:
+                self.facts[raw] = None
         self.progress.manifests += len(chunk)
 
     async def _read_manifests(self, roots: Iterable[bytes]) -> None:
@@ -410,9 +424,11 @@ class StoreVerifier:
                             + (" (deleted by this run)" if gone else ""),
                         )
                     )
-            problems[raw] = found
+            # a whole image (most are) shares one empty list: one per manifest was ~100 B each
+            problems[raw] = found or whole
             return found
 
+        whole: list[tuple[str, str]] = []
         result = self.result
         for facts_raw, facts in self.facts.items():
             if facts is not None:
