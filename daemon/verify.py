@@ -147,13 +147,9 @@ class StoreVerifier:
     async def run(self, inventory: Inventory) -> Verification:
         self.progress.enter(self.name)
         roots = await self._roots(inventory)
-        holders: dict[bytes, list[str]] = {}
-        for repo, digests in roots.items():
-            for raw in digests:
-                holders.setdefault(raw, []).append(repo)
-        await self._read_manifests(holders)
+        await self._read_manifests({raw for digests in roots.values() for raw in digests})
         await self._presence()
-        named = await self._named(holders)
+        named = await self._named(roots)
         self._judge(roots, named)
         self.log.info("verified", **self.result.document())
         return self.result
@@ -309,8 +305,15 @@ class StoreVerifier:
 
         await in_parallel(sorted(asks), ask, self.workers)
 
-    async def _named(self, holders: dict[bytes, list[str]]) -> dict[bytes, set[str]]:
+    async def _named(self, roots: dict[str, set[bytes]]) -> dict[bytes, set[str]]:
         """Per manifest, the loose digest strings that name a blob or link of this store."""
+        # the repositories holding each root, only for the few manifests that need them
+        needing = {raw for raw, f in self.facts.items() if f is not None and (f.loose or f.foreign)}
+        holders: dict[bytes, list[str]] = {}
+        if needing:
+            for repo, digests in roots.items():
+                for raw in needing & digests:
+                    holders.setdefault(raw, []).append(repo)
         deleted = self.prior.deleted if self.prior is not None else set()
         named: dict[bytes, set[str]] = {}
         asks: list[tuple[bytes, str, str]] = []  # (manifest, digest string, key to stat)
