@@ -189,3 +189,14 @@ def test_blob_sizes_shards_first_last_and_repeats() -> None:
     assert dict(sizes.items())[other] == packed.UNSIZED
     with pytest.raises(KeyError):
         sizes.set(bytes([7]) + b"\x01" * 31, 1)
+
+
+def test_packed_sizes_read_as_the_tuple() -> None:
+    """PackedSizes reads back as the tuple it packs: None, 0, -1 and large sizes, slices."""
+    sizes = (5, None, 0, -1, 2**62)
+    held = packed.PackedSizes(sizes)
+    assert tuple(held) == sizes and len(held) == 5
+    assert (held[1], held[3], held[1:]) == (None, -1, sizes[1:])
+    assert not packed.PackedSizes(())
+    with pytest.raises(OverflowError):
+        packed.PackedSizes((2**63,))
