@@ -171,6 +171,8 @@ class StoreVerifier:
                 tags += [(repo.name, tag) for tag in sorted(repo.tags)]
         roots: dict[str, set[bytes]] = {}
         linked: set[tuple[str, bytes]] = set()
+        # a local: every tag's target, held only until the unlinked ones are known
+        tag_targets: list[tuple[str, str, bytes]] = []
 
         async def read_revisions(chunk: list[tuple[str, str]]) -> list[bytes]:
             keys = [layout.revision_dir(r, h) + "link" for r, h in chunk]
@@ -198,10 +200,9 @@ class StoreVerifier:
                     self._broken_link(repo, f"current link of tag {tag!r}", raw)
                     continue
                 roots.setdefault(repo, set()).add(raw)
-                self._tag_targets.append((repo, tag, raw))
+                tag_targets.append((repo, tag, raw))
             return [raw for raw in found if isinstance(raw, bytes)]
 
-        self._tag_targets: list[tuple[str, str, bytes]] = []
         # links and the manifests they name in one pipeline, as the mark phase reads them:
         # each chunk's new manifests are read by the worker that read its links. Tags come
         # last, in larger chunks: what they name is nearly always a revision read by then,
@@ -220,7 +221,7 @@ class StoreVerifier:
         # a tag whose manifest has no revision link cannot be pulled: distribution reads
         # manifests through the repository's revision links
         self._unlinked = {
-            (repo, tag, raw) for repo, tag, raw in self._tag_targets if (repo, raw) not in linked
+            (repo, tag, raw) for repo, tag, raw in tag_targets if (repo, raw) not in linked
         }
         return roots
 
