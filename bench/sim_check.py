@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench.run import repos_for, run_child  # noqa: E402
 from bench.simstore import SimStorage  # noqa: E402
 from bench.synth import plan_for  # noqa: E402
-from daemon import logs  # noqa: E402
+from daemon import logs, verify  # noqa: E402
 from daemon.progress import Progress  # noqa: E402
 from daemon.prune import CHECK, DELETE, Candidate, Engine, RunOptions  # noqa: E402
 from daemon.sources.storage import StorageSource  # noqa: E402
@@ -82,6 +82,20 @@ class ProfiledEngine(Engine):
     async def delete(self, inventory: Any, marks: Any, candidates: Any) -> None:
         self.profile["delete-start"] = _top(tracemalloc.take_snapshot())
         await super().delete(inventory, marks, candidates)
+
+    async def verify_kept(self, inventory: Any, marks: Any, candidates: Any) -> None:
+        # the verification holds the most when it judges: every manifest's facts, every size
+        judge = verify.StoreVerifier._judge
+
+        def snapshot_then_judge(verifier: Any, *args: Any) -> None:
+            self.profile["verify-judge"] = _top(tracemalloc.take_snapshot())
+            judge(verifier, *args)
+
+        verify.StoreVerifier._judge = snapshot_then_judge  # type: ignore[method-assign]
+        try:
+            await super().verify_kept(inventory, marks, candidates)
+        finally:
+            verify.StoreVerifier._judge = judge  # type: ignore[method-assign]
 
 
 async def run_once(

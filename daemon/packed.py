@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Generic, Protocol, TypeVar, overload
@@ -334,3 +335,102 @@ class PackedCandidates(Generic[S]):
             for data in self._shards
         ]
         return PackedShard(b"".join(parts))
+
+
+#: ``BlobSizes`` values that are no size
+MISSING = -1  # no data found
+UNSIZED = -2  # has data, size not known (a listing proved it)
+
+
+class BlobSizes:
+    """Digests, each with a size or MISSING/UNSIZED: per shard a sorted buffer of 32-byte
+    records and an aligned ``array('q')`` (40 B a digest where a ``dict`` takes ~200)."""
+
+    __slots__ = ("_data", "_sizes", "_tails")
+
+    def __init__(self) -> None:
+        self._tails: list[bytearray] | None = [bytearray() for _ in range(256)]
+        self._data: list[bytes] = [b""] * 256
+        self._sizes: list[array[int]] = [array("q") for _ in range(256)]
+
+    def add_packed(self, packed: bytes) -> None:
+        """Add the 32-byte records of ``packed`` (before ``seal``); repeats are kept once."""
+        if self._tails is None:
+            raise RuntimeError("sealed")
+        if len(packed) % WIDTH:
+            raise ValueError("a packed digest buffer holds 32-byte digests")
+        tails = self._tails
+        for start in range(0, len(packed), WIDTH):
+            tails[packed[start]] += packed[start : start + WIDTH]
+
+    def seal(self) -> None:
+        """Sort each shard once; every digest is MISSING until ``set``."""
+        if self._tails is None:
+            return
+        for shard, tail in enumerate(self._tails):
+            data = sorted_unique(bytes(tail)) if tail else b""
+            self._tails[shard] = bytearray()  # free as we go: one shard's set at a time
+            self._data[shard] = data
+            self._sizes[shard] = array("q", [MISSING]) * (len(data) // WIDTH)
+        self._tails = None
+
+    def shard(self, shard: int) -> bytes:
+        """The sorted records of one shard."""
+        return self._data[shard]
+
+    def _at(self, raw: bytes) -> int:
+        found, at = find_sorted(self._data[raw[0]], raw)
+        return at if found else -1
+
+    def set(self, raw: bytes, size: int) -> None:
+        at = self._at(raw)
+        if at < 0:
+            raise KeyError(raw)
+        self._sizes[raw[0]][at] = size
+
+    def get(self, raw: bytes) -> int:
+        """The size, MISSING or UNSIZED; MISSING for a digest never added."""
+        at = self._at(raw)
+        return MISSING if at < 0 else self._sizes[raw[0]][at]
+
+    def __contains__(self, raw: object) -> bool:
+        """Whether the digest has data."""
+        return isinstance(raw, bytes) and len(raw) == WIDTH and self.get(raw) != MISSING
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._data) // WIDTH
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        for data, sizes in zip(self._data, self._sizes, strict=True):
+            for index, size in enumerate(sizes):
+                yield data[index * WIDTH : (index + 1) * WIDTH], size
+
+
+NO_SIZE = -(2**63)  # a PackedSizes record without size: no manifest's size (refused there)
+
+
+class PackedSizes(Sequence["int | None"]):
+    """A tuple of sizes (None: no size) as 8-byte records: ~90 B for six sizes, not ~280."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, sizes: Iterable[int | None]) -> None:
+        # raises OverflowError past int64 (a hostile manifest): callers keep the tuple then
+        self.data = array("q", (NO_SIZE if s is None else s for s in sizes)).tobytes()
+
+    def __len__(self) -> int:
+        return len(self.data) // 8
+
+    @overload
+    def __getitem__(self, i: int) -> int | None: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int | None]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int | None] | None:
+        values = array("q", self.data)
+        if isinstance(i, slice):
+            return tuple(None if v == NO_SIZE else v for v in values[i])
+        value = values[i]
+        return None if value == NO_SIZE else value
+
+    def __iter__(self) -> Iterator[int | None]:
+        return (None if v == NO_SIZE else v for v in array("q", self.data))

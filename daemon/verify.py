@@ -9,14 +9,16 @@ beside the typed parse, every digest-shaped string of the manifest (daemon.verif
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
 
-from daemon import layout, manifests
+from daemon import layout, manifests, packed
 from daemon.findings import Finding, Verification
 from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
@@ -92,6 +94,15 @@ def _digests(packed: bytes) -> list[bytes]:
     return [packed[i : i + 32] for i in range(0, len(packed), 32)]
 
 
+def _compact(facts: Facts) -> Facts:
+    """Facts as held until judged, one a manifest: sizes as 8-byte records, not int objects."""
+    sizes: Sequence[int | None] = facts.sizes
+    if packed.NO_SIZE not in sizes:
+        with contextlib.suppress(OverflowError):  # past int64: kept as they are
+            sizes = packed.PackedSizes(sizes)
+    return facts._replace(kind=sys.intern(facts.kind), sizes=sizes)
+
+
 def tag_link(repository: str, tag: str) -> str:
     return f"{layout.REPOSITORIES}{repository}/_manifests/tags/{tag}/current/link"
 
@@ -130,19 +141,15 @@ class StoreVerifier:
         self.prior = prior
         self.result = Verification(after_delete=prior is not None)
         self.facts: dict[bytes, Facts | None] = {}
-        self.present: dict[bytes, int | None] = {}  # blob -> size (None: present, not sized)
+        self.present = packed.BlobSizes()  # referenced blob -> size, MISSING or UNSIZED
         self.foreign_present: set[str] = set()  # sha512/sha384 blobs with data
 
     async def run(self, inventory: Inventory) -> Verification:
         self.progress.enter(self.name)
         roots = await self._roots(inventory)
-        holders: dict[bytes, list[str]] = {}
-        for repo, digests in roots.items():
-            for raw in digests:
-                holders.setdefault(raw, []).append(repo)
-        await self._read_manifests(holders)
+        await self._read_manifests({raw for digests in roots.values() for raw in digests})
         await self._presence()
-        named = await self._named(holders)
+        named = await self._named(roots)
         self._judge(roots, named)
         self.log.info("verified", **self.result.document())
         return self.result
@@ -164,6 +171,8 @@ class StoreVerifier:
                 tags += [(repo.name, tag) for tag in sorted(repo.tags)]
         roots: dict[str, set[bytes]] = {}
         linked: set[tuple[str, bytes]] = set()
+        # a local: every tag's target, held only until the unlinked ones are known
+        tag_targets: list[tuple[str, str, bytes]] = []
 
         async def read_revisions(chunk: list[tuple[str, str]]) -> list[bytes]:
             keys = [layout.revision_dir(r, h) + "link" for r, h in chunk]
@@ -191,10 +200,9 @@ class StoreVerifier:
                     self._broken_link(repo, f"current link of tag {tag!r}", raw)
                     continue
                 roots.setdefault(repo, set()).add(raw)
-                self._tag_targets.append((repo, tag, raw))
+                tag_targets.append((repo, tag, raw))
             return [raw for raw in found if isinstance(raw, bytes)]
 
-        self._tag_targets: list[tuple[str, str, bytes]] = []
         # links and the manifests they name in one pipeline, as the mark phase reads them:
         # each chunk's new manifests are read by the worker that read its links. Tags come
         # last, in larger chunks: what they name is nearly always a revision read by then,
@@ -213,7 +221,7 @@ class StoreVerifier:
         # a tag whose manifest has no revision link cannot be pulled: distribution reads
         # manifests through the repository's revision links
         self._unlinked = {
-            (repo, tag, raw) for repo, tag, raw in self._tag_targets if (repo, raw) not in linked
+            (repo, tag, raw) for repo, tag, raw in tag_targets if (repo, raw) not in linked
         }
         return roots
 
@@ -235,7 +243,10 @@ class StoreVerifier:
         found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
         for raw, facts in zip(chunk, found, strict=True):
             # read_facts never raises: a ValueError here came from the driver
-            self.facts[raw] = facts if isinstance(facts, Facts) else None
+            if isinstance(facts, Facts):
+                self.facts[raw] = _compact(facts)
+            else:
+                self.facts[raw] = None
         self.progress.manifests += len(chunk)
 
     async def _read_manifests(self, roots: Iterable[bytes]) -> None:
@@ -259,33 +270,51 @@ class StoreVerifier:
 
     async def _presence(self) -> None:
         """Which referenced blobs have data, and their sizes: one pass per blob shard."""
-        referenced: set[bytes] = set()  # each blob once, however many images share it
+        present = self.present  # each blob once, however many images share it
         for facts in self.facts.values():
             if facts is None:
                 continue
-            packed = facts.blobs
-            referenced.update(packed[i : i + 32] for i in range(0, len(packed), 32))
-            referenced.update(
-                layout.parse_digest(x) for x in facts.loose if x.startswith("sha256:")
-            )
-        wanted: dict[int, set[bytes]] = {}
+            present.add_packed(facts.blobs)
+            for text in facts.loose:
+                if text.startswith("sha256:"):
+                    present.add_packed(layout.parse_digest(text))
+        present.seal()
         prior = self.prior
         trusted = prior is not None and self.storage.listing_proves_data
         manifest = self.facts.get
-        for raw in referenced:
-            known = manifest(raw)
-            if known is not None:
-                self.present[raw] = known.length
-                continue
-            # the sweep listed this in-use digest's whole shard: it has data
-            if trusted and prior and raw[0] in prior.complete and raw in prior.in_use:
-                self.present[raw] = None
-                continue
-            wanted.setdefault(raw[0], set()).add(raw)
-        self.present.update(await sizes_of(self.storage, wanted, self.progress, self.workers))
+        # the wanted digests of a shard, packed (sorted: the shard's order), until it is asked
+        asks: dict[int, bytearray] = {}
+        for shard in range(256):
+            for raw in packed.records(present.shard(shard)):
+                known = manifest(raw)
+                if known is not None:
+                    present.set(raw, known.length)
+                # the sweep listed this in-use digest's whole shard: it has data
+                elif trusted and prior and shard in prior.complete and raw in prior.in_use:
+                    present.set(raw, packed.UNSIZED)
+                else:
+                    asks.setdefault(shard, bytearray()).extend(raw)
+        self.progress.shards_total = len(asks)
+        self.progress.shards_done = 0
 
-    async def _named(self, holders: dict[bytes, list[str]]) -> dict[bytes, set[str]]:
+        async def ask(shard: int) -> None:
+            digests = packed.PackedShard(bytes(asks.pop(shard)))
+            for raw, size in (await self.storage.blob_sizes(f"{shard:02x}", digests)).items():
+                present.set(raw, size)
+            self.progress.blobs_scanned += len(digests)
+            self.progress.shards_done += 1
+
+        await in_parallel(sorted(asks), ask, self.workers)
+
+    async def _named(self, roots: dict[str, set[bytes]]) -> dict[bytes, set[str]]:
         """Per manifest, the loose digest strings that name a blob or link of this store."""
+        # the repositories holding each root, only for the few manifests that need them
+        needing = {raw for raw, f in self.facts.items() if f is not None and (f.loose or f.foreign)}
+        holders: dict[bytes, list[str]] = {}
+        if needing:
+            for repo, digests in roots.items():
+                for raw in needing & digests:
+                    holders.setdefault(raw, []).append(repo)
         deleted = self.prior.deleted if self.prior is not None else set()
         named: dict[bytes, set[str]] = {}
         asks: list[tuple[bytes, str, str]] = []  # (manifest, digest string, key to stat)
@@ -355,12 +384,12 @@ class StoreVerifier:
             blobs = _digests(facts.blobs)
             wants = facts.sizes or (None,) * (len(blobs) + len(facts.children) // 32)
             for blob, want in zip(blobs, wants, strict=False):
-                if blob not in present:
+                size = present.get(blob)
+                if size == packed.MISSING:
                     text = layout.format_digest(blob)
                     found.append((text, f'image blob "{text}": unknown blob'))
                     continue
-                size = present[blob]
-                if size is not None and want is not None and size != want:
+                if size != packed.UNSIZED and want is not None and size != want:
                     text = layout.format_digest(blob)
                     found.append(
                         ("", f'image blob "{text}": {size} bytes where the manifest says {want}')
@@ -399,9 +428,11 @@ class StoreVerifier:
                             + (" (deleted by this run)" if gone else ""),
                         )
                     )
-            problems[raw] = found
+            # a whole image (most are) shares one empty list: one per manifest was ~100 B each
+            problems[raw] = found or whole
             return found
 
+        whole: list[tuple[str, str]] = []
         result = self.result
         for facts_raw, facts in self.facts.items():
             if facts is not None:

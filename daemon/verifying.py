@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from daemon import layout, manifests
@@ -42,7 +42,7 @@ class Facts(NamedTuple):
     subjects: bytes = b""  # the OCI 1.1 subject a referrer is about
     #: the size a descriptor gives for each of ``blobs`` then ``children``, in their order
     #: (None where no descriptor names it); the first descriptor naming a digest wins
-    sizes: tuple[int | None, ...] = ()
+    sizes: Sequence[int | None] = ()  # verify holds them packed (daemon.packed.PackedSizes)
     foreign: tuple[str, ...] = ()  # non-sha256 digests the typed parse named
     loose: tuple[str, ...] = ()  # digest strings the typed parse did not explain
     noted: int = 0  # digest strings only in annotations/history: counted, not checked
@@ -137,7 +137,7 @@ def read_facts(typed: TypedParse, data: bytes) -> Facts:
             noted = len(hits - outside)
         else:
             loose = hits
-    sizes: tuple[int | None, ...] = ()
+    sizes: Sequence[int | None] = ()  # verify holds them packed (daemon.packed.PackedSizes)
     if isinstance(doc, dict) and (blobs or children):
         given = _sizes(doc)
         ends = 2 * (len(blobs) + len(children))  # hex digits of blobs then children

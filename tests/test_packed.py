@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from daemon import packed
 from daemon.inventory import DigestSet
 from daemon.packed import HexSet, NameSet, PackedCandidates, PackedShard, sorted_unique
 
@@ -163,3 +164,39 @@ def test_layer_links_of_doomed_blobs_with_whole_digests_or_prefixes(width: int) 
     assert all(raw != twin for _name, raw in found)
     assert ("ns/b", doomed[5]) in found if width == 8 else ("ns/b", doomed[5]) not in found
     assert set(inventory.layer_links(set(doomed))) == found  # a plain set answers alike
+
+
+def test_blob_sizes_shards_first_last_and_repeats() -> None:
+    """Sizes stay with their digests across shards, first and last of a shard, repeats once."""
+    first = bytes([7]) + b"\x00" * 31
+    last = bytes([7]) + b"\xff" * 31
+    middle = bytes([7]) + b"\x80" * 31
+    other = bytes([255]) * 32
+    sizes = packed.BlobSizes()
+    sizes.add_packed(middle + last + first)
+    sizes.add_packed(first + other)
+    sizes.seal()
+    assert len(sizes) == 4
+    assert sizes.shard(7) == first + middle + last
+    assert sizes.shard(0) == b""
+    assert sizes.get(first) == packed.MISSING and first not in sizes
+    sizes.set(first, 0)
+    sizes.set(last, 12)
+    sizes.set(other, packed.UNSIZED)
+    assert (sizes.get(first), sizes.get(middle), sizes.get(last)) == (0, packed.MISSING, 12)
+    assert first in sizes and last in sizes and other in sizes and middle not in sizes
+    assert sizes.get(bytes(32)) == packed.MISSING  # never added, in an empty shard
+    assert dict(sizes.items())[other] == packed.UNSIZED
+    with pytest.raises(KeyError):
+        sizes.set(bytes([7]) + b"\x01" * 31, 1)
+
+
+def test_packed_sizes_read_as_the_tuple() -> None:
+    """PackedSizes reads back as the tuple it packs: None, 0, -1 and large sizes, slices."""
+    sizes = (5, None, 0, -1, 2**62)
+    held = packed.PackedSizes(sizes)
+    assert tuple(held) == sizes and len(held) == 5
+    assert (held[1], held[3], held[1:]) == (None, -1, sizes[1:])
+    assert not packed.PackedSizes(())
+    with pytest.raises(OverflowError):
+        packed.PackedSizes((2**63,))
