@@ -20,7 +20,8 @@ from daemon.sources.base import SourceError
 from daemon.sources.openshift import OpenShiftSource, _reachable, _status_message, stream_key
 from daemon.sources.openshift_objects import DEFAULT_REGISTRY, StreamRecord, list_stream_records
 from daemon.storage.base import NotFound, Storage, StorageError
-from daemon.verify import MANIFEST_LIMIT, RECOVER, chunked, in_parallel
+from daemon.verify import MANIFEST_LIMIT, RECOVER, chunked
+from daemon.workers import in_parallel
 
 CONFIG_LIMIT = 16 * 1024 * 1024
 CREATE_MAPPINGS = "create imagestreammappings.image.openshift.io"

@@ -8,7 +8,6 @@ links. Their blobs are left to the mark and sweep (a kept manifest anywhere keep
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from daemon.inventory import Inventory
 from daemon.retention import Retention
 from daemon.sources.base import SourceError
 from daemon.storage.base import DeleteFailure, Storage, StorageError
+from daemon.workers import each
 
 UNTAGGED, RETENTION, ORPHAN_REFERRER = "untagged", "retention", "orphan-referrer"
 MANIFEST_LIMIT = 4 * 1024 * 1024
@@ -133,22 +133,6 @@ class Planner:
         self.log = log
         self.concurrency = max(1, concurrency)
 
-    async def _gather(self, work: list[Callable[[], object]]) -> None:
-        """Run the coroutine factories of ``work`` ``concurrency`` at a time."""
-        todo = iter(work)
-
-        async def worker() -> None:
-            for job in todo:
-                await job()  # type: ignore[misc]
-
-        tasks = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
-
     async def _tags(self, inventory: Inventory) -> dict[tuple[str, str], bytes]:
         """(repository, tag) -> the raw digest its current/link names (a tag without one
         names nothing, as distribution reads it); a corrupt link fails the run."""
@@ -170,7 +154,7 @@ class Planner:
                 if raw is not None:
                     found[pair] = raw
 
-        await self._gather([lambda c=c: read(c) for c in _chunks(pairs)])
+        await each(_chunks(pairs), read, self.concurrency)
         return found
 
     async def _pushed(self, tags: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
@@ -193,7 +177,7 @@ class Planner:
                     )
                 times[pair] = entry.mtime
 
-        await self._gather([lambda c=c: stat(c) for c in _chunks(tags)])
+        await each(_chunks(tags), stat, self.concurrency)
         return times
 
     async def _nodes(
@@ -239,7 +223,7 @@ class Planner:
                     primed[layout.blob_data(h)] = packed
                 mine[raw] = _Node(packed[1], bool(packed[3]), *_subject(subject))
 
-        await self._gather([lambda c=c: read(c) for c in _chunks(pairs)])
+        await each(_chunks(pairs), read, self.concurrency)
         return nodes
 
     async def plan(self, inventory: Inventory) -> Plan:

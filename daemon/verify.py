@@ -8,7 +8,6 @@ beside the typed parse, every digest-shaped string of the manifest (daemon.verif
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import sys
@@ -24,6 +23,7 @@ from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
 from daemon.verifying import Facts, TypedParse, read_facts
+from daemon.workers import in_parallel
 
 VERIFY = "verify"
 RECOVER = "recover"
@@ -49,28 +49,6 @@ class Prior:
     #: whether the store's tag links name images: not with the openshift source, where
     #: image streams hold the tags and a stored tag may name a manifest pruned long ago
     tags: bool = True
-
-
-async def in_parallel(
-    items: Iterable[T], work: Callable[[T], Awaitable[R]], workers: int
-) -> list[R]:
-    """``work`` of each item, ``workers`` at a time; results in the items' order."""
-    todo = list(enumerate(items))
-    results: list[R | None] = [None] * len(todo)
-    feed = iter(todo)
-
-    async def worker() -> None:
-        for index, item in feed:
-            results[index] = await work(item)
-
-    tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(workers, len(todo))))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        raise
-    return results  # type: ignore[return-value]
 
 
 async def sizes_of(

@@ -10,6 +10,7 @@ fails the run where it cannot be), and an index child that no revision links is 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
 from daemon.usage import UsagePairs
+from daemon.workers import each
 
 MANIFEST_LIMIT = 4 * 1024 * 1024  # distribution refuses larger manifest payloads
 CHUNK = 128
@@ -87,19 +89,9 @@ class StorageSource(ReferenceSource):
             # its pairs need the references
             marks.usage = UsagePairs(inventory)
         run = _Pass(storage, inventory, marks, progress)
-        work = self._chunks(inventory)
-
-        async def worker() -> None:
-            for chunk in work:
-                await self._mark_chunk(run, chunk)
-
-        tasks = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        await each(
+            self._chunks(inventory), functools.partial(self._mark_chunk, run), self.concurrency
+        )
         await self._mark_unlinked(run)
         # the last merges a shard at a time, between status requests, not in one len()
         for shard in in_use.settle_steps():
