@@ -74,8 +74,8 @@ def would_delete(stderr: str) -> set[str]:
     }
 
 
-def check_logged(config: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    """A check with grace 0 that logs one text line per candidate."""
+def check_logged(config: str | os.PathLike[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """A check with grace 0 that logs one text line per candidate (and per tag or manifest)."""
     return pruned(
         "check",
         "--registry-config",
@@ -86,6 +86,7 @@ def check_logged(config: str | os.PathLike[str]) -> subprocess.CompletedProcess[
         "info",
         "--log-format",
         "text",
+        *args,
     )
 
 

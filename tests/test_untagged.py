@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pruned, would_delete
+from tests.conftest import check_logged, pruned, would_delete
 from tests.harness.daemon import Daemon
 from tests.harness.images import RegistryClient, skopeo_pull
 from tests.harness.registry import Registry, blobs_on_disk, running_registry
@@ -31,18 +31,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, 
 
 def check(registry: Registry, *args: str) -> tuple[str, str]:
     """A check with grace 0, one text log line per item; (stdout, stderr)."""
-    done = pruned(
-        "check",
-        "--registry-config",
-        registry.config_path,
-        "--grace",
-        "0",
-        "--log-level",
-        "info",
-        "--log-format",
-        "text",
-        *args,
-    )
+    done = check_logged(registry.config_path, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, done.stderr
 
