@@ -72,6 +72,7 @@ class Daemon:
                 except OSError:
                     pass
             time.sleep(0.05)
+        self.stop()  # a daemon that never became ours must not outlive the attempt
         raise RuntimeError("daemon did not answer /healthz")
 
     def _listening(self) -> bool:
