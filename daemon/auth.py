@@ -5,7 +5,6 @@ Fails closed: a review that errors or times out answers 503, never lets the requ
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import json
@@ -20,7 +19,7 @@ from aiohttp import web
 from kubernetes_asyncio.client import ApiClient
 
 from daemon.config import ConfigError, Settings
-from daemon.kube import KubeConfigError, api_client
+from daemon.kube import KubeConfigError, api_client, request
 
 AUTH_MODES = ("auto", "on", "off")
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -145,23 +144,8 @@ class KubeReviewer:
         self.timeout = timeout
 
     async def _create(self, path: str, body: dict[str, Any], what: str) -> dict[str, Any]:
-        limits = aiohttp.ClientTimeout(total=self.timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                resp = await self.api.call_api(
-                    path,
-                    "POST",
-                    header_params={
-                        "Accept": "application/json",
-                        "Content-Type": "application/json",
-                    },
-                    body=body,
-                    auth_settings=["BearerToken"],
-                    _preload_content=False,
-                    _request_timeout=limits,
-                )
-                async with resp:
-                    status, raw = resp.status, await resp.read()
+            status, raw = await request(self.api, "POST", path, self.timeout, body=body)
         except TimeoutError:
             raise ReviewUnavailable(f"{what}: no answer within {self.timeout:g}s") from None
         except (aiohttp.ClientError, OSError) as exc:

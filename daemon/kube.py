@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import yaml
 
 if TYPE_CHECKING:
@@ -41,3 +43,33 @@ async def api_client(kubeconfig: str | None, context: str | None = None) -> ApiC
             where = "in-cluster service account"
         raise KubeConfigError(f"cannot load {where}: {exc}; {hint}") from None
     return ApiClient(configuration)
+
+
+async def request(
+    api: ApiClient,
+    method: str,
+    path: str,
+    seconds: float,
+    *,
+    query: list[tuple[str, str]] | None = None,
+    body: Any = None,
+) -> tuple[int, bytes]:
+    """One API request answered within ``seconds``: its status and raw body. Raises
+    TimeoutError or aiohttp.ClientError as the client does; the caller names the failure."""
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    async with asyncio.timeout(seconds):
+        # _preload_content=False: the raw aiohttp response, status unchecked, body unread
+        resp = await api.call_api(
+            path,
+            method,
+            query_params=query,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _request_timeout=aiohttp.ClientTimeout(total=seconds),
+        )
+        async with resp:
+            return resp.status, await resp.read()

@@ -8,7 +8,6 @@ mounted as a directory, holds the credentials. The result is a distribution-styl
 
 from __future__ import annotations
 
-import asyncio
 import configparser
 import json
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ import aiohttp
 import structlog
 
 from daemon.config import ConfigError
-from daemon.kube import KubeConfigError, api_client
+from daemon.kube import KubeConfigError, api_client, request
 
 CONFIG_PATH = "/apis/imageregistry.operator.openshift.io/v1/configs/cluster"
 CONFIG_NAME = "configs.imageregistry.operator.openshift.io/cluster"
@@ -340,17 +339,7 @@ async def fetch_config(kubeconfig: str | None, request_timeout: float) -> dict[s
     except KubeConfigError as exc:
         raise ConfigError(f"--storage-from openshift: {exc}") from None
     try:
-        async with asyncio.timeout(timeout):
-            resp = await client.call_api(
-                CONFIG_PATH,
-                "GET",
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=timeout),
-            )
-            async with resp:
-                status, body = resp.status, await resp.read()
+        status, body = await request(client, "GET", CONFIG_PATH, timeout)
     except TimeoutError:
         raise ConfigError(f"{what}: no answer within {timeout:g}s") from None
     except aiohttp.ClientError as exc:

@@ -4,7 +4,6 @@ that no Image object of their image stream accounts for, re-registered under
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from daemon import layout
+from daemon import kube, layout
 from daemon.findings import Finding, Recovered
 from daemon.inventory import Inventory
 from daemon.progress import Progress
@@ -235,23 +234,10 @@ class Recovery:
         """POST one ImageStreamMapping; None when created, else why not."""
         src = self.source
         path = f"/apis/image.openshift.io/v1/namespaces/{namespace}/imagestreammappings"
-        timeout = aiohttp.ClientTimeout(total=src.request_timeout)
         try:
-            async with asyncio.timeout(src.request_timeout):
-                resp = await src.api.call_api(
-                    path,
-                    "POST",
-                    body=body,
-                    header_params={
-                        "Accept": "application/json",
-                        "Content-Type": "application/json",
-                    },
-                    auth_settings=["BearerToken"],
-                    _preload_content=False,
-                    _request_timeout=timeout,
-                )
-                async with resp:
-                    status, answer = resp.status, await resp.read()
+            status, answer = await kube.request(
+                src.api, "POST", path, src.request_timeout, body=body
+            )
         except TimeoutError:
             return f"no answer within {src.request_timeout:g}s"
         except aiohttp.ClientError as exc:

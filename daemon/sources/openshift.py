@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 from kubernetes_asyncio.client import ApiClient
 
-from daemon import layout, manifests
+from daemon import kube, layout, manifests
 from daemon.config import maintenance_read_only
 from daemon.inventory import DigestSet, Inventory
 from daemon.kube import KubeConfigError, api_client
@@ -206,11 +206,8 @@ class OpenShiftSource(ReferenceSource):
     async def _fetch(self, path: str, query: list[tuple[str, str]], what: str) -> tuple[int, bytes]:
         """One GET within the request timeout: its status and body; SourceError when it
         gets no answer."""
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout)
         try:
-            async with asyncio.timeout(self.request_timeout):
-                async with await self._open(path, query, timeout) as resp:
-                    return resp.status, await resp.read()
+            return await kube.request(self.api, "GET", path, self.request_timeout, query=query)
         except TimeoutError:
             raise SourceError(
                 f"openshift: {what}: no answer within {self.request_timeout:g}s"
