@@ -28,7 +28,7 @@ from daemon.prune import CHECK, DELETE, RunOptions, Summary
 from daemon.readiness import Readiness
 from daemon.report import Ending, restore_line, summary_lines
 from daemon.retention import REVISION_PARAMS, PolicyError, revision_options
-from daemon.runs import RESTORED, RUNNING, Busy, Run, RunManager, manager_for
+from daemon.runs import RESTORED, RUNNING, Busy, Run, RunManager, manager_for, options_for
 from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
 from daemon.storage.base import Storage, StorageError
@@ -166,17 +166,16 @@ def _parse_prune(request: web.Request, settings: Settings) -> tuple[str, str, Ru
         )
     except PolicyError as exc:
         raise BadRequest(str(exc)) from None
-    options = RunOptions(
-        mode=mode,
+    options = options_for(
+        settings,
+        mode,
         grace=grace,
-        upload_max_age=settings.upload_max_age,
         online=online,
-        registry_read_only=settings.registry_read_only,
         apply=apply,
         usage=usage,
         untagged=untagged,
         retention=retention,
-        trash=trash if mode == DELETE else 0.0,
+        trash=trash,
     )
     return mode, source, options, wait
 

@@ -20,10 +20,10 @@ from daemon.config import ConfigError, Settings, load_settings, parse_duration
 from daemon.findings import Finding
 from daemon.lease import LeaseHeld
 from daemon.listings import LISTINGS, print_listing
-from daemon.prune import CHECK, DELETE, RunOptions
+from daemon.prune import CHECK, DELETE
 from daemon.report import Ending, restore_line, summary_lines
 from daemon.retention import PolicyError, Retention, add_revision_flags, revision_options
-from daemon.runs import STOPPED, SUCCEEDED, Busy, Run, RunManager, manager_for
+from daemon.runs import STOPPED, SUCCEEDED, Busy, Run, RunManager, manager_for, options_for
 from daemon.sources.base import ReadOnlyRefused
 from daemon.storage import open_storage
 from daemon.storage.base import StorageError
@@ -290,17 +290,14 @@ async def run_once(
         print(finding.message, flush=True)  # the original's Broken/Would add lines, as found
 
     manager = manager_for(settings, storage, log, log_end_as_problem=False, on_finding=found)
-    options = RunOptions(
-        mode=mode,
-        grace=settings.grace,
-        upload_max_age=settings.upload_max_age,
+    options = options_for(
+        settings,
+        mode,
         online=online,
-        registry_read_only=settings.registry_read_only,
         apply=apply,
         usage=usage,
         untagged=untagged,
         retention=retention or Retention(),
-        trash=settings.trash if mode == DELETE else 0.0,
     )
     try:
         await manager.load()

@@ -532,6 +532,19 @@ class RunManager:
                         await self._task
 
 
+def options_for(settings: Settings, mode: str, **chosen: Any) -> RunOptions:
+    """A run's options: what the run chose over the settings' defaults; trash only on deletes."""
+    trash = chosen.pop("trash", settings.trash)
+    return RunOptions(
+        mode=mode,
+        grace=chosen.pop("grace", settings.grace),
+        upload_max_age=settings.upload_max_age,
+        registry_read_only=settings.registry_read_only,
+        trash=trash if mode == DELETE else 0.0,
+        **chosen,
+    )
+
+
 def manager_for(
     settings: Settings,
     storage: Storage,
