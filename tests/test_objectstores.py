@@ -33,7 +33,7 @@ from tests.harness.daemon import Daemon, restart_finishes
 from tests.harness.emulator import Emulator
 from tests.harness.fakegcs import FakeGCS
 from tests.harness.faultproxy import FaultProxy
-from tests.harness.images import Scenario, skopeo_pull
+from tests.harness.images import Scenario, pull_kept
 from tests.harness.registry import Registry, running_registry
 from tests.test_safety_crash import wait_for
 
@@ -134,8 +134,7 @@ def test_delete_then_every_kept_reference_pulls(
     assert emulator.copy_out(name, workdir / "storage", ROOT) > 0
     with running_registry(workdir) as restored:
         assert restored.garbage_collect(dry_run=True) == set()
-        for i, (repo, ref) in enumerate(scenario.kept):
-            skopeo_pull(restored.url, repo, ref, tmp_path / f"pull{i}")
+        pull_kept(restored.url, scenario.kept, tmp_path)
     again = pruned("check", *args, env=cli_env(emulator))
     assert again.stdout.splitlines()[0] == "Would delete 0 blobs", again.stderr
 
@@ -408,5 +407,4 @@ def test_delete_with_trash_then_restore_gives_the_same_store(
     assert store_snapshot(workdir / "storage") == before
     # back onto a filesystem: the real registry serves every kept image whole
     with running_registry(workdir) as again:
-        for i, (repo, ref) in enumerate(scenario.kept):
-            skopeo_pull(again.url, repo, ref, tmp_path / f"pull{i}")
+        pull_kept(again.url, scenario.kept, tmp_path)

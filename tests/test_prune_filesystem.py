@@ -17,7 +17,7 @@ import yaml
 from daemon.inventory import Inventory
 from daemon.storage.filesystem import FilesystemStorage
 from tests.conftest import check_logged, pruned, would_delete
-from tests.harness.images import RegistryClient, Scenario, skopeo_pull
+from tests.harness.images import RegistryClient, Scenario, pull_kept
 from tests.harness.registry import Registry, RegistryError, blobs_on_disk
 
 #: the system's own directories: what PATH holds on a machine where nothing else was installed
@@ -125,8 +125,7 @@ def test_delete_in_read_only_mode_then_everything_kept_pulls(
     assert registry.garbage_collect(dry_run=False) == set()
     assert blobs_on_disk(registry) == on_disk
     registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
+    pull_kept(registry.url, scenario.kept, tmp_path)
     # a second run has nothing left to do
     again = pruned("check", "--registry-config", registry.config_path, "--grace", "0")
     assert again.stdout.splitlines()[0] == "Would delete 0 blobs"

@@ -26,7 +26,7 @@ from tests.harness.faultproxy import (
     is_get_object,
     is_list,
 )
-from tests.harness.images import Scenario, build_scenario, skopeo_pull
+from tests.harness.images import Scenario, build_scenario, pull_kept
 from tests.harness.registry import Registry
 from tests.harness.seaweed import SeaweedFS
 from tests.harness.usage import expected_usage
@@ -268,8 +268,7 @@ def test_delete_in_read_only_mode_then_everything_kept_pulls(fresh: Store, tmp_p
     assert store.registry.garbage_collect(dry_run=True) == set()
     assert store.registry.garbage_collect(dry_run=False) == set()  # runs cleanly, for real
     store.registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
+    pull_kept(store.registry.url, scenario.kept, tmp_path)
     again = pruned("check", "--registry-config", store.registry.config_path, "--grace", "0")
     assert again.stdout.splitlines()[0] == "Would delete 0 blobs"
 
@@ -422,8 +421,7 @@ def test_sigkill_mid_delete_then_restart_finishes(
         again.stop()
     assert store.blobs() == scenario.in_use
     store.registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
+    pull_kept(store.registry.url, scenario.kept, tmp_path)
 
 
 def test_usage_per_repository_from_the_listing_sizes(
@@ -505,8 +503,7 @@ def test_delete_with_trash_then_restore_gives_the_same_bucket(fresh: Store, tmp_
         daemon.stop()
     assert differing(bucket_snapshot(store), before) == []
     store.registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
+    pull_kept(store.registry.url, scenario.kept, tmp_path)
 
 
 def test_sigkill_mid_move_to_the_trash_and_mid_restore(fresh: Store, tmp_path: Path) -> None:
@@ -586,5 +583,4 @@ def test_sigkill_mid_move_to_the_trash_and_mid_restore(fresh: Store, tmp_path: P
     assert finished.returncode == 0, finished.stderr
     assert differing(bucket_snapshot(store), before) == []
     store.registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(store.registry.url, repo, ref, tmp_path / f"pull{i}")
+    pull_kept(store.registry.url, scenario.kept, tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.daemon import Daemon, restart_finishes
-from tests.harness.images import Scenario, skopeo_pull
+from tests.harness.images import Scenario, pull_kept
 from tests.harness.registry import Registry, blobs_on_disk
 
 OLD = time.time() - 7200
@@ -81,5 +81,4 @@ def test_sigkill_mid_delete_then_restart_finishes(
     assert not planted & blobs_on_disk(registry)
     assert registry.garbage_collect(dry_run=True) == set()
     registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
+    pull_kept(registry.url, scenario.kept, tmp_path)

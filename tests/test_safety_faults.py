@@ -409,7 +409,7 @@ def test_blobs_parked_by_a_dead_online_run_go_back(
 ) -> None:
     """An online run killed between parking and deciding leaves blobs aside; none is lost."""
     from tests.conftest import pruned
-    from tests.harness.images import skopeo_pull
+    from tests.harness.images import pull_kept
 
     registry, scenario = fresh
     v2 = registry.root / "docker/registry/v2"
@@ -428,8 +428,7 @@ def test_blobs_parked_by_a_dead_online_run_go_back(
     assert blobs_on_disk(registry) == scenario.in_use
     assert not (v2 / "_registry-pruned").exists()
     registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(registry.url, repo, ref, tmp_path / f"pull{i}")
+    pull_kept(registry.url, scenario.kept, tmp_path)
 
 
 def test_read_only_flag_is_read_again_for_every_delete(

@@ -19,7 +19,7 @@ from daemon import layout
 from tests.conftest import pruned
 from tests.harness.daemon import Daemon
 from tests.harness.fake_openshift import FakeOpenShift
-from tests.harness.images import Scenario, build_scenario, skopeo_pull
+from tests.harness.images import Scenario, build_scenario, pull_kept, skopeo_pull
 from tests.harness.openshift_scenario import Pushed, cluster_for, run_cli
 from tests.harness.registry import Registry, blobs_on_disk, running_registry
 from tests.test_safety_crash import plant_orphans, wait_for
@@ -50,8 +50,7 @@ def run_ids(state: Path) -> list[str]:
 
 def pull_all(registry: Registry, scenario: Scenario, where: Path) -> None:
     registry.restart(read_only=False)
-    for i, (repo, ref) in enumerate(scenario.kept):
-        skopeo_pull(registry.url, repo, ref, where / f"pull{i}")
+    pull_kept(registry.url, scenario.kept, where)
 
 
 def test_delete_with_trash_then_restore_gives_the_same_store(

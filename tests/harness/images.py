@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -541,6 +541,12 @@ def skopeo_pull(registry_url: str, name: str, ref: str, dest_dir: str | Path) ->
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}")
+
+
+def pull_kept(registry_url: str, kept: Iterable[tuple[str, str]], where: Path) -> None:
+    """Every kept (repository, reference) pulls whole with ``skopeo copy --all``."""
+    for i, (repo, ref) in enumerate(kept):
+        skopeo_pull(registry_url, repo, ref, where / f"pull{i}")
 
 
 # --- the standard scenario --------------------------------------------------------------------
