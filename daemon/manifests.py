@@ -255,6 +255,22 @@ def packed_references(data: bytes) -> tuple[bytes, bytes, tuple[str, ...], tuple
     )
 
 
+def graph_references(
+    data: bytes,
+) -> tuple[tuple[bytes, bytes, tuple[str, ...], tuple[str, ...]], str | None]:
+    """``packed_references`` (the mark's reading) and the subject as written: the untagged
+    plan's reading. Here, not in daemon.untagged: a reader process that unpickles it imports
+    this module alone (daemon.untagged pulled in structlog and the engine, ~0.2 s a reader)."""
+    refs = parse(data)
+    packed = (
+        b"".join(refs.blobs),
+        b"".join(refs.children),
+        tuple(refs.foreign_blobs),
+        tuple(refs.foreign_children),
+    )
+    return packed, refs.subject
+
+
 def split_references(data: bytes) -> tuple[bytes, bytes]:
     """``parse``, packed: the raw digests of the blobs it references, then of its child
     manifests (each 32 bytes a digest, concatenated)."""

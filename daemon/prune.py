@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any, TypeVar
 
 import structlog
@@ -22,11 +23,11 @@ from daemon import layout, manifests
 from daemon.findings import Finding, Verification
 from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
-from daemon.packed import PackedCandidates
+from daemon.packed import HexSet, PackedCandidates
 from daemon.progress import Progress
 from daemon.retention import Retention
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
-from daemon.storage.base import RUN_LOG, DeleteFailure, Storage, StorageError
+from daemon.storage.base import RUN_LOG, BlobEntry, DeleteFailure, Storage, StorageError
 from daemon.trash import Trash, purge_expired, settle_unfinished
 from daemon.usage import UsageTally
 from daemon.verify import RECOVER, VERIFY, Prior, StoreVerifier
@@ -64,6 +65,14 @@ class Candidate:
 
     def document(self) -> dict[str, object]:
         return {"digest": layout.format_digest(self.digest), "size": self.size, "path": self.path}
+
+    def line(self) -> str:
+        """``json.dumps(self.document())``, written out: json.dumps cost ~8 us a candidate on
+        the event loop (39,800 of them in an untagged check of 50k blobs)."""
+        return (
+            f'{{"digest": "sha256:{self.digest.hex()}", "size": {int(self.size)}, '
+            f'"path": {_json_string(self.path)}}}'
+        )
 
 
 @dataclass(slots=True)
@@ -433,8 +442,14 @@ class Engine:
             self.log.warning("untagged", note=note)
         for repo, tag in plan.dropped:
             inventory.repositories[repo].tags.discard(tag)
+        going: dict[str, set[str]] = {}
         for removal in plan.removals:
-            inventory.repositories[removal.repository].revisions.discard(removal.hex)
+            going.setdefault(removal.repository, set()).add(removal.hex)
+        for name, hexes in going.items():
+            # one new set a repository: each discard copied the packed set (5,800 discards
+            # cost ~0.15 s at 50k blobs)
+            repo = inventory.repositories[name]
+            repo.revisions = HexSet(h for h in repo.revisions if h not in hexes)
         self.log.info("untagged planned", tags=len(plan.dropped), manifests=len(plan.removals))
 
     async def _remove_untagged(self) -> None:
@@ -488,11 +503,7 @@ class Engine:
                     complete.add(int(shard, 16))  # verify after a delete asks nothing here
                 del members
                 self.progress.blobs_scanned += count
-                for entry in outside:
-                    if entry.linked:
-                        self._linked_blob(entry.hex)
-                        continue
-                    self._consider(entry.hex, entry.size, entry.mtime, candidates)
+                self._consider(outside, candidates)
                 self.progress.shards_done += 1
                 await asyncio.sleep(0)  # status requests get their turn between shards
 
@@ -522,28 +533,42 @@ class Engine:
         self.notes.append(note)
         self.log.warning("sweep", note=note)
 
-    def _consider(
-        self, hexdigest: str, size: int | None, mtime: float | None, out: list[Candidate]
-    ) -> None:
-        key = layout.blob_data(hexdigest)
-        # a blob directory without data is a blob being written: never a candidate. One a
-        # dead delete had moved aside and this run put back is as old as that run found it
-        if size is None or mtime is None or (mtime > self.cutoff and hexdigest not in self.aged):
-            self.summary.too_young += 1
-            self.progress.too_young += 1
-            return
-        candidate = Candidate(bytes.fromhex(hexdigest), size, self.storage.location(key))
-        if self.options.mode == DELETE:
-            # a check reports each candidate as it is found and keeps none of them
-            out.append(candidate)
-        self.progress.candidates += 1
-        self.progress.candidate_bytes += size
-        if self.options.mode == CHECK:
-            self.summary.blobs += 1
-            self.summary.bytes += size
-            self.on_candidate(candidate)
-            # %-style: the line is only formatted when info is logged (once per candidate)
-            self.log.info("Would delete blob: sha256:%s", hexdigest)
+    def _consider(self, outside: Sequence[BlobEntry], out: Any) -> None:
+        """One shard's blobs outside the in-use set: each too young, or a candidate that a
+        check reports at once and a delete keeps. One loop, its lookups hoisted: an untagged
+        check meets ~40,000 of them at 50k blobs, and per call this cost ~8 us a candidate."""
+        cutoff, aged, location = self.cutoff, self.aged, self.storage.location
+        mode, report, info = self.options.mode, self.on_candidate, self.log.info
+        young = found = found_bytes = 0
+        for entry in outside:
+            hexdigest, size, mtime = entry.hex, entry.size, entry.mtime
+            if entry.linked:
+                self._linked_blob(hexdigest)
+                continue
+            # a blob directory without data is a blob being written: never a candidate. One a
+            # dead delete had moved aside and this run put back is as old as that run found it
+            if size is None or mtime is None or (mtime > cutoff and hexdigest not in aged):
+                young += 1
+                continue
+            path = location(layout.blob_data(hexdigest))
+            candidate = Candidate(bytes.fromhex(hexdigest), size, path)
+            found += 1
+            found_bytes += size
+            if mode == DELETE:
+                # a check reports each candidate as it is found and keeps none of them
+                out.append(candidate)
+            elif mode == CHECK:
+                report(candidate)
+                # %-style: the line is only formatted when info is logged (once per candidate)
+                info("Would delete blob: sha256:%s", hexdigest)
+        # counted once a shard (nothing awaits in between: no reader sees a shard half done)
+        self.summary.too_young += young
+        self.progress.too_young += young
+        self.progress.candidates += found
+        self.progress.candidate_bytes += found_bytes
+        if mode == CHECK:
+            self.summary.blobs += found
+            self.summary.bytes += found_bytes
 
     async def delete(self, inventory: Inventory, marks: Marks, candidates: list[Candidate]) -> None:
         """Phase 4: repositories and manifest links, stale uploads, then blobs in batches."""

@@ -352,7 +352,7 @@ class RunManager:
         path = self.candidates_path(run.id)
 
         def on_candidate(candidate: Candidate) -> None:
-            buffer.append(json.dumps(candidate.document()))
+            buffer.append(candidate.line())
 
         findings: list[str] = []
         findings_path = self.findings_path(run.id)

@@ -96,21 +96,6 @@ class _Node:
     foreign_subject: bool
 
 
-def graph_references(
-    data: bytes,
-) -> tuple[tuple[bytes, bytes, tuple[str, ...], tuple[str, ...]], str | None]:
-    """A manifest's references as ``manifests.packed_references`` gives them (the mark's
-    reading), and its subject as written. Module-level: reader processes run it."""
-    refs = manifests.parse(data)
-    packed = (
-        b"".join(refs.blobs),
-        b"".join(refs.children),
-        tuple(refs.foreign_blobs),
-        tuple(refs.foreign_children),
-    )
-    return packed, refs.subject
-
-
 def _chunks(items: Sequence[tuple[str, str]], size: int = CHUNK) -> Iterator[list[tuple[str, str]]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
@@ -207,7 +192,9 @@ class Planner:
                         primed[link] = raw
             keys = [layout.blob_data(h) for _repo, h in todo]
             try:
-                parsed = await self.storage.read_parsed(keys, MANIFEST_LIMIT, graph_references)
+                parsed = await self.storage.read_parsed(
+                    keys, MANIFEST_LIMIT, manifests.graph_references
+                )
             except StorageError as exc:
                 raise SourceError(f"cannot read manifests: {exc}") from exc
             for (repo, h), refs in zip(todo, parsed, strict=True):

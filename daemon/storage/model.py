@@ -30,6 +30,10 @@ class Entry:
     size: int | None = None
     mtime: float | None = None  # seconds since the epoch (file mtime, S3 LastModified)
 
+    def __reduce__(self) -> tuple[type[Entry], tuple[str, int | None, float | None]]:
+        # as a plain tuple: a frozen slotted dataclass pickles through its state, 5x slower
+        return Entry, (self.key, self.size, self.mtime)
+
 
 @dataclass(frozen=True, slots=True)
 class BlobEntry:
@@ -40,6 +44,12 @@ class BlobEntry:
     mtime: float | None = None
     #: the blob's directory (or its shard) is a symbolic link: read through, never deleted
     linked: bool = False
+
+    def __reduce__(self) -> tuple[type[BlobEntry], tuple[str, int | None, float | None, bool]]:
+        # as a plain tuple: reader processes send back every blob outside the in-use set
+        # (39,800 of 49,450 in an untagged check), and the default pickling of a frozen
+        # slotted dataclass cost ~20 us a blob between both processes
+        return BlobEntry, (self.hex, self.size, self.mtime, self.linked)
 
     @classmethod
     def with_data(cls, hexdigest: str, data: Entry | None, linked: bool = False) -> BlobEntry:
