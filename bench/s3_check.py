@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.run import (  # noqa: E402
     ELIGIBLE,
     PEER_CHECK,
+    installed_bytecode,
     ours_cmd,
     peer_env,
     repos_for,
@@ -74,10 +75,12 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
-def store_objects(blobs: int, revisions: int = 1) -> tuple[dict[str, bytes], dict[str, int]]:
+def store_objects(
+    blobs: int, revisions: int = 1, repos: int | None = None
+) -> tuple[dict[str, bytes], dict[str, int]]:
     """bench/run.py's store of about ``blobs`` blobs, made in memory as bucket keys, with the
     images chosen as deleted gone as the registry's API deletes them; and its counts."""
-    plan = plan_for(Path("."), blobs, repos_for(blobs), 5, 0.1, 1, revisions)
+    plan = plan_for(Path("."), blobs, repos or repos_for(blobs), 5, 0.1, 1, revisions)
     processes = os.cpu_count() or 2  # bench/run.py's cut, so the same content as its store
     objects: dict[str, bytes] = {}
     for part in made(plan, processes, in_memory):
@@ -116,17 +119,19 @@ def revisions_of(args: argparse.Namespace) -> int:
     return 5 if args.untagged else 1
 
 
-def bucket_for(blobs: int, revisions: int = 1) -> str:
-    return f"bench-{blobs}" if revisions == 1 else f"bench-{blobs}-r{revisions}"
+def bucket_for(blobs: int, revisions: int = 1, repos: int | None = None) -> str:
+    name = f"bench-{blobs}" if revisions == 1 else f"bench-{blobs}-r{revisions}"
+    return name if repos is None else f"{name}-p{repos}"
 
 
 def weed_dir(args: argparse.Namespace) -> Path:
-    return args.work / f"weed-{bucket_for(args.blobs, revisions_of(args)).removeprefix('bench-')}"
+    bucket = bucket_for(args.blobs, revisions_of(args), args.repos)
+    return args.work / f"weed-{bucket.removeprefix('bench-')}"
 
 
 def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
     """SeaweedFS started, and the bucket of the synthetic store made complete."""
-    bucket = bucket_for(args.blobs, revisions_of(args))
+    bucket = bucket_for(args.blobs, revisions_of(args), args.repos)
     # one SeaweedFS per store: its filer slows down with every object it holds, and the
     # 1M bucket next to the 50k one made the 50k check's requests cost ~1.7 times the CPU
     weed = SeaweedFS(workdir=weed_dir(args)).start()
@@ -146,7 +151,7 @@ def fill_bucket(weed: SeaweedFS, args: argparse.Namespace) -> dict[str, Any]:
     objects: dict[str, bytes] = {}
     if not complete.exists() or not meta.exists():
         # the whole store in memory (~1 GB at a million blobs): only when the bucket needs it
-        objects, counts = store_objects(args.blobs, revisions_of(args))
+        objects, counts = store_objects(args.blobs, revisions_of(args), args.repos)
         meta.write_text(json.dumps(counts))
     if not complete.exists():
         # a million keys take minutes to list: done only when the last run may have changed
@@ -381,10 +386,16 @@ def main() -> None:
         action="store_true",
         help="tags pushed 5 times; an untagged check against garbage-collect --delete-untagged",
     )
+    parser.add_argument(
+        "--repos",
+        type=int,
+        help="repositories in the store (default bench/run.py's, ~7 tags each with --untagged)",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     args.work.mkdir(parents=True, exist_ok=True)
+    installed_bytecode()
 
     weed, info = prepare(args)
     bucket = info["bucket"]

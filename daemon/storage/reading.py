@@ -173,19 +173,39 @@ def stat_file(base: str, key: str) -> Entry | None:
     return Entry(key, st.st_size, st.st_mtime)
 
 
+def _data_stat(blobs: str, name: str) -> os.stat_result | None:
+    """``stat_file`` of blob ``name``'s data below the blobs directory ``blobs``, without
+    its path checks: ``name`` matched the 64-hex pattern, nothing to climb out with."""
+    path = f"{blobs}{name[:2]}/{name}/data"  # layout.blob_data, where the registry reads it
+    try:
+        return os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot stat {path}: {exc.strerror}") from exc
+
+
+def _outside_entry(name: str, st: os.stat_result | None, linked: bool) -> BlobEntry:
+    if st is None:
+        return BlobEntry(name, linked=linked)
+    return BlobEntry(name, st.st_size, st.st_mtime, linked)
+
+
 def shard_outside(
     base: str, shard: str, members: AbstractSet[bytes]
 ) -> tuple[int, list[BlobEntry]]:
     """In a reader process: a blob shard's size, and its blobs not in ``members``, stat'ed."""
     names, linked = blob_names(file_path(base, layout.BLOBS + shard))
-    names.sort()  # hex order is byte order: lookups in a packed shard walk it forward
-    outside: list[BlobEntry] = []
-    for name in names:
-        if bytes.fromhex(name) in members:
-            continue
-        data = stat_file(base, layout.blob_data(name))
-        outside.append(BlobEntry.with_data(name, data, name in linked))
-    return len(names), outside
+    names.sort()  # a shard's candidates in hex order
+    # a plain set of the shard's members: lookups at C speed (a packed shard's own lookup is
+    # Python code, once per blob: with the stat's path checks, a third of a sweep's time)
+    inside = frozenset(members)
+    blobs = f"{base}/{layout.BLOBS}"
+    return len(names), [
+        _outside_entry(name, _data_stat(blobs, name), name in linked)
+        for name in names
+        if bytes.fromhex(name) not in inside
+    ]
 
 
 def shard_sized(
@@ -194,15 +214,17 @@ def shard_sized(
     """``shard_outside``, and the in-use blobs' sizes as 14-byte records (digest bytes 1-6,
     size): every blob is stat'ed, and the sizes go back packed, not as entries."""
     names, linked = blob_names(file_path(base, layout.BLOBS + shard))
-    names.sort()  # hex order is byte order: lookups in a packed shard walk it forward
+    names.sort()
+    inside = frozenset(members)
+    blobs = f"{base}/{layout.BLOBS}"
     outside: list[BlobEntry] = []
     sized = bytearray()
     pack = _SIZED.pack
     for name in names:
         raw = bytes.fromhex(name)
-        entry = stat_file(base, layout.blob_data(name))
-        if raw not in members:
-            outside.append(BlobEntry.with_data(name, entry, name in linked))
-        elif entry is not None:
-            sized += pack(raw[1:7], entry.size)
+        st = _data_stat(blobs, name)
+        if raw not in inside:
+            outside.append(_outside_entry(name, st, name in linked))
+        elif st is not None:
+            sized += pack(raw[1:7], st.st_size)
     return len(names), outside, bytes(sized)
