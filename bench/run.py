@@ -70,6 +70,8 @@ class Child:
     max_rss_kb: int
     returncode: int
     stdout: bytes
+    #: user + system seconds, its waited-for children (reader processes) included
+    cpu_seconds: float = 0.0
 
 
 def run_child(cmd: Sequence[str], env: dict[str, str] | None = None) -> Child:
@@ -83,7 +85,7 @@ def run_child(cmd: Sequence[str], env: dict[str, str] | None = None) -> Child:
     with tempfile.TemporaryFile() as out, tempfile.NamedTemporaryFile("r") as rss:
         started = time.perf_counter()
         proc = subprocess.Popen(
-            ["/usr/bin/time", "-o", rss.name, "-f", "%M", *cmd],
+            ["/usr/bin/time", "-o", rss.name, "-f", "%M %U %S", *cmd],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -101,7 +103,27 @@ def run_child(cmd: Sequence[str], env: dict[str, str] | None = None) -> Child:
         lines = rss.read().split()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}: {data[-2000:].decode()}")
-    return Child(seconds, max(int(lines[-1]), tree_peak), proc.returncode, data)
+    peak, user, system = lines[-3:]
+    cpu = float(user) + float(system)
+    return Child(seconds, max(int(peak), tree_peak), proc.returncode, data, cpu)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` with its reaped children and its live descendants (a serving
+    daemon's reader processes): read before and after a run, the run's CPU, whatever the
+    load (a reader that ends in between moves into the daemon's reaped-children time)."""
+
+    def ticks(of: int, fields: slice) -> int:
+        stat = Path(f"/proc/{of}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in stat[fields])
+
+    total = ticks(pid, slice(11, 15))  # utime, stime, cutime, cstime
+    for child in descendants(pid):
+        try:
+            total += ticks(child, slice(11, 13))
+        except OSError:
+            continue  # ended meanwhile: counted in its parent's reaped time
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pid: int) -> list[int]:
@@ -318,18 +340,32 @@ def bench_untagged(work: Path, blobs: int, times: int, repos: int | None = None)
         return run_child(ours_cmd("check", config, work / "state", "--untagged"))
 
     daemon = Daemon(config, work / "state-api", "--log-level", "warning", "--grace", "0").start()
+    api_cpu: list[float] = []
     try:
 
         def api() -> dict[str, Any]:
+            assert daemon.proc is not None
+            before = tree_cpu(daemon.proc.pid)
             status, _h, body = daemon.request(
                 "POST", "/prune?mode=check&untagged=true&wait=true", timeout=3600
             )
+            api_cpu.append(tree_cpu(daemon.proc.pid) - before)
             doc = json.loads(body)
             if status >= 300 or doc.get("state") != "succeeded":
                 raise RuntimeError(f"API check: {status} {body[:500]!r}")
             return doc
 
-        timings = timed_round_robin((peer, cli, api), times)
+        cpu: dict[str, list[float]] = {"peer": [], "cli": []}
+
+        def metered(name: str, run: Callable[[], Child]) -> Callable[[], Child]:
+            def one() -> Child:
+                child = run()
+                cpu[name].append(child.cpu_seconds)
+                return child
+
+            return one
+
+        timings = timed_round_robin((metered("peer", peer), metered("cli", cli), api), times)
         (peer_s, peer_all, peer_run), (cli_s, cli_all, cli_run) = timings[:2]
         api_s, api_all, api_doc = timings[2]
         with urllib.request.urlopen(f"{daemon.url}/runs/{api_doc['id']}/candidates") as resp:
@@ -363,6 +399,17 @@ def bench_untagged(work: Path, blobs: int, times: int, repos: int | None = None)
             "api": [round(s, 3) for s in api_all],
             "peer": [round(s, 3) for s in peer_all],
         },
+        # CPU seconds (user + system, reader processes included) of the timed runs, the warm
+        # one left out: what each needs whatever else loads the machine
+        cpu={
+            "cli": [round(s, 2) for s in cpu["cli"][1:]],
+            "api": [round(s, 2) for s in api_cpu[1:]],
+            "peer": [round(s, 2) for s in cpu["peer"][1:]],
+        },
+        cpu_ratio_cli=round(
+            statistics.median(cpu["peer"][1:]) / statistics.median(cpu["cli"][1:]), 2
+        ),
+        cpu_ratio_api=round(statistics.median(cpu["peer"][1:]) / statistics.median(api_cpu[1:]), 2),
     )
 
 

@@ -142,7 +142,7 @@ def prepare(args: argparse.Namespace) -> tuple[SeaweedFS, dict[str, Any]]:
 def fill_bucket(weed: SeaweedFS, args: argparse.Namespace) -> dict[str, Any]:
     """The bucket made the synthetic store again: what a delete removed uploaded, what is not
     the store's (a trash) removed."""
-    bucket = bucket_for(args.blobs)
+    bucket = bucket_for(args.blobs, revisions_of(args), args.repos)
     complete = weed_dir(args) / f"{bucket}.complete"
     meta = weed_dir(args) / f"{bucket}.json"
     started = time.monotonic()

@@ -246,7 +246,10 @@ def _parse(doc: dict[str, Any]) -> References:
 def packed_references(data: bytes) -> tuple[bytes, bytes, tuple[str, ...], tuple[str, ...]]:
     """``parse``, packed to cross between processes cheaply: the raw blob digests and the raw
     child digests, each concatenated, then the foreign blob and child digests."""
-    refs = parse(data)
+    return _packed(parse(data))
+
+
+def _packed(refs: References) -> tuple[bytes, bytes, tuple[str, ...], tuple[str, ...]]:
     return (
         b"".join(refs.blobs),
         b"".join(refs.children),
@@ -262,13 +265,7 @@ def graph_references(
     plan's reading. Here, not in daemon.untagged: a reader process that unpickles it imports
     this module alone (daemon.untagged pulled in structlog and the engine, ~0.2 s a reader)."""
     refs = parse(data)
-    packed = (
-        b"".join(refs.blobs),
-        b"".join(refs.children),
-        tuple(refs.foreign_blobs),
-        tuple(refs.foreign_children),
-    )
-    return packed, refs.subject
+    return _packed(refs), refs.subject
 
 
 def split_references(data: bytes) -> tuple[bytes, bytes]:

@@ -13,7 +13,7 @@ import pytest
 from daemon import layout, manifests
 from daemon.config import ConfigError, load_settings, parse_duration
 from daemon.cpus import cgroup_quota, usable_cpus
-from daemon.prune import CHECK, DELETE, Summary, parse_started_at
+from daemon.prune import CHECK, DELETE, Candidate, Summary, parse_started_at
 from daemon.report import Ending, summary_lines
 from daemon.units import bytes_size, duration_text
 
@@ -443,3 +443,18 @@ def test_usable_cpus_of_this_process() -> None:
     quota = cgroup_quota()
     cpus = len(os.sched_getaffinity(0))
     assert usable_cpus() == (cpus if quota is None else max(1, min(cpus, math.ceil(quota))))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/srv/registry/docker/registry/v2/blobs/sha256/aa/{H1}/data",
+        '/srv/a "quoted" \\ back\\slash/\n/tab\t/é/\u2028/\x00/data',
+    ],
+)
+def test_candidate_line_is_json_dumps_of_its_document(path: str) -> None:
+    # GET /runs/<id>/candidates serves these lines: written out by hand for speed, they must
+    # stay what json.dumps made, byte for byte, whatever the store's root holds
+    candidate = Candidate(bytes.fromhex(H2), 12_345_678_901, path)
+    assert candidate.line() == json.dumps(candidate.document())
+    assert json.loads(candidate.line())["path"] == path
