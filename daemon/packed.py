@@ -9,7 +9,9 @@ ascending order (a merge against a sorted listing) moves a cursor forward instea
 from __future__ import annotations
 
 import bisect
+import os
 import re
+import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
 from collections.abc import Set as AbstractSet
@@ -71,6 +73,54 @@ def in_unsorted(data: bytes | bytearray, value: bytes) -> bool:
             return True
         at = data.find(value, at + 1)
     return False
+
+
+class Spill:
+    """32-byte records by shard in an anonymous temporary file (unlinked at once: nothing is
+    left after a crash), read back a shard at a time: a set that is only added to until it
+    is sorted holds a few KiB a shard in memory instead of every record."""
+
+    __slots__ = ("_blocks", "_buffers", "_end", "_file")
+    BLOCK = 4096  # bytes a shard buffers before a write: 1 MiB for all 256
+
+    def __init__(self) -> None:
+        # closed by close(), or with the set (a cancelled run)
+        self._file = tempfile.TemporaryFile(prefix="registry-pruned-spill-")  # noqa: SIM115
+        self._buffers = [bytearray() for _ in range(256)]
+        self._blocks: list[array[int]] = [array("q") for _ in range(256)]  # offset, length
+        self._end = 0
+
+    def add(self, record: bytes) -> None:
+        """One 32-byte record, to its shard (its first byte)."""
+        buffer = self._buffers[record[0]]
+        buffer += record
+        if len(buffer) >= self.BLOCK:
+            self._write(record[0])
+
+    def _write(self, shard: int) -> None:
+        buffer = self._buffers[shard]
+        os.pwrite(self._file.fileno(), buffer, self._end)
+        self._blocks[shard].extend((self._end, len(buffer)))
+        self._end += len(buffer)
+        self._buffers[shard] = bytearray()
+
+    def take(self, shard: int) -> bytes:
+        """Every record of a shard added since it was last taken (repeats included)."""
+        blocks = self._blocks[shard]
+        parts = [
+            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
+            for i in range(0, len(blocks), 2)
+        ]
+        parts.append(bytes(self._buffers[shard]))
+        self._blocks[shard] = array("q")
+        self._buffers[shard] = bytearray()
+        data = b"".join(parts)
+        if sum(map(len, parts)) != len(data) or any(len(p) % WIDTH for p in parts):
+            raise OSError("the spill file came back short")
+        return data
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class PackedShard(AbstractSet[bytes]):

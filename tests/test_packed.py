@@ -200,3 +200,32 @@ def test_packed_sizes_read_as_the_tuple() -> None:
     assert not packed.PackedSizes(())
     with pytest.raises(OverflowError):
         packed.PackedSizes((2**63,))
+
+
+def test_spilled_digest_set_sorts_in_everything_once_asked() -> None:
+    """DigestSet(spill=True): digests wait in a temporary file until the first lookup or
+    settle; then each shard holds them sorted and once, like the in-memory set."""
+    crowded = digests(3000, first=0x00)  # one shard holding most, many blocks of it
+    first, last = bytes(32), b"\x00" + b"\xff" * 31
+    spread = digests(2000)
+    values = [*crowded, last, *spread, first, *crowded[:500]]  # repeats across flushes
+    ours = DigestSet(spill=True)
+    for raw in values:
+        ours.add(raw)
+    ours.update_packed(b"".join(spread[:10]))
+    assert ours.shard(0).data == sorted_unique(*(v for v in set(values) if v[0] == 0))
+    assert ours._spill is not None  # a shard handed out leaves the others spilled
+    ours.add(b"\x00" + b"\x01" * 31)  # after that shard was taken: merged in later
+    steps = list(ours.settle_steps())
+    assert steps == list(range(256)) and ours._spill is None
+    expected = {*values, b"\x00" + b"\x01" * 31}
+    assert len(ours) == len(expected) and set(ours) == expected
+    assert first in ours and last in ours and b"\x00" * 31 + b"\x02" not in ours
+    assert all(len(ours.shard(s)) == 0 for s in range(256) if not any(v[0] == s for v in expected))
+    # a lookup before any settle sorts the spilled digests in first
+    asked = DigestSet(spill=True)
+    asked.update(spread)
+    assert spread[0] in asked and asked._spill is None and len(asked) == len(set(spread))
+    asked.add(first)  # added after: an ordinary in-memory digest
+    assert first in asked and set(asked) == {*spread, first}
+    assert len(DigestSet(spill=True)) == 0
