@@ -117,6 +117,12 @@ class Inventory:
                         continue
             self._add_general(key)
 
+    def drop_layers(self) -> None:
+        """Free the _layers links once the doomed blobs' links are known (issue 19: 8-32 B
+        a link, held through the verification after a delete otherwise)."""
+        for repo in self.repositories.values():
+            repo.layers = bytearray()
+
     def layer_links(self, doomed: AbstractSet[bytes]) -> Iterator[tuple[str, bytes]]:
         """(repository, digest) of each _layers link of a ``doomed`` digest. With prefixes, a
         link whose prefix only matches names the doomed digest's link, which that repository
