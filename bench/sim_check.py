@@ -160,6 +160,8 @@ async def run_once(
         "summary_blobs": summary.blobs,
         "left": storage.alive_blobs(),
     }
+    if engine.verification is not None:
+        result["verification"] = engine.verification.document()
     if engine.usage is not None:
         result["usage_repositories"] = engine.usage["totals"]["repositories"]
     if profile:

@@ -117,6 +117,12 @@ class Inventory:
                         continue
             self._add_general(key)
 
+    def drop_layers(self) -> None:
+        """Free the _layers links once the doomed blobs' links are known (issue 19: 8-32 B
+        a link, held through the verification after a delete otherwise)."""
+        for repo in self.repositories.values():
+            repo.layers = bytearray()
+
     def layer_links(self, doomed: AbstractSet[bytes]) -> Iterator[tuple[str, bytes]]:
         """(repository, digest) of each _layers link of a ``doomed`` digest. With prefixes, a
         link whose prefix only matches names the doomed digest's link, which that repository
@@ -186,11 +192,16 @@ class DigestSet(MutableSet[bytes]):
 
     _FLUSH = 1 << 13  # the plain set's peak: ~110 bytes an entry
 
-    def __init__(self, items: Iterable[bytes] = ()) -> None:
+    def __init__(self, items: Iterable[bytes] = (), *, spill: bool = False) -> None:
         self._pending: set[bytes] = set()
         self._runs: list[bytes] = [b""] * 256  # sorted, each digest once
         self._tails: list[bytearray] = [bytearray() for _ in range(256)]  # not yet merged
         self._cursor = 0  # where the next flush starts looking for shards to merge
+        #: with ``spill``, until the first lookup or settle, digests go to a temporary file
+        #: and are sorted once a shard at a time (the mark's in-use set: ~0 B a digest
+        #: while it is filled, and one sort a shard where the merges sorted it again and
+        #: again)
+        self._spill = packed.Spill() if spill else None
         self.update(items)
 
     def add(self, value: bytes) -> None:
@@ -224,6 +235,11 @@ class DigestSet(MutableSet[bytes]):
         if set(map(type, pending)) != {bytes} or set(map(len, pending)) != {32}:
             raise ValueError("a DigestSet holds 32-byte digests")
         self._pending = set()
+        if self._spill is not None:
+            add = self._spill.add
+            for value in pending:
+                add(value)
+            return
         tails, runs = self._tails, self._runs
         for value in pending:
             tails[value[0]] += value
@@ -240,8 +256,9 @@ class DigestSet(MutableSet[bytes]):
 
     def _merge(self, shard: int) -> bytes:
         tail = self._tails[shard]
-        if tail:
-            self._runs[shard] = packed.sorted_unique(self._runs[shard], tail)
+        spilled = self._spill.take(shard) if self._spill is not None else b""
+        if tail or spilled:
+            self._runs[shard] = packed.sorted_unique(self._runs[shard], tail, spilled)
             self._tails[shard] = bytearray()
         return self._runs[shard]
 
@@ -255,6 +272,9 @@ class DigestSet(MutableSet[bytes]):
         for shard in range(256):
             self._merge(shard)
             yield shard
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def shard(self, shard: int) -> packed.PackedShard:
         """Every digest whose first byte is ``shard``: a set over the shard's sorted buffer."""
@@ -273,6 +293,8 @@ class DigestSet(MutableSet[bytes]):
     def __contains__(self, value: object) -> bool:
         if not isinstance(value, bytes) or len(value) != 32:
             return False
+        if self._spill is not None:
+            self._settle()  # the spilled digests are sorted in at the first lookup
         if value in self._pending:
             return True
         shard = value[0]

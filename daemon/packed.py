@@ -9,7 +9,9 @@ ascending order (a merge against a sorted listing) moves a cursor forward instea
 from __future__ import annotations
 
 import bisect
+import os
 import re
+import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
 from collections.abc import Set as AbstractSet
@@ -71,6 +73,54 @@ def in_unsorted(data: bytes | bytearray, value: bytes) -> bool:
             return True
         at = data.find(value, at + 1)
     return False
+
+
+class Spill:
+    """32-byte records by shard in an anonymous temporary file (unlinked at once: nothing is
+    left after a crash), read back a shard at a time: a set that is only added to until it
+    is sorted holds a few KiB a shard in memory instead of every record."""
+
+    __slots__ = ("_blocks", "_buffers", "_end", "_file")
+    BLOCK = 4096  # bytes a shard buffers before a write: 1 MiB for all 256
+
+    def __init__(self) -> None:
+        # closed by close(), or with the set (a cancelled run)
+        self._file = tempfile.TemporaryFile(prefix="registry-pruned-spill-")  # noqa: SIM115
+        self._buffers = [bytearray() for _ in range(256)]
+        self._blocks: list[array[int]] = [array("q") for _ in range(256)]  # offset, length
+        self._end = 0
+
+    def add(self, record: bytes) -> None:
+        """One 32-byte record, to its shard (its first byte)."""
+        buffer = self._buffers[record[0]]
+        buffer += record
+        if len(buffer) >= self.BLOCK:
+            self._write(record[0])
+
+    def _write(self, shard: int) -> None:
+        buffer = self._buffers[shard]
+        os.pwrite(self._file.fileno(), buffer, self._end)
+        self._blocks[shard].extend((self._end, len(buffer)))
+        self._end += len(buffer)
+        self._buffers[shard] = bytearray()
+
+    def take(self, shard: int) -> bytes:
+        """Every record of a shard added since it was last taken (repeats included)."""
+        blocks = self._blocks[shard]
+        parts = [
+            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
+            for i in range(0, len(blocks), 2)
+        ]
+        parts.append(bytes(self._buffers[shard]))
+        self._blocks[shard] = array("q")
+        self._buffers[shard] = bytearray()
+        data = b"".join(parts)
+        if sum(map(len, parts)) != len(data) or any(len(p) % WIDTH for p in parts):
+            raise OSError("the spill file came back short")
+        return data
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class PackedShard(AbstractSet[bytes]):
@@ -197,6 +247,10 @@ class HexSet(MutableSet[str]):
     def __iter__(self) -> Iterator[str]:
         for raw in _RECORDS.findall(self._settle()):
             yield raw.hex()
+
+    def raws(self) -> list[bytes]:
+        """The raw digests, in byte order."""
+        return _RECORDS.findall(self._settle())
 
     def __repr__(self) -> str:
         return f"HexSet({len(self)} digests)"
@@ -326,15 +380,17 @@ class PackedCandidates(Generic[S]):
         for rec in self._records(0, len(self)):
             yield self._made(rec)
 
-    def digests(self) -> PackedShard:
+    def digests(self, *, take: bool = False) -> PackedShard:
         """Every candidate's digest, as a packed set: sorted a shard at a time, so the only
-        transient is one shard's records."""
+        transient is one shard's records. ``take`` forgets each shard's candidates once
+        its digests are out (the verification after a delete needs no more of them)."""
         r = self._RECORD
-        parts = [
-            sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
-            for data in self._shards
-        ]
-        return PackedShard(b"".join(parts))
+        out = bytearray()
+        for shard, data in enumerate(self._shards):
+            out += sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
+            if take:
+                self._shards[shard] = bytearray()
+        return PackedShard(bytes(out))
 
 
 #: ``BlobSizes`` values that are no size
@@ -434,3 +490,217 @@ class PackedSizes(Sequence["int | None"]):
 
     def __iter__(self) -> Iterator[int | None]:
         return (None if v == NO_SIZE else v for v in array("q", self.data))
+
+
+def _index_unsorted(data: bytes | bytearray, value: bytes) -> int:
+    """The record index of ``value`` in the unsorted 32-byte records ``data``, or -1."""
+    at = data.find(value)
+    while at >= 0:
+        if at % WIDTH == 0:
+            return at // WIDTH
+        at = data.find(value, at + 1)
+    return -1
+
+
+class DigestMap:
+    """Digests, each with an int64 value (a ``dict[bytes, int]`` at ~40 B an item, not
+    ~150): per shard a sorted buffer and an aligned ``array('q')``, and an unsorted tail
+    merged in when it passes an eighth of the shard."""
+
+    __slots__ = ("_runs", "_tail_values", "_tails", "_values")
+
+    def __init__(self) -> None:
+        self._runs: list[bytes] = [b""] * 256
+        self._values: list[array[int]] = [array("q") for _ in range(256)]
+        self._tails: list[bytearray] = [bytearray() for _ in range(256)]
+        self._tail_values: list[array[int]] = [array("q") for _ in range(256)]
+
+    def _find(self, raw: bytes) -> tuple[array[int] | None, int]:
+        """The array holding ``raw``'s value and its index there (None: not held)."""
+        shard = raw[0]
+        found, at = find_sorted(self._runs[shard], raw)
+        if found:
+            return self._values[shard], at
+        at = _index_unsorted(self._tails[shard], raw)
+        return (self._tail_values[shard], at) if at >= 0 else (None, 0)
+
+    def get(self, raw: bytes, default: int | None = None) -> int | None:
+        if not isinstance(raw, bytes) or len(raw) != WIDTH:
+            return default
+        values, at = self._find(raw)
+        return default if values is None else values[at]
+
+    def __contains__(self, raw: object) -> bool:
+        return isinstance(raw, bytes) and len(raw) == WIDTH and self._find(raw)[0] is not None
+
+    def __setitem__(self, raw: bytes, value: int) -> None:
+        if len(raw) != WIDTH:
+            raise ValueError("a DigestMap is keyed by 32-byte digests")
+        values, at = self._find(raw)
+        if values is not None:
+            values[at] = value
+            return
+        shard = raw[0]
+        self._tails[shard] += raw
+        self._tail_values[shard].append(value)
+        if len(self._tails[shard]) > max(64 * WIDTH, len(self._runs[shard]) >> 3):
+            self._merge(shard)
+
+    def _merge(self, shard: int) -> None:
+        tail = self._tails[shard]
+        if not tail:
+            return
+        pairs = sorted(
+            [
+                *zip(records(self._runs[shard]), self._values[shard], strict=True),
+                *zip(records(bytes(tail)), self._tail_values[shard], strict=True),
+            ]
+        )
+        self._runs[shard] = b"".join(raw for raw, _v in pairs)
+        self._values[shard] = array("q", (v for _raw, v in pairs))
+        self._tails[shard] = bytearray()
+        self._tail_values[shard] = array("q")
+
+    def __len__(self) -> int:
+        return (sum(map(len, self._runs)) + sum(map(len, self._tails))) // WIDTH
+
+    def shard_items(self, shard: int) -> Iterator[tuple[bytes, int]]:
+        """(digest, value) of every digest whose first byte is ``shard``, in byte order."""
+        self._merge(shard)
+        data = self._runs[shard]
+        for index, value in enumerate(self._values[shard]):
+            yield data[index * WIDTH : (index + 1) * WIDTH], value
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        """Every (digest, value), in byte order."""
+        for shard in range(256):
+            yield from self.shard_items(shard)
+
+
+class BaseMap:
+    """Digests with int64 values over a base of sorted shards (a delete run's in-use set):
+    a digest of the base costs a 4-byte slot and no copy of itself; one outside the base, or
+    a value past int32, waits in a ``DigestMap``."""
+
+    __slots__ = ("_base", "_others", "_slots")
+    _ABSENT = -(2**31)
+    _ELSEWHERE = -(2**31) + 1  # the value is in ``_others``
+
+    def __init__(self, base: Sequence[bytes] = ()) -> None:
+        self._base = list(base) or [b""] * 256
+        if len(self._base) != 256 or any(len(data) % WIDTH for data in self._base):
+            raise ValueError("a base is 256 shards of 32-byte digests")
+        self._slots = [array("i", [self._ABSENT]) * (len(d) // WIDTH) for d in self._base]
+        self._others = DigestMap()
+
+    def get(self, raw: bytes, default: int | None = None) -> int | None:
+        if not isinstance(raw, bytes) or len(raw) != WIDTH:
+            return default
+        found, at = find_sorted(self._base[raw[0]], raw)
+        if found:
+            value = self._slots[raw[0]][at]
+            if value == self._ABSENT:
+                return default
+            if value != self._ELSEWHERE:
+                return value
+        return self._others.get(raw, default)
+
+    def __contains__(self, raw: object) -> bool:
+        return isinstance(raw, bytes) and self.get(raw) is not None
+
+    def __setitem__(self, raw: bytes, value: int) -> None:
+        if len(raw) != WIDTH:
+            raise ValueError("a BaseMap is keyed by 32-byte digests")
+        found, at = find_sorted(self._base[raw[0]], raw)
+        if found:
+            slots = self._slots[raw[0]]
+            # once elsewhere, a digest stays there: the map never holds it twice
+            if slots[at] != self._ELSEWHERE and self._ELSEWHERE < value < 2**31:
+                slots[at] = value
+                return
+            slots[at] = self._ELSEWHERE
+        self._others[raw] = value
+
+    def shard_items(self, shard: int) -> Iterator[tuple[bytes, int, bool]]:
+        """(digest, value, in the base) of every digest held of a shard, in byte order."""
+        base, slots = self._base[shard], self._slots[shard]
+        others = (
+            (raw, value)
+            for raw, value in self._others.shard_items(shard)
+            if not find_sorted(base, raw)[0]  # a base digest's value comes with its slot
+        )
+        theirs = next(others, None)
+        for index, slot in enumerate(slots):
+            if slot == self._ABSENT:
+                continue
+            raw = base[index * WIDTH : (index + 1) * WIDTH]
+            while theirs is not None and theirs[0] < raw:
+                yield theirs[0], theirs[1], False
+                theirs = next(others, None)
+            value = self._others.get(raw) if slot == self._ELSEWHERE else slot
+            assert value is not None
+            yield raw, value, True
+        while theirs is not None:
+            yield theirs[0], theirs[1], False
+            theirs = next(others, None)
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        """Every (digest, value), in byte order."""
+        for shard in range(256):
+            for raw, value, _in_base in self.shard_items(shard):
+                yield raw, value
+
+
+#: ``BlobWants`` slots that are no size
+UNWANTED = -(2**63)  # not referenced (never held: what a lookup of no digest returns)
+#: referenced, by no descriptor giving a size (an int32: a ``BaseMap`` slot holds it); a
+#: descriptor wanting this size or less is judged against every descriptor (a conflict)
+NO_WANT = -(2**31) + 2
+
+
+class BlobWants:
+    """The blobs manifests reference, each with the size the first sized descriptor wants.
+
+    Held in a ``BaseMap``: over a delete run's in-use set, which holds nearly every
+    referenced blob, 4 bytes a referenced blob. A digest wanted at two sizes is noted (rare:
+    a manifest that lies about a size), so that any size it has is judged against every
+    descriptor.
+    """
+
+    __slots__ = ("_conflicts", "_slots")
+
+    def __init__(self, base: Sequence[bytes] = ()) -> None:
+        self._slots = BaseMap(base)
+        self._conflicts: set[bytes] = set()
+
+    def want(self, raw: bytes, size: int | None) -> None:
+        """Note a reference to ``raw`` by a descriptor wanting ``size`` (None: none)."""
+        if len(raw) != WIDTH:
+            raise ValueError("a blob is named by a 32-byte digest")
+        slot = self._slots.get(raw, UNWANTED)
+        if size is not None and not NO_WANT < size < 2**63:
+            self._conflicts.add(raw)  # no int64 slot holds it: judged against every want
+            size = None
+        if slot == UNWANTED or (slot == NO_WANT and size is not None):
+            self._slots[raw] = NO_WANT if size is None else size
+        elif size is not None and slot not in (NO_WANT, size):
+            self._conflicts.add(raw)
+
+    def wanted(self, shard: int) -> Iterator[tuple[bytes, int, bool]]:
+        """(digest, slot, in the base) of every wanted digest of a shard, in byte order."""
+        return self._slots.shard_items(shard)
+
+    def slot(self, raw: bytes) -> int:
+        """The wanted size, NO_WANT, or UNWANTED for a digest no manifest references."""
+        value = self._slots.get(raw, UNWANTED)
+        assert value is not None
+        return value
+
+    def fits(self, raw: bytes, slot: int, size: int) -> bool:
+        """Whether a blob of ``size`` bytes (or MISSING/UNSIZED) is what every descriptor
+        referencing it wants."""
+        if size == MISSING:
+            return False
+        if size == UNSIZED:
+            return True
+        return raw not in self._conflicts and slot in (NO_WANT, size)

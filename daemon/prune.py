@@ -588,6 +588,7 @@ class Engine:
             layers.setdefault(raw, []).append(layout.layer_link_dir(name, raw.hex()))
         await self._foreign_layer_links(inventory, doomed, layers)
         del doomed
+        inventory.drop_layers()  # the doomed blobs' links are in ``layers`` now
         # two batches in flight: one's links go while the other's blobs go, so the store is
         # not idle while the slowest request of a batch finishes. Online runs wait on the
         # source between steps and keep one batch at a time
@@ -814,7 +815,12 @@ class Engine:
         prior = Prior(
             in_use=marks.in_use,
             complete=frozenset(getattr(self, "complete_shards", ())),
-            deleted=_digests(candidates),  # type: ignore[arg-type]
+            # packed candidates are forgotten as their digests are taken (issue 19)
+            deleted=(
+                candidates.digests(take=True)
+                if isinstance(candidates, PackedCandidates)
+                else _digests(candidates)
+            ),  # type: ignore[arg-type]
             removed_repositories=set(marks.remove_repositories),
             removed_revisions=set(marks.remove_revisions),
             tags=self.source.name != "openshift",

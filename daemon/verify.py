@@ -8,10 +8,9 @@ beside the typed parse, every digest-shaped string of the manifest (daemon.verif
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import itertools
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,8 +21,9 @@ from daemon.findings import Finding, Verification
 from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
+from daemon.verify_held import HeldFacts, Presence, Roots
 from daemon.verifying import Facts, TypedParse, read_facts
-from daemon.workers import in_parallel
+from daemon.workers import each, in_parallel
 
 VERIFY = "verify"
 RECOVER = "recover"
@@ -72,15 +72,6 @@ def _digests(packed: bytes) -> list[bytes]:
     return [packed[i : i + 32] for i in range(0, len(packed), 32)]
 
 
-def _compact(facts: Facts) -> Facts:
-    """Facts as held until judged, one a manifest: sizes as 8-byte records, not int objects."""
-    sizes: Sequence[int | None] = facts.sizes
-    if packed.NO_SIZE not in sizes:
-        with contextlib.suppress(OverflowError):  # past int64: kept as they are
-            sizes = packed.PackedSizes(sizes)
-    return facts._replace(kind=sys.intern(facts.kind), sizes=sizes)
-
-
 def tag_link(repository: str, tag: str) -> str:
     return f"{layout.REPOSITORIES}{repository}/_manifests/tags/{tag}/current/link"
 
@@ -118,15 +109,20 @@ class StoreVerifier:
         self.read = functools.partial(read_facts, typed)
         self.prior = prior
         self.result = Verification(after_delete=prior is not None)
-        self.facts: dict[bytes, Facts | None] = {}
-        self.present = packed.BlobSizes()  # referenced blob -> size, MISSING or UNSIZED
+        # the manifests read, held packed (issue 19): a delete's in-use set, which holds
+        # nearly every referenced blob, is the index of the wanted blobs' sizes
+        base = [prior.in_use.shard(s).data for s in range(256)] if prior is not None else []
+        self.held = HeldFacts(base)
+        self.present = Presence(self.held)  # referenced blobs that are missing or mis-sized
         self.foreign_present: set[str] = set()  # sha512/sha384 blobs with data
 
     async def run(self, inventory: Inventory) -> Verification:
         self.progress.enter(self.name)
         roots = await self._roots(inventory)
-        await self._read_manifests({raw for digests in roots.values() for raw in digests})
+        await self._read_manifests()
         await self._presence()
+        if self.present.bad:
+            await self._read_again()
         named = await self._named(roots)
         self._judge(roots, named)
         self.log.info("verified", **self.result.document())
@@ -134,38 +130,45 @@ class StoreVerifier:
 
     # -- roots ------------------------------------------------------------------------------
 
-    async def _roots(self, inventory: Inventory) -> dict[str, set[bytes]]:
+    async def _roots(self, inventory: Inventory) -> Roots:
         """Per repository: its linked revisions and its tags' current manifests."""
         prior = self.prior
-        revisions: list[tuple[str, str]] = []
-        tags: list[tuple[str, str]] = []
-        for repo in inventory.repositories.values():
-            if prior is not None and repo.name in prior.removed_repositories:
-                continue
-            for hexdigest in sorted(repo.revisions):
-                if prior is None or (repo.name, hexdigest) not in prior.removed_revisions:
-                    revisions.append((repo.name, hexdigest))
-            if prior is None or prior.tags:
-                tags += [(repo.name, tag) for tag in sorted(repo.tags)]
-        roots: dict[str, set[bytes]] = {}
-        linked: set[tuple[str, bytes]] = set()
-        # a local: every tag's target, held only until the unlinked ones are known
-        tag_targets: list[tuple[str, str, bytes]] = []
+
+        def removed(repo: str, hexdigest: str) -> bool:
+            return prior is not None and (
+                repo in prior.removed_repositories or (repo, hexdigest) in prior.removed_revisions
+            )
+
+        roots = Roots(inventory, removed)
+
+        def revisions() -> Iterator[tuple[str, str]]:
+            # made as the workers take them: a list of every revision was ~180 B each
+            for repo in inventory.repositories.values():
+                yield from ((repo.name, h) for h in repo.revisions if not removed(repo.name, h))
+
+        def tags() -> Iterator[tuple[str, str]]:
+            if prior is not None and not prior.tags:
+                return
+            for repo in inventory.repositories.values():
+                if prior is None or repo.name not in prior.removed_repositories:
+                    yield from ((repo.name, tag) for tag in repo.tags)
 
         async def read_revisions(chunk: list[tuple[str, str]]) -> list[bytes]:
             keys = [layout.revision_dir(r, h) + "link" for r, h in chunk]
             found = await self.storage.read_parsed(keys, 1024, layout.link_digest)
             accepted: list[bytes] = []
             for (repo, hexdigest), raw in zip(chunk, found, strict=True):
+                if raw is None or isinstance(raw, ValueError) or raw.hex() != hexdigest:
+                    roots.dropped.add((repo, bytes.fromhex(hexdigest)))
                 if raw is None:
                     continue  # the scan named a directory whose link is gone: no revision
                 if isinstance(raw, ValueError) or raw.hex() != hexdigest:
                     self._broken_link(repo, f"revision link of sha256:{hexdigest}", raw)
                     continue
-                roots.setdefault(repo, set()).add(raw)
-                linked.add((repo, raw))
                 accepted.append(raw)
             return accepted
+
+        self._unlinked: set[tuple[str, str, bytes]] = set()
 
         async def read_tags(chunk: list[tuple[str, str]]) -> list[bytes]:
             keys = [tag_link(r, t) for r, t in chunk]
@@ -177,30 +180,26 @@ class StoreVerifier:
                 if isinstance(raw, ValueError):
                     self._broken_link(repo, f"current link of tag {tag!r}", raw)
                     continue
-                roots.setdefault(repo, set()).add(raw)
-                tag_targets.append((repo, tag, raw))
+                # every revision is read by now: a tag whose manifest has no revision link
+                # cannot be pulled (distribution reads manifests through revision links)
+                if not roots.revision(repo, raw):
+                    roots.add_tagged(repo, raw)
+                    self._unlinked.add((repo, tag, raw))
             return [raw for raw in found if isinstance(raw, bytes)]
+
+        async def links_then_manifests(step: Callable[[], Awaitable[list[bytes]]]) -> None:
+            named = [raw for raw in await step() if raw not in self.held]
+            self.held.claim(named)  # no other worker reads them
+            await self._read_chunk(named)
 
         # links and the manifests they name in one pipeline, as the mark phase reads them:
         # each chunk's new manifests are read by the worker that read its links. Tags come
-        # last, in larger chunks: what they name is nearly always a revision read by then,
-        # so a tag chunk is one small read per tag and no manifest (fewer calls to readers)
-        work: list[Callable[[], Awaitable[list[bytes]]]] = [
-            *(functools.partial(read_revisions, chunk) for chunk in chunked(revisions)),
-            *(functools.partial(read_tags, chunk) for chunk in chunked(tags, TAG_CHUNK)),
-        ]
-
-        async def links_then_manifests(step: Callable[[], Awaitable[list[bytes]]]) -> None:
-            named = [raw for raw in await step() if raw not in self.facts]
-            self.facts.update(dict.fromkeys(named))  # claimed: no other worker reads them
-            await self._read_chunk(named)
-
-        await in_parallel(work, links_then_manifests, self.workers)
-        # a tag whose manifest has no revision link cannot be pulled: distribution reads
-        # manifests through the repository's revision links
-        self._unlinked = {
-            (repo, tag, raw) for repo, tag, raw in tag_targets if (repo, raw) not in linked
-        }
+        # after every revision, in larger chunks: what they name is nearly always a revision
+        # read by then, so a tag chunk is one small read per tag and no manifest
+        steps = (functools.partial(read_revisions, c) for c in lazy_chunks(revisions(), CHUNK))
+        await each(steps, links_then_manifests, self.workers)
+        steps = (functools.partial(read_tags, c) for c in lazy_chunks(tags(), TAG_CHUNK))
+        await each(steps, links_then_manifests, self.workers)
         return roots
 
     def _broken_link(self, repo: str, what: str, raw: bytes | ValueError) -> None:
@@ -221,85 +220,109 @@ class StoreVerifier:
         found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
         for raw, facts in zip(chunk, found, strict=True):
             # read_facts never raises: a ValueError here came from the driver
-            if isinstance(facts, Facts):
-                self.facts[raw] = _compact(facts)
-            else:
-                self.facts[raw] = None
+            self.held.store(raw, facts if isinstance(facts, Facts) else None)
         self.progress.manifests += len(chunk)
 
-    async def _read_manifests(self, roots: Iterable[bytes]) -> None:
-        """Children and subjects not read with the roots, level by level."""
-        pending = sorted(d for d in set(roots) if d not in self.facts)
-        await in_parallel(chunked(pending), self._read_chunk, self.workers)
-        pending = sorted(set(roots))
-        while pending:
+    async def _read_manifests(self) -> None:
+        """Children and subjects not read with the roots (every root was), level by level."""
+        level: Iterable[Facts | None] = list(self.held.rich.values())
+        while True:
             following: set[bytes] = set()
-            for raw in pending:
-                facts = self.facts[raw]
+            for facts in level:
                 # most manifests name neither (images, not lists or referrers)
                 if facts is not None and (facts.children or facts.subjects):
                     following.update(_digests(facts.children))
                     following.update(_digests(facts.subjects))
-            pending = sorted(d for d in following if d not in self.facts)
+            pending = sorted(d for d in following if d not in self.held)
+            if not pending:
+                break
+            self.held.claim(pending)
             await in_parallel(chunked(pending), self._read_chunk, self.workers)
-        self.result.manifests = sum(1 for f in self.facts.values() if f is not None)
+            level = [self.held.rich.get(raw) for raw in pending]
+        self.result.manifests = self.held.read()
+
+    async def _read_again(self) -> None:
+        """A referenced blob is missing or of another size: read the plain manifests again,
+        keeping those naming such a blob, so that judging names their images."""
+        bad = self.present.bad
+
+        async def chunk(raws: list[bytes]) -> None:
+            keys = [layout.blob_data(raw.hex()) for raw in raws]
+            found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
+            for raw, facts in zip(raws, found, strict=True):
+                if not isinstance(facts, Facts):
+                    self.held.keep_again(raw, None)  # gone since: its image is broken
+                elif any(blob in bad for blob in _digests(facts.blobs)):
+                    self.held.keep_again(raw, facts)
+
+        await each(lazy_chunks(self.held.plain(), CHUNK), chunk, self.workers)
 
     # -- blobs ------------------------------------------------------------------------------
 
     async def _presence(self) -> None:
-        """Which referenced blobs have data, and their sizes: one pass per blob shard."""
-        present = self.present  # each blob once, however many images share it
-        for facts in self.facts.values():
-            if facts is None:
-                continue
-            present.add_packed(facts.blobs)
-            for text in facts.loose:
-                if text.startswith("sha256:"):
-                    present.add_packed(layout.parse_digest(text))
-        present.seal()
+        """Whether each referenced blob has data of the size its descriptors want, judged a
+        blob shard at a time: what the run knows, else one ask of the store per shard."""
+        held, present = self.held, self.present
+        held.loose.seal()
         prior = self.prior
         trusted = prior is not None and self.storage.listing_proves_data
-        manifest = self.facts.get
-        # the wanted digests of a shard, packed (sorted: the shard's order), until it is asked
-        asks: dict[int, bytearray] = {}
-        for shard in range(256):
-            for raw in packed.records(present.shard(shard)):
-                known = manifest(raw)
-                if known is not None:
-                    present.set(raw, known.length)
-                # the sweep listed this in-use digest's whole shard: it has data
-                elif trusted and prior and shard in prior.complete and raw in prior.in_use:
-                    present.set(raw, packed.UNSIZED)
-                else:
-                    asks.setdefault(shard, bytearray()).extend(raw)
-        self.progress.shards_total = len(asks)
+        self.progress.shards_total = 256
         self.progress.shards_done = 0
 
-        async def ask(shard: int) -> None:
-            digests = packed.PackedShard(bytes(asks.pop(shard)))
-            for raw, size in (await self.storage.blob_sizes(f"{shard:02x}", digests)).items():
-                present.set(raw, size)
-            self.progress.blobs_scanned += len(digests)
+        def known(shard: int, raw: bytes, in_base: bool) -> int | None:
+            length = held.lengths.get(raw)
+            if length is not None and length >= 0:
+                return length  # a manifest verify read: its length is its size
+            # the sweep listed this in-use digest's whole shard: it has data (the base is
+            # the in-use set)
+            if trusted and prior and shard in prior.complete and (in_base or raw in prior.in_use):
+                return packed.UNSIZED
+            return None
+
+        async def shard_of(shard: int) -> None:
+            asked: list[tuple[bytes, int]] = []  # (digest, slot) of wanted blobs to ask
+            for raw, slot, in_base in held.wants.wanted(shard):
+                size = known(shard, raw, in_base)
+                if size is None:
+                    asked.append((raw, slot))
+                else:
+                    present.judge(raw, slot, size)
+            loose: list[bytes] = []
+            for raw in packed.records(held.loose.shard(shard)):
+                size = known(shard, raw, False)
+                if size is None:
+                    loose.append(raw)
+                else:
+                    held.loose.set(raw, size)
+            if asked or loose:
+                ask = packed.sorted_unique(*(raw for raw, _slot in asked), *loose)
+                sizes = await self.storage.blob_sizes(f"{shard:02x}", packed.PackedShard(ask))
+                for raw, slot in asked:
+                    present.judge(raw, slot, sizes.get(raw, packed.MISSING))
+                for raw in loose:
+                    if raw in sizes:
+                        held.loose.set(raw, sizes[raw])
+                self.progress.blobs_scanned += len(ask) // 32
             self.progress.shards_done += 1
 
-        await in_parallel(sorted(asks), ask, self.workers)
+        await in_parallel(range(256), shard_of, self.workers)
 
-    async def _named(self, roots: dict[str, set[bytes]]) -> dict[bytes, set[str]]:
+    async def _named(self, roots: Roots) -> dict[bytes, set[str]]:
         """Per manifest, the loose digest strings that name a blob or link of this store."""
         # the repositories holding each root, only for the few manifests that need them
-        needing = {raw for raw, f in self.facts.items() if f is not None and (f.loose or f.foreign)}
+        rich = self.held.rich
+        needing = [raw for raw, f in rich.items() if f.loose or f.foreign]
         holders: dict[bytes, list[str]] = {}
         if needing:
-            for repo, digests in roots.items():
-                for raw in needing & digests:
-                    holders.setdefault(raw, []).append(repo)
+            for repo in roots.names():
+                for raw in needing:
+                    if (repo, raw) in roots:
+                        holders.setdefault(raw, []).append(repo)
         deleted = self.prior.deleted if self.prior is not None else set()
         named: dict[bytes, set[str]] = {}
         asks: list[tuple[bytes, str, str]] = []  # (manifest, digest string, key to stat)
         foreign: list[tuple[str, str]] = []  # (sha384/sha512 digest string, link to read)
-        for raw, facts in self.facts.items():
-            if facts is None:
-                continue
+        for raw, facts in rich.items():
             for text in facts.loose:
                 if text.startswith("sha256:"):
                     blob = layout.parse_digest(text)
@@ -342,7 +365,7 @@ class StoreVerifier:
 
     # -- judging ----------------------------------------------------------------------------
 
-    def _judge(self, roots: dict[str, set[bytes]], named: dict[bytes, set[str]]) -> None:
+    def _judge(self, roots: Roots, named: dict[bytes, set[str]]) -> None:
         problems: dict[bytes, list[tuple[str, str]]] = {}
         deleted = self.prior.deleted if self.prior is not None else set()
         present = self.present
@@ -350,7 +373,7 @@ class StoreVerifier:
         def judge(raw: bytes, visiting: frozenset[bytes]) -> list[tuple[str, str]]:
             if raw in problems:
                 return problems[raw]
-            facts = self.facts.get(raw)
+            facts = self.held.get(raw)
             found: list[tuple[str, str]] = []
             if facts is None:
                 digest = layout.format_digest(raw)
@@ -377,7 +400,7 @@ class StoreVerifier:
                     found.append((text, f'image blob "{text}": unknown blob'))
             for child, want in zip(_digests(facts.children), wants[len(blobs) :], strict=True):
                 text = layout.format_digest(child)
-                kid = self.facts.get(child)
+                kid = self.held.get(child)
                 if kid is None:
                     found.append((text, f'child manifest "{text}": unknown blob'))
                     continue
@@ -392,7 +415,7 @@ class StoreVerifier:
                 if child not in visiting and judge(child, visiting | {raw}):
                     found.append(("", f'child manifest "{text}": broken'))
             for subject in _digests(facts.subjects):
-                if self.facts.get(subject) is None:
+                if self.held.get(subject) is None:
                     text = layout.format_digest(subject)
                     found.append((text, f'subject "{text}": unknown blob'))
             for text in facts.loose:
@@ -406,23 +429,24 @@ class StoreVerifier:
                             + (" (deleted by this run)" if gone else ""),
                         )
                     )
-            # a whole image (most are) shares one empty list: one per manifest was ~100 B each
-            problems[raw] = found or whole
+            # kept for lists (their children) and broken ones: a whole image is judged again
+            # in each repository holding it, where a list per manifest was ~100 B each
+            if found or facts.children:
+                problems[raw] = found or whole
             return found
 
         whole: list[tuple[str, str]] = []
         result = self.result
-        for facts_raw, facts in self.facts.items():
-            if facts is not None:
-                hits = named.get(facts_raw, set())
-                result.unparsed += len(hits)
-                result.foreign += len(facts.loose) - len(hits)
-                result.annotations += facts.noted
+        for facts_raw, facts in self.held.rich.items():
+            hits = named.get(facts_raw, set())
+            result.unparsed += len(hits)
+            result.foreign += len(facts.loose) - len(hits)
+            result.annotations += facts.noted
         unlinked: dict[tuple[str, bytes], list[str]] = {}
         for repo, tag, raw in sorted(self._unlinked):
             unlinked.setdefault((repo, raw), []).append(tag)
-        for repo in sorted(roots):
-            for raw in sorted(roots[repo]):
+        for repo in roots.names():
+            for raw in roots.of(repo):
                 result.images += 1
                 found = list(judge(raw, frozenset()))
                 for tag in unlinked.get((repo, raw), ()):
@@ -446,6 +470,12 @@ class StoreVerifier:
                         missing=sorted({m for m, _t in found if m}),
                     )
                 )
+
+
+def lazy_chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size``, each made when it is taken."""
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
 
 
 def chunked(items: Sequence[T], size: int = CHUNK) -> list[list[T]]:

@@ -142,6 +142,8 @@ def test_packed_candidates_keep_every_candidate_and_slice_in_shard_order() -> No
     assert list(made) == got and made[-1] == got[-1]
     doomed = made.digests()
     assert all(c.digest in doomed for c in wanted) and digests(1)[0] not in doomed
+    taken = made.digests(take=True)  # the same digests; the candidates are forgotten
+    assert taken.data == doomed.data and len(made) == 0 and not made and list(made) == []
 
 
 @pytest.mark.parametrize("width", [32, 8])
@@ -200,3 +202,146 @@ def test_packed_sizes_read_as_the_tuple() -> None:
     assert not packed.PackedSizes(())
     with pytest.raises(OverflowError):
         packed.PackedSizes((2**63,))
+
+
+def test_digest_map_answers_like_a_dict_across_merges() -> None:
+    """DigestMap: values stay with their digests through merges; first/last of a shard, an
+    empty shard, one shard holding every digest, overwrites in the run and in the tail."""
+    ours, theirs = packed.DigestMap(), {}
+    crowded = digests(5000, first=0x00)  # one shard holds them all: many merges
+    first, last = bytes(32), b"\x00" + b"\xff" * 31
+    for value, raw in enumerate([last, *crowded, first]):
+        ours[raw] = theirs[raw] = value
+        if value % 997 == 0:  # lookups between merges: run and tail both asked
+            assert all(ours.get(k) == v for k, v in theirs.items())
+    assert len(ours) == len(theirs) == 5002
+    assert (ours.get(first), ours.get(last)) == (5001, 0)
+    for raw in crowded[::250]:  # overwrite: merged records and the unmerged tail alike
+        ours[raw] = theirs[raw] = -7
+    ours[first] = theirs[first] = -(2**63)
+    assert len(ours) == 5002 and dict(ours.items()) == theirs
+    assert [raw for raw, _v in ours.items()] == sorted(theirs)
+    assert list(ours.shard_items(0x01)) == [] and b"\x01" * 32 not in ours
+    assert ours.get(b"\x01" * 32, 9) == 9 and ours.get(b"short") is None
+    assert first in ours and b"\x00" * 31 + b"\x01" not in ours
+    spread = packed.DigestMap()
+    others = digests(3000)
+    for value, raw in enumerate(others):
+        spread[raw] = value
+    assert dict(spread.items()) == {raw: value for value, raw in enumerate(others)}
+    with pytest.raises(ValueError):
+        spread[b"x" * 31] = 1
+
+
+def test_blob_wants_over_a_base_and_outside_it() -> None:
+    """BlobWants: slots over the base's records (no copy of them), others in a map; the
+    first size wins, a second size is a conflict, no size never overrides one."""
+    base_digests = sorted(digests(300, first=0x05))
+    first, last = b"\x05" + b"\x00" * 31, b"\x05" + b"\xff" * 31
+    base = [b""] * 256
+    base[0x05] = b"".join(sorted([first, *base_digests, last]))
+    wants = packed.BlobWants(base)
+    outside = b"\x05" + b"\x7f" * 31  # in the base's shard, not in the base
+    elsewhere = bytes([0xFF]) * 32  # in a shard the base leaves empty
+    wants.want(first, None)
+    wants.want(first, 10)  # a size after none: the size is wanted
+    wants.want(last, 20)
+    wants.want(last, None)  # no size: 20 still wanted
+    wants.want(base_digests[7], 5)
+    wants.want(base_digests[7], 6)  # two sizes: a conflict
+    wants.want(outside, 3)
+    wants.want(elsewhere, None)
+    wants.want(base_digests[9], 2**63 - 1)  # past int32: held outside the slots
+    wants.want(base_digests[11], packed.NO_WANT)  # no slot can say it: a conflict
+    assert wants.slot(first) == 10 and wants.slot(last) == 20
+    assert wants.slot(outside) == 3 and wants.slot(elsewhere) == packed.NO_WANT
+    assert wants.slot(base_digests[0]) == packed.UNWANTED
+    assert wants.slot(b"\x06" * 32) == packed.UNWANTED
+    listed = list(wants.wanted(0x05))
+    assert [raw for raw, _s, _b in listed] == sorted(
+        [first, last, base_digests[7], base_digests[9], base_digests[11], outside]
+    )
+    assert {raw: in_base for raw, _s, in_base in listed}[outside] is False
+    assert {raw: slot for raw, slot, _b in listed}[base_digests[9]] == 2**63 - 1
+    assert not wants.fits(base_digests[11], packed.NO_WANT, 0)
+    assert list(wants.wanted(0xFF)) == [(elsewhere, packed.NO_WANT, False)]
+    assert list(wants.wanted(0x00)) == []
+    # judging a size against what is wanted
+    assert wants.fits(first, 10, 10) and not wants.fits(first, 10, 11)
+    assert not wants.fits(first, 10, packed.MISSING) and wants.fits(first, 10, packed.UNSIZED)
+    assert wants.fits(elsewhere, packed.NO_WANT, 123)
+    assert not wants.fits(base_digests[7], 5, 5) and not wants.fits(base_digests[7], 5, 6)
+    assert wants.fits(base_digests[7], 5, packed.UNSIZED)
+    empty = packed.BlobWants()  # verify without a delete: every digest in the map
+    empty.want(first, 1)
+    assert empty.slot(first) == 1 and list(empty.wanted(0x05)) == [(first, 1, False)]
+    with pytest.raises(ValueError):
+        packed.BlobWants([b"x" * 33] * 256)
+
+
+def test_base_map_slots_over_the_base_and_values_elsewhere() -> None:
+    """BaseMap: int32 values in slots aligned with the base's records, the rest (digests
+    outside the base, values past int32) in a map; one sorted walk of a shard yields both."""
+    inside = sorted(digests(500, first=0x10))
+    base = [b""] * 256
+    base[0x10] = b"".join(inside)
+    base[0xFF] = bytes([0xFF]) * 32  # a shard whose only digest is its last possible one
+    ours = packed.BaseMap(base)
+    theirs: dict[bytes, int] = {}
+    outside = digests(50, first=0x10) + digests(20, first=0x00)
+    for i, raw in enumerate([*inside[::3], *outside, bytes([0xFF]) * 32]):
+        value = -2 if i % 5 == 0 else 2**40 if i % 7 == 0 else i  # past int32 now and then
+        ours[raw] = theirs[raw] = value
+    ours[inside[3]] = theirs[inside[3]] = 2**35  # moved elsewhere: stays there
+    ours[inside[3]] = theirs[inside[3]] = 4
+    assert all(ours.get(k) == v for k, v in theirs.items())
+    assert ours.get(inside[1]) is None and inside[1] not in ours and inside[0] in ours
+    assert dict(ours.items()) == theirs and [k for k, _v in ours.items()] == sorted(theirs)
+    walked = list(ours.shard_items(0x10))
+    assert [raw for raw, _v, _b in walked] == sorted(k for k in theirs if k[0] == 0x10)
+    assert all(in_base == (raw in set(inside)) for raw, _v, in_base in walked)
+    assert list(ours.shard_items(0x42)) == []
+    assert list(ours.shard_items(0xFF)) == [(bytes([0xFF]) * 32, theirs[bytes([0xFF]) * 32], True)]
+    alone = packed.BaseMap()  # no base: a DigestMap
+    alone[inside[0]] = 3
+    assert alone.get(inside[0]) == 3 and list(alone.items()) == [(inside[0], 3)]
+    with pytest.raises(ValueError):
+        packed.BaseMap([b""] * 3)
+
+
+def test_hex_set_raws_in_byte_order() -> None:
+    values = digests(100)
+    held = HexSet()
+    for raw in values + values[:10]:
+        held.add_raw(raw)
+    assert held.raws() == sorted(values)
+    assert HexSet().raws() == []
+
+
+def test_spilled_digest_set_sorts_in_everything_once_asked() -> None:
+    """DigestSet(spill=True): digests wait in a temporary file until the first lookup or
+    settle; then each shard holds them sorted and once, like the in-memory set."""
+    crowded = digests(3000, first=0x00)  # one shard holding most, many blocks of it
+    first, last = bytes(32), b"\x00" + b"\xff" * 31
+    spread = digests(2000)
+    values = [*crowded, last, *spread, first, *crowded[:500]]  # repeats across flushes
+    ours = DigestSet(spill=True)
+    for raw in values:
+        ours.add(raw)
+    ours.update_packed(b"".join(spread[:10]))
+    assert ours.shard(0).data == sorted_unique(*(v for v in set(values) if v[0] == 0))
+    assert ours._spill is not None  # a shard handed out leaves the others spilled
+    ours.add(b"\x00" + b"\x01" * 31)  # after that shard was taken: merged in later
+    steps = list(ours.settle_steps())
+    assert steps == list(range(256)) and ours._spill is None
+    expected = {*values, b"\x00" + b"\x01" * 31}
+    assert len(ours) == len(expected) and set(ours) == expected
+    assert first in ours and last in ours and b"\x00" * 31 + b"\x02" not in ours
+    assert all(len(ours.shard(s)) == 0 for s in range(256) if not any(v[0] == s for v in expected))
+    # a lookup before any settle sorts the spilled digests in first
+    asked = DigestSet(spill=True)
+    asked.update(spread)
+    assert spread[0] in asked and asked._spill is None and len(asked) == len(set(spread))
+    asked.add(first)  # added after: an ordinary in-memory digest
+    assert first in asked and set(asked) == {*spread, first}
+    assert len(DigestSet(spill=True)) == 0

@@ -81,8 +81,9 @@ class StorageSource(ReferenceSource):
             ) from exc
 
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
-        # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md)
-        in_use = DigestSet()
+        # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md);
+        # spilled to a temporary file until it is sorted, a shard at a time, below (issue 19)
+        in_use = DigestSet(spill=True)
         marks = Marks(in_use=in_use)
         if self.usage_wanted:
             # each repository reads its own revisions, even one another repository read:
@@ -93,6 +94,7 @@ class StorageSource(ReferenceSource):
             self._chunks(inventory), functools.partial(self._mark_chunk, run), self.concurrency
         )
         await self._mark_unlinked(run)
+        run.seen = DigestSet()  # no longer asked: freed before the in-use set is sorted
         # the last merges a shard at a time, between status requests, not in one len()
         for shard in in_use.settle_steps():
             if shard % 16 == 15:
