@@ -192,16 +192,16 @@ class DigestSet(MutableSet[bytes]):
 
     _FLUSH = 1 << 13  # the plain set's peak: ~110 bytes an entry
 
-    def __init__(self, items: Iterable[bytes] = (), *, spill: bool = False) -> None:
+    def __init__(self, items: Iterable[bytes] = (), *, spill: packed.Spill | None = None) -> None:
         self._pending: set[bytes] = set()
         self._runs: list[bytes] = [b""] * 256  # sorted, each digest once
         self._tails: list[bytearray] = [bytearray() for _ in range(256)]  # not yet merged
         self._cursor = 0  # where the next flush starts looking for shards to merge
-        #: with ``spill``, until the first lookup or settle, digests go to a temporary file
+        #: with a ``spill``, until the first lookup or settle, digests go to its file
         #: and are sorted once a shard at a time (the mark's in-use set: ~0 B a digest
         #: while it is filled, and one sort a shard where the merges sorted it again and
         #: again)
-        self._spill = packed.Spill() if spill else None
+        self._spill = spill
         self.update(items)
 
     def add(self, value: bytes) -> None:

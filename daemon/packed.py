@@ -85,9 +85,11 @@ class Spill:
     __slots__ = ("_blocks", "_buffers", "_end", "_file")
     BLOCK = 4096  # bytes a shard buffers before a write: 1 MiB for all 256
 
-    def __init__(self) -> None:
-        # closed by close(), or with the set (a cancelled run)
-        self._file = tempfile.TemporaryFile(prefix="registry-pruned-spill-")  # noqa: SIM115
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        # closed by close(), or with the set (a cancelled run); ``directory`` is the state
+        # dir in the daemon: the image's root (and /tmp) is read-only, and a memory-backed
+        # /tmp would count the file against the very limit the spill is for
+        self._file = tempfile.TemporaryFile(prefix="registry-pruned-spill-", dir=directory)  # noqa: SIM115
         self._buffers = [bytearray() for _ in range(256)]
         self._blocks: list[array[int]] = [array("q") for _ in range(256)]  # offset, length
         self._end = 0

@@ -105,7 +105,8 @@ def run_args(config: Path, registry: Registry, user: str | None) -> list[str]:
     args.append(f"--volume={registry.root}:{mount_path(spec, 'registry-storage')}:ro")
     security = spec["securityContext"]
     if security.get("readOnlyRootFilesystem"):
-        args.append("--read-only")
+        # as the kubelet does: podman would mount a writable tmpfs on /tmp, Kubernetes does not
+        args += ["--read-only", "--read-only-tmpfs=false"]
     if security.get("allowPrivilegeEscalation") is False:
         args.append("--security-opt=no-new-privileges")
     args += [f"--cap-drop={cap}" for cap in security["capabilities"]["drop"]]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from daemon import packed
 from daemon.inventory import DigestSet
-from daemon.packed import HexSet, NameSet, PackedCandidates, PackedShard, sorted_unique
+from daemon.packed import HexSet, NameSet, PackedCandidates, PackedShard, Spill, sorted_unique
 
 RNG = random.Random(19)
 
@@ -318,14 +320,18 @@ def test_hex_set_raws_in_byte_order() -> None:
     assert HexSet().raws() == []
 
 
-def test_spilled_digest_set_sorts_in_everything_once_asked() -> None:
-    """DigestSet(spill=True): digests wait in a temporary file until the first lookup or
-    settle; then each shard holds them sorted and once, like the in-memory set."""
+def test_spilled_digest_set_sorts_in_everything_once_asked(tmp_path: Path) -> None:
+    """A spilled DigestSet: digests wait in a file in the given directory until the first
+    lookup or settle; then each shard holds them sorted and once, like the in-memory set."""
     crowded = digests(3000, first=0x00)  # one shard holding most, many blocks of it
     first, last = bytes(32), b"\x00" + b"\xff" * 31
     spread = digests(2000)
     values = [*crowded, last, *spread, first, *crowded[:500]]  # repeats across flushes
-    ours = DigestSet(spill=True)
+    spill = Spill(tmp_path)
+    # in the directory asked for (the daemon's state dir), and unlinked from the start
+    assert os.readlink(f"/proc/self/fd/{spill._file.fileno()}").startswith(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    ours = DigestSet(spill=spill)
     for raw in values:
         ours.add(raw)
     ours.update_packed(b"".join(spread[:10]))
@@ -339,9 +345,9 @@ def test_spilled_digest_set_sorts_in_everything_once_asked() -> None:
     assert first in ours and last in ours and b"\x00" * 31 + b"\x02" not in ours
     assert all(len(ours.shard(s)) == 0 for s in range(256) if not any(v[0] == s for v in expected))
     # a lookup before any settle sorts the spilled digests in first
-    asked = DigestSet(spill=True)
+    asked = DigestSet(spill=Spill(tmp_path))
     asked.update(spread)
     assert spread[0] in asked and asked._spill is None and len(asked) == len(set(spread))
     asked.add(first)  # added after: an ordinary in-memory digest
     assert first in asked and set(asked) == {*spread, first}
-    assert len(DigestSet(spill=True)) == 0
+    assert len(DigestSet(spill=Spill(tmp_path))) == 0

@@ -30,4 +30,5 @@ async def open_source(
         concurrency=settings.workers,
         log=log,
         read_only=functools.partial(registry_read_only_now, settings),
+        spill_dir=settings.state_dir,
     )

@@ -13,12 +13,14 @@ import asyncio
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from daemon import layout, manifests
 from daemon.config import ConfigError
 from daemon.inventory import DigestSet, Inventory
+from daemon.packed import Spill
 from daemon.progress import Progress
 from daemon.sources.base import Marks, ReferenceSource, SourceError
 from daemon.storage.base import Storage, StorageError
@@ -64,8 +66,11 @@ class StorageSource(ReferenceSource):
         concurrency: int = 16,
         log: structlog.typing.FilteringBoundLogger | None = None,
         read_only: Callable[[], bool] | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.concurrency = max(1, concurrency)
+        #: where the mark's in-use set spills (the state dir; None: the system's temp dir)
+        self.spill_dir = spill_dir
         self.log = log or structlog.get_logger()
         #: reads the registry's config again (it may have changed since the daemon started)
         self._read_only = read_only
@@ -83,7 +88,7 @@ class StorageSource(ReferenceSource):
     async def mark(self, inventory: Inventory, storage: Storage, progress: Progress) -> Marks:
         # compact in-use set: ~45 bytes a digest where a set[bytes] took ~110 (bench/README.md);
         # spilled to a temporary file until it is sorted, a shard at a time, below (issue 19)
-        in_use = DigestSet(spill=True)
+        in_use = DigestSet(spill=Spill(self.spill_dir))
         marks = Marks(in_use=in_use)
         if self.usage_wanted:
             # each repository reads its own revisions, even one another repository read:
