@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from array import array
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,7 +23,7 @@ from daemon.findings import Finding, Verification
 from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
-from daemon.verifying import Facts, TypedParse, read_facts
+from daemon.verifying import SIZE_WANT, Facts, TypedParse, read_facts
 from daemon.workers import in_parallel
 
 VERIFY = "verify"
@@ -81,6 +82,17 @@ def _compact(facts: Facts) -> Facts:
     return facts._replace(kind=sys.intern(facts.kind), sizes=sizes)
 
 
+def _wanted(facts: Facts) -> Sequence[int]:
+    """The size each of a manifest's blobs must have, in their order: ``NO_SIZE`` where no
+    descriptor gives one, -1 where the judging compares it itself (beyond int64)."""
+    count = len(facts.blobs) // 32
+    sizes = facts.sizes
+    if isinstance(sizes, packed.PackedSizes):
+        return array("q", sizes.data[: 8 * count])
+    # kept as a tuple: a size past int64, or one equal to NO_SIZE (a hostile manifest)
+    return [-1 if s is not None else packed.NO_SIZE for s in list(sizes)[:count]]
+
+
 def tag_link(repository: str, tag: str) -> str:
     return f"{layout.REPOSITORIES}{repository}/_manifests/tags/{tag}/current/link"
 
@@ -119,7 +131,10 @@ class StoreVerifier:
         self.prior = prior
         self.result = Verification(after_delete=prior is not None)
         self.facts: dict[bytes, Facts | None] = {}
-        self.present = packed.BlobSizes()  # referenced blob -> size, MISSING or UNSIZED
+        #: referenced blobs without data (None), or whose size not every descriptor gives
+        #: (that size), and manifests read as blobs (their length); any other has data of the
+        #: size each descriptor wants, or lies in a shard a delete's listing proved
+        self.exceptions: dict[bytes, int | None] = {}
         self.foreign_present: set[str] = set()  # sha512/sha384 blobs with data
 
     async def run(self, inventory: Inventory) -> Verification:
@@ -247,42 +262,52 @@ class StoreVerifier:
     # -- blobs ------------------------------------------------------------------------------
 
     async def _presence(self) -> None:
-        """Which referenced blobs have data, and their sizes: one pass per blob shard."""
-        present = self.present  # each blob once, however many images share it
-        for facts in self.facts.values():
-            if facts is None:
-                continue
-            present.add_packed(facts.blobs)
-            for text in facts.loose:
-                if text.startswith("sha256:"):
-                    present.add_packed(layout.parse_digest(text))
-        present.seal()
+        """Every referenced blob has data, of the size each descriptor gives: one call per
+        blob shard, the stats and comparisons where the driver reads (a reader process)."""
         prior = self.prior
         trusted = prior is not None and self.storage.listing_proves_data
         manifest = self.facts.get
-        # the wanted digests of a shard, packed (sorted: the shard's order), until it is asked
-        asks: dict[int, bytearray] = {}
-        for shard in range(256):
-            for raw in packed.records(present.shard(shard)):
+        exceptions = self.exceptions
+        # per shard, (digest, wanted size) records as the manifests give them; the driver
+        # sorts them and asks each blob once, however many images share it
+        wants = [bytearray() for _ in range(256)]
+        pack = SIZE_WANT.pack
+        for facts in self.facts.values():
+            if facts is None:
+                continue
+            blobs = facts.blobs
+            sized = _wanted(facts)
+            loose = [text for text in facts.loose if text.startswith("sha256:")]
+            digests = [blobs[i : i + 32] for i in range(0, len(blobs), 32)]
+            digests += [layout.parse_digest(text) for text in loose]
+            for index, raw in enumerate(digests):
                 known = manifest(raw)
                 if known is not None:
-                    present.set(raw, known.length)
+                    exceptions[raw] = known.length  # read as a manifest: its size is known
                 # the sweep listed this in-use digest's whole shard: it has data
-                elif trusted and prior and shard in prior.complete and raw in prior.in_use:
-                    present.set(raw, packed.UNSIZED)
+                elif trusted and prior and raw[0] in prior.complete and raw in prior.in_use:
+                    continue
                 else:
-                    asks.setdefault(shard, bytearray()).extend(raw)
+                    # a descriptor's size, none (loose strings), or -1 (no file is that
+                    # long: its size comes back and the judging compares it)
+                    want = sized[index] if index < len(sized) else packed.NO_SIZE
+                    wants[raw[0]] += pack(raw, want)
+        asks = [shard for shard in range(256) if wants[shard]]
         self.progress.shards_total = len(asks)
         self.progress.shards_done = 0
 
         async def ask(shard: int) -> None:
-            digests = packed.PackedShard(bytes(asks.pop(shard)))
-            for raw, size in (await self.storage.blob_sizes(f"{shard:02x}", digests)).items():
-                present.set(raw, size)
-            self.progress.blobs_scanned += len(digests)
+            records, wants[shard] = bytes(wants[shard]), bytearray()
+            for raw, size in await self.storage.blob_mismatches(f"{shard:02x}", records):
+                exceptions[raw] = size
+            self.progress.blobs_scanned += len(records) // SIZE_WANT.size
             self.progress.shards_done += 1
 
-        await in_parallel(sorted(asks), ask, self.workers)
+        await in_parallel(asks, ask, self.workers)
+
+    def _has_data(self, raw: bytes) -> bool:
+        """Whether a blob _presence was given has data (an exception says where not)."""
+        return self.exceptions.get(raw, 0) is not None
 
     async def _named(self, roots: dict[str, set[bytes]]) -> dict[bytes, set[str]]:
         """Per manifest, the loose digest strings that name a blob or link of this store."""
@@ -303,7 +328,7 @@ class StoreVerifier:
             for text in facts.loose:
                 if text.startswith("sha256:"):
                     blob = layout.parse_digest(text)
-                    if blob in self.present or blob in deleted:
+                    if self._has_data(blob) or blob in deleted:
                         named.setdefault(raw, set()).add(text)
                         continue
                 for key in loose_keys(holders.get(raw, ()), text):
@@ -345,7 +370,7 @@ class StoreVerifier:
     def _judge(self, roots: dict[str, set[bytes]], named: dict[bytes, set[str]]) -> None:
         problems: dict[bytes, list[tuple[str, str]]] = {}
         deleted = self.prior.deleted if self.prior is not None else set()
-        present = self.present
+        exceptions = self.exceptions
 
         def judge(raw: bytes, visiting: frozenset[bytes]) -> list[tuple[str, str]]:
             if raw in problems:
@@ -361,17 +386,23 @@ class StoreVerifier:
                 found.append(("", f"manifest cannot be parsed: {facts.error}"))
             blobs = _digests(facts.blobs)
             wants = facts.sizes or (None,) * (len(blobs) + len(facts.children) // 32)
-            for blob, want in zip(blobs, wants, strict=False):
-                size = present.get(blob)
-                if size == packed.MISSING:
-                    text = layout.format_digest(blob)
-                    found.append((text, f'image blob "{text}": unknown blob'))
-                    continue
-                if size != packed.UNSIZED and want is not None and size != want:
-                    text = layout.format_digest(blob)
-                    found.append(
-                        ("", f'image blob "{text}": {size} bytes where the manifest says {want}')
-                    )
+            # most images name no exception: one lookup a blob, no size read
+            if exceptions and any(blob in exceptions for blob in blobs):
+                for blob, want in zip(blobs, wants, strict=False):
+                    if blob not in exceptions:
+                        continue  # has data, of every size a descriptor gives
+                    size = exceptions[blob]
+                    if size is None:
+                        text = layout.format_digest(blob)
+                        found.append((text, f'image blob "{text}": unknown blob'))
+                    elif want is not None and size != want:
+                        text = layout.format_digest(blob)
+                        found.append(
+                            (
+                                "",
+                                f'image blob "{text}": {size} bytes where the manifest says {want}',
+                            )
+                        )
             for text in facts.foreign:
                 if text not in self.foreign_present:
                     found.append((text, f'image blob "{text}": unknown blob'))
