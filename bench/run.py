@@ -592,10 +592,13 @@ def bench_verify(work: Path, blobs: int, times: int) -> dict[str, Any]:
                 # so the ratio is the strict one
                 usage = "&usage=false" if mode == "check" else ""
                 path = f"/prune?mode={mode}&wait=true{usage}"
+                assert daemon.proc is not None
+                before = tree_cpu(daemon.proc.pid)  # the daemon and its reader processes
                 status, _h, body = daemon.request("POST", path, timeout=3600)
                 doc = json.loads(body)
                 if status >= 300 or doc.get("state") != "succeeded":
                     raise RuntimeError(f"API {mode}: {status} {body[:500]!r}")
+                doc["cpu_s"] = tree_cpu(daemon.proc.pid) - before
                 return doc
 
             return one
@@ -609,10 +612,25 @@ def bench_verify(work: Path, blobs: int, times: int) -> dict[str, Any]:
 
             return one
 
+        cpu: list[list[float]] = [[], [], [], []]
+
+        def noting_cpu(i: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+            def one() -> Any:
+                result = fn()
+                cpu[i].append(result.cpu_seconds if isinstance(result, Child) else result["cpu_s"])
+                return result
+
+            return one
+
         fns = (cli("check"), cli("verify"), api("check"), api("verify"))
-        timings = timed_round_robin([noting_load(fn) for fn in fns], times)
+        timings = timed_round_robin(
+            [noting_load(noting_cpu(i, fn)) for i, fn in enumerate(fns)], times
+        )
     finally:
         daemon.stop()
+    # CPU seconds (main process and readers) of the timed rounds, the warm-up left out: less
+    # exposed to other sessions' load than wall time
+    cpu_check, cpu_verify, cpu_api_check, cpu_api_verify = (statistics.median(c[1:]) for c in cpu)
     (check_s, check_all, _c), (verify_s, verify_all, verify_run) = timings[:2]
     (api_check_s, api_check_all, _a), (api_verify_s, api_verify_all, api_doc) = timings[2:]
     return emit(
@@ -626,7 +644,12 @@ def bench_verify(work: Path, blobs: int, times: int) -> dict[str, Any]:
         verify_api_s=round(api_verify_s, 2),
         ratio_api=round(api_verify_s / api_check_s, 2),
         goal_met=max(verify_s / check_s, api_verify_s / api_check_s) <= GOAL_VERIFY_RATIO,
+        cpu_cli_s=[round(cpu_check, 2), round(cpu_verify, 2)],
+        cpu_ratio_cli=round(cpu_verify / cpu_check, 2),
+        cpu_api_s=[round(cpu_api_check, 2), round(cpu_api_verify, 2)],
+        cpu_ratio_api=round(cpu_api_verify / cpu_api_check, 2),
         load_min_max=[min(loads), max(loads)],
+        loads=loads,
         verify_rss_mb=round(verify_run.max_rss_kb / 1024, 1),
         images_verified=api_doc["verification"]["images"],
         rounds={

@@ -700,6 +700,10 @@ class BlobWants:
         assert value is not None
         return value
 
+    def conflicted(self, raw: bytes) -> bool:
+        """Whether descriptors want ``raw`` at sizes one slot cannot hold."""
+        return raw in self._conflicts
+
     def fits(self, raw: bytes, slot: int, size: int) -> bool:
         """Whether a blob of ``size`` bytes (or MISSING/UNSIZED) is what every descriptor
         referencing it wants."""

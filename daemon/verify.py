@@ -22,7 +22,7 @@ from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
 from daemon.verify_held import HeldFacts, Presence, Roots
-from daemon.verifying import Facts, TypedParse, read_facts
+from daemon.verifying import SIZE_WANT, Facts, TypedParse, read_facts
 from daemon.workers import each, in_parallel
 
 VERIFY = "verify"
@@ -279,14 +279,22 @@ class StoreVerifier:
                 return packed.UNSIZED
             return None
 
+        pack, wants = SIZE_WANT.pack, held.wants
+
         async def shard_of(shard: int) -> None:
-            asked: list[tuple[bytes, int]] = []  # (digest, slot) of wanted blobs to ask
-            for raw, slot, in_base in held.wants.wanted(shard):
+            # (digest, wanted size) of the blobs the run cannot vouch for: the driver stats
+            # each once and compares every size where it reads (a reader process), and only
+            # the missing and mis-sized come back; -1 where the size must come back anyway
+            # (descriptors that disagree: judged against each below)
+            asked = bytearray()
+            for raw, slot, in_base in wants.wanted(shard):
                 size = known(shard, raw, in_base)
-                if size is None:
-                    asked.append((raw, slot))
-                else:
+                if size is not None:
                     present.judge(raw, slot, size)
+                elif wants.conflicted(raw):
+                    asked += pack(raw, -1)
+                else:
+                    asked += pack(raw, packed.NO_SIZE if slot == packed.NO_WANT else slot)
             loose: list[bytes] = []
             for raw in packed.records(held.loose.shard(shard)):
                 size = known(shard, raw, False)
@@ -294,15 +302,17 @@ class StoreVerifier:
                     loose.append(raw)
                 else:
                     held.loose.set(raw, size)
-            if asked or loose:
-                ask = packed.sorted_unique(*(raw for raw, _slot in asked), *loose)
-                sizes = await self.storage.blob_sizes(f"{shard:02x}", packed.PackedShard(ask))
-                for raw, slot in asked:
-                    present.judge(raw, slot, sizes.get(raw, packed.MISSING))
+            if asked:
+                bad = await self.storage.blob_mismatches(f"{shard:02x}", bytes(asked))
+                for raw, found in bad:
+                    present.judge(raw, wants.slot(raw), packed.MISSING if found is None else found)
+                self.progress.blobs_scanned += len(asked) // SIZE_WANT.size
+            if loose:
+                ask = packed.PackedShard(packed.sorted_unique(*loose))
+                sizes = await self.storage.blob_sizes(f"{shard:02x}", ask)
                 for raw in loose:
                     if raw in sizes:
                         held.loose.set(raw, sizes[raw])
-                self.progress.blobs_scanned += len(ask) // 32
             self.progress.shards_done += 1
 
         await in_parallel(range(256), shard_of, self.workers)

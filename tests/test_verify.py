@@ -267,6 +267,18 @@ async def test_second_reading_reports_what_a_blind_parse_missed(tmp_path: Path) 
         _result, found = await _verify(registry)
         assert annotated_blob.digest not in {f.digest for f in found}
         assert long.digest not in {f.digest for f in found}
+        # a layer whose data is not the size its descriptor gives: broken, naming both sizes
+        layer_file = _blob_dir(registry, base_layer.digest) / "data"
+        layer_file.write_bytes(base_layer.data + b"!")
+        _result, found = await _verify(registry)
+        by_digest = {f.digest: f for f in found}
+        assert set(by_digest) == {annotated_blob.digest}, by_digest
+        assert by_digest[annotated_blob.digest].reason == (
+            f'image blob "{base_layer.digest}": {len(base_layer.data) + 1} bytes where the '
+            f"manifest says {len(base_layer.data)}"
+        )
+        assert by_digest[annotated_blob.digest].missing == []
+        layer_file.write_bytes(base_layer.data)
         # and a sha512 layer gone is a missing blob like any other
         layer_data = registry.root / (
             f"docker/registry/v2/repositories/long/_layers/sha512/{long_digest[7:]}/link"
@@ -360,3 +372,32 @@ def test_second_reading_finds_digests_in_any_key_case_and_nesting() -> None:
     # an unparsable manifest is a finding, and still read the second way
     broken = read_facts(manifests.parse, b'{"schemaVersion": 7, "x": "sha256:' + b.encode() + b'"}')
     assert broken.error and broken.loose == (f"sha256:{b}",)
+
+
+def test_blob_check_asks_each_blob_once_and_names_only_the_exceptions() -> None:
+    from daemon.packed import NO_SIZE
+    from daemon.verifying import SIZE_WANT, size_mismatches
+
+    whole, short, gone, unsized = (hashlib.sha256(bytes([i])).digest() for i in range(4))
+    sizes = {whole: 10, short: 5, unsized: 7}
+    asked: list[bytes] = []
+
+    def size_of(raw: bytes) -> int | None:
+        asked.append(raw)
+        return sizes.get(raw)
+
+    records = b"".join(
+        SIZE_WANT.pack(raw, want)
+        for raw, want in [
+            (whole, 10),
+            (short, 5),  # one image gives the right size, another a wrong one
+            (short, 6),
+            (whole, 10),  # shared: asked once
+            (gone, NO_SIZE),
+            (unsized, NO_SIZE),  # no descriptor size: only its data must be there
+            (unsized, -1),  # a size the judging compares itself: always told
+        ]
+    )
+    found = size_mismatches(records, size_of)
+    assert sorted(found) == sorted([(short, 5), (gone, None), (unsized, 7)])
+    assert sorted(asked) == sorted([whole, short, gone, unsized])

@@ -108,6 +108,14 @@ class Storage(ABC):
                     found[bytes.fromhex(hexdigest)] = stat.size
         return found
 
+    async def blob_mismatches(self, shard: str, wants: bytes) -> list[tuple[bytes, int | None]]:
+        """Verify's blob check of one shard: of ``daemon.verifying.SIZE_WANT`` records, each
+        blob with no data (None) or whose data has a size some record does not want (it)."""
+        from daemon.verifying import SIZE_WANT, size_mismatches
+
+        wanted = {raw for raw, _w in SIZE_WANT.iter_unpack(wants)}
+        return size_mismatches(wants, (await self.blob_sizes(shard, wanted)).get)
+
     async def blobs_outside_sized(
         self, shard: str, members: AbstractSet[bytes]
     ) -> tuple[int, list[BlobEntry], bytes]:

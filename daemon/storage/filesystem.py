@@ -313,6 +313,11 @@ class FilesystemStorage(Storage):
             bytes.fromhex(h): size for h, size in zip(hexes, sizes, strict=True) if size is not None
         }
 
+    async def blob_mismatches(self, shard: str, wants: bytes) -> list[tuple[bytes, int | None]]:
+        # the stats and the size comparisons in a reader process: only the exceptions come
+        # back (none in a whole store), not a size a blob for the event loop to look up
+        return await self._in_process(verifying.blob_mismatches, self._base, wants)
+
     async def blobs_outside_sized(
         self, shard: str, members: AbstractSet[bytes]
     ) -> tuple[int, list[BlobEntry], bytes]:
