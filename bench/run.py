@@ -3,7 +3,7 @@
     python bench/run.py all [--work DIR] [--repeat 3]        everything below, N times, medians
     python bench/run.py check [--blobs 50000 --blobs 500000]  check time: CLI, API, peer, floor
     python bench/run.py rss [--blobs 100000 --blobs 1000000]  peak RSS of a check, bytes a blob
-        [--no-peer] [--mode delete]                           ours only; a delete's peak RSS
+        [--no-peer] [--mode delete [--in-place]]              ours only; a delete's peak RSS
     python bench/run.py store [--blobs 1000000]               only make the stores (not timed)
     python bench/run.py delete [--blobs 50000]                orphans deleted a second
     python bench/run.py status [--blobs 500000]               GET /runs/latest p50/p99 in a run
@@ -356,19 +356,26 @@ def bench_untagged(work: Path, blobs: int, times: int) -> dict[str, Any]:
 _PEER_RSS: dict[int, int] = {}
 
 
-def bench_rss(work: Path, blobs: int, peer: bool = True, mode: str = "check") -> dict[str, Any]:
+def bench_rss(
+    work: Path, blobs: int, peer: bool = True, mode: str = "check", in_place: bool = False
+) -> dict[str, Any]:
     """Peak RSS of one warm CLI run, against an empty store's (the interpreter's own).
 
     ``mode`` "delete": the run deletes from a hard-link copy of the store (read-only config),
-    warmed by a check first; its baseline is a delete of the empty store.
+    warmed by a check first; its baseline is a delete of the empty store. ``in_place``: the
+    delete runs on the store itself (a 1M store's copy needs ~2.9M more inodes), which is made
+    again by the next run.
     """
     root, counts = store(work, blobs)
     empty = work / "store-empty"
     (empty / "docker/registry/v2/blobs").mkdir(parents=True, exist_ok=True)
     deleting = mode == "delete"
     if deleting:
-        copy = work / f"delete-rss-{blobs}"
-        _hardlink_copy(root, copy)
+        copy = root if in_place else work / f"delete-rss-{blobs}"
+        if in_place:
+            (root / "bench.json").unlink()  # spent: the next run makes it again
+        else:
+            _hardlink_copy(root, copy)
         config = registry_config(work, copy, read_only=True)
         base_config = registry_config(work, empty, read_only=True)
     else:
@@ -381,7 +388,8 @@ def bench_rss(work: Path, blobs: int, peer: bool = True, mode: str = "check") ->
     if deleting:
         extra["deleted"] = would_delete(child.stdout)
         extra["left_on_disk"] = count_blobs(copy)
-        shutil.rmtree(copy)
+        if not in_place:
+            shutil.rmtree(copy)
     if peer and not deleting and blobs not in _PEER_RSS:
         # minutes at a million blobs, and the same every time: once per store and command
         _PEER_RSS[blobs] = run_child([*PEER_CHECK, str(config)], peer_env()).max_rss_kb
@@ -619,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="repeat the whole command")
     parser.add_argument("--no-peer", action="store_true", help="rss: ours only (minutes at 1M)")
     parser.add_argument("--mode", choices=("check", "delete"), default="check", help="rss's run")
+    parser.add_argument("--in-place", action="store_true", help="rss --mode delete: no copy")
     args, rest = parser.parse_known_args(argv)
     if args.command == "s3":
         # the S3 figures (check vs garbage-collect on SeaweedFS, delete rate) are that
@@ -669,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bench == "check":
                 results.append(bench_check(args.work, n, args.times))
             elif bench == "rss":
-                results.append(bench_rss(args.work, n, not args.no_peer, args.mode))
+                results.append(bench_rss(args.work, n, not args.no_peer, args.mode, args.in_place))
             elif bench == "delete":
                 results.append(bench_delete(args.work, n))
             elif bench == "verify":
