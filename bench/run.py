@@ -3,6 +3,8 @@
     python bench/run.py all [--work DIR] [--repeat 3]        everything below, N times, medians
     python bench/run.py check [--blobs 50000 --blobs 500000]  check time: CLI, API, peer, floor
     python bench/run.py rss [--blobs 100000 --blobs 1000000]  peak RSS of a check, bytes a blob
+        [--no-peer] [--mode delete [--in-place]]              ours only; a delete's peak RSS
+    python bench/run.py store [--blobs 1000000]               only make the stores (not timed)
     python bench/run.py delete [--blobs 50000]                orphans deleted a second
     python bench/run.py status [--blobs 500000]               GET /runs/latest p50/p99 in a run
     python bench/run.py verify [--blobs 50000]                verify time next to a check's
@@ -416,31 +418,61 @@ def bench_untagged(work: Path, blobs: int, times: int, repos: int | None = None)
 _PEER_RSS: dict[int, int] = {}
 
 
-def bench_rss(work: Path, blobs: int) -> dict[str, Any]:
-    """Peak RSS of one warm CLI check, against an empty store's (the interpreter's own)."""
+def bench_rss(
+    work: Path, blobs: int, peer: bool = True, mode: str = "check", in_place: bool = False
+) -> dict[str, Any]:
+    """Peak RSS of one warm CLI run, against an empty store's (the interpreter's own).
+
+    ``mode`` "delete": the run deletes from a hard-link copy of the store (read-only config),
+    warmed by a check first; its baseline is a delete of the empty store. ``in_place``: the
+    delete runs on the store itself (a 1M store's copy needs ~2.9M more inodes), which is made
+    again by the next run.
+    """
     root, counts = store(work, blobs)
-    config = registry_config(work, root)
     empty = work / "store-empty"
     (empty / "docker/registry/v2/blobs").mkdir(parents=True, exist_ok=True)
-    base = run_child(ours_cmd("check", registry_config(work, empty), work / "state"))
+    deleting = mode == "delete"
+    if deleting:
+        copy = root if in_place else work / f"delete-rss-{blobs}"
+        if in_place:
+            (root / "bench.json").unlink()  # spent: the next run makes it again
+        else:
+            _hardlink_copy(root, copy)
+        config = registry_config(work, copy, read_only=True)
+        base_config = registry_config(work, empty, read_only=True)
+    else:
+        config = registry_config(work, root)
+        base_config = registry_config(work, empty)
+    base = run_child(ours_cmd(mode, base_config, work / "state"))
     run_child(ours_cmd("check", config, work / "state"))  # warm the page cache
-    child = run_child(ours_cmd("check", config, work / "state"))
-    if blobs not in _PEER_RSS:
+    child = run_child(ours_cmd(mode, config, work / "state"))
+    extra: dict[str, Any] = {}
+    if deleting:
+        extra["deleted"] = would_delete(child.stdout)
+        extra["left_on_disk"] = count_blobs(copy)
+        if not in_place:
+            shutil.rmtree(copy)
+    if peer and not deleting and blobs not in _PEER_RSS:
         # minutes at a million blobs, and the same every time: once per store and command
         _PEER_RSS[blobs] = run_child([*PEER_CHECK, str(config)], peer_env()).max_rss_kb
+    if blobs in _PEER_RSS:
+        extra["peer_rss_mb"] = round(_PEER_RSS[blobs] / 1024, 1)
     total = counts["blobs"]
     rss = child.max_rss_kb * 1024
     return emit(
         bench="rss",
         driver="filesystem",
+        mode=mode,
         blobs=total,
         peak_rss_mb=round(rss / 2**20, 1),
         bytes_per_blob=round(rss / total, 1),
         empty_store_rss_mb=round(base.max_rss_kb / 1024, 1),
         bytes_per_blob_above_empty=round((rss - base.max_rss_kb * 1024) / total, 1),
-        check_s=round(child.seconds, 2),
-        peer_rss_mb=round(_PEER_RSS[blobs] / 1024, 1),
+        seconds=round(child.seconds, 2),
+        cpu_seconds=round(child.cpu_seconds, 2),
+        cpu_us_per_blob=round(child.cpu_seconds / total * 1e6, 2),
         goal_bytes_per_blob=GOAL_BYTES_PER_BLOB,
+        **extra,
     )
 
 
@@ -547,7 +579,13 @@ MEDIAN_KEYS = {
         "ratio_api",
         "ours_vs_floor",
     ),
-    "rss": ("peak_rss_mb", "bytes_per_blob", "bytes_per_blob_above_empty", "check_s"),
+    "rss": (
+        "peak_rss_mb",
+        "bytes_per_blob",
+        "bytes_per_blob_above_empty",
+        "seconds",
+        "cpu_seconds",
+    ),
     "delete": (
         "ours_blobs_per_s_run",
         "ours_blobs_per_s_delete_phase",
@@ -666,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "command",
-        choices=("all", "check", "rss", "delete", "status", "s3", "verify", "untagged"),
+        choices=("all", "store", "check", "rss", "delete", "status", "s3", "verify", "untagged"),
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/pruned-bench"))
     parser.add_argument("--blobs", type=int, action="append", help="store sizes (repeatable)")
@@ -678,6 +716,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="untagged: repositories in the store (default about one per 250 blobs, ~7 tags "
         "each at 5 revisions a tag; fewer repositories hold more tags each)",
     )
+    parser.add_argument("--no-peer", action="store_true", help="rss: ours only (minutes at 1M)")
+    parser.add_argument("--mode", choices=("check", "delete"), default="check", help="rss's run")
+    parser.add_argument("--in-place", action="store_true", help="rss --mode delete: no copy")
     args, rest = parser.parse_known_args(argv)
     if args.command == "s3":
         # the S3 figures (check vs garbage-collect on SeaweedFS, delete rate) are that
@@ -705,6 +746,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = args.blobs
     if args.command in ("all", "check"):
         plan += [("check", n) for n in sizes or (50_000, 500_000)]
+    if args.command == "store":
+        # the stores alone, e.g. at nice 19 before a measured run under a lock
+        for n in sizes or (1_000_000,):
+            store(args.work, n)
+        return 0
     if args.command in ("all", "rss"):
         plan += [("rss", n) for n in sizes or (100_000, 1_000_000)]
     if args.command in ("all", "delete"):
@@ -727,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bench == "check":
                 results.append(bench_check(args.work, n, args.times))
             elif bench == "rss":
-                results.append(bench_rss(args.work, n))
+                results.append(bench_rss(args.work, n, not args.no_peer, args.mode, args.in_place))
             elif bench == "delete":
                 results.append(bench_delete(args.work, n))
             elif bench == "verify":

@@ -1,7 +1,12 @@
 """S3 benchmarks on a local SeaweedFS, against distribution's garbage-collect, in one run.
 
     python bench/s3_check.py [--blobs 50000] [--repeats 3] [--work DIR] [--no-delete]
-                             [--untagged]
+                             [--untagged] [--ours-only] [--upload-only]
+
+``--upload-only`` makes the bucket complete and stops (the upload is not measured: run it at
+nice 19, outside the bench lock). ``--ours-only`` runs the CLI check alone, then a check and
+a delete of an empty bucket in the same SeaweedFS for the baseline, then (without
+``--no-delete``) the CLI delete: peak RSS, bytes per blob above the empty bucket, CPU seconds.
 
 With ``--untagged`` the store's tags were each pushed 5 times (bench/synth.py --revisions 5)
 and the contenders are an untagged check and ``garbage-collect --dry-run --delete-untagged``.
@@ -64,6 +69,8 @@ from tests.harness.seaweed import SeaweedFS  # noqa: E402
 #: manifests whose digest starts with one of these are deleted through the API (about 3/16)
 DELETED_IMAGES = ("0", "1", "2")
 GOAL_RATIO = 10.0
+#: the one blob of the baseline's store: the sha256 of no bytes
+ONE = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 GOAL_DELETE_RATE = 2000.0
 
 
@@ -330,12 +337,31 @@ def delete_run(config: Path, state: Path, *extra: str) -> dict[str, Any]:
         "delete_phase_seconds": round(span, 3),
         "blobs_per_s": round(len(deleted) / span) if span > 0 else None,
         "cli_seconds": round(child.seconds, 2),
+        "cli_cpu_seconds": round(child.cpu_seconds, 2),
+        "peak_rss_kb": child.max_rss_kb,
         "summary": [
             line.decode()
             for line in child.stdout.splitlines()
             if line.startswith((b"Del", b"Fre", b"Mov"))
         ],
     }
+
+
+def empty_bucket_rss(weed: SeaweedFS, args: argparse.Namespace, state: Path) -> tuple[int, int]:
+    """Peak RSS (KiB) of a CLI check, and of a CLI delete, of an empty store (one orphan blob:
+    a bucket without registry data is refused) in the same SeaweedFS: the interpreter, its
+    imports and the client, which the store does not grow."""
+    bucket = "bench-empty"
+    weed.create_bucket(bucket)
+    client = weed.client()
+    check = registry_config(weed, bucket, args.work / f"{bucket}.yml", read_only=False)
+    delete = registry_config(weed, bucket, args.work / f"{bucket}-ro.yml", read_only=True)
+    client.put_object(
+        Bucket=bucket, Key=f"docker/registry/v2/blobs/sha256/{ONE[:2]}/{ONE}/data", Body=b""
+    )
+    _candidates, check_kb = cli_check(check, state)
+    delete_kb = run_child(ours_cmd("delete", delete, state)).max_rss_kb
+    return check_kb, delete_kb
 
 
 def trash_compare(weed: SeaweedFS, args: argparse.Namespace, config: Path, state: Path) -> None:
@@ -382,6 +408,11 @@ def main() -> None:
         help="only the CLI check: time and peak RSS (a million blobs: the peer takes ~40 min)",
     )
     parser.add_argument(
+        "--upload-only",
+        action="store_true",
+        help="make the bucket complete and stop (e.g. at nice 19, before a measured run)",
+    )
+    parser.add_argument(
         "--untagged",
         action="store_true",
         help="tags pushed 5 times; an untagged check against garbage-collect --delete-untagged",
@@ -403,6 +434,8 @@ def main() -> None:
     daemon: Daemon | None = None
     try:
         emit(store=info, loadavg=[round(x, 2) for x in os.getloadavg()])
+        if args.upload_only:
+            return
         config = registry_config(weed, bucket, args.work / f"{bucket}.yml", read_only=False)
         read_only = registry_config(weed, bucket, args.work / f"{bucket}-ro.yml", read_only=True)
         if args.trash_compare:
@@ -458,10 +491,35 @@ def main() -> None:
             )
 
         if args.ours_only:
+            base_kb, base_delete_kb = empty_bucket_rss(weed, args, state)
             emit_peak_rss(
                 candidates=answers["ours_cli"],
                 seconds=[round(v, 2) for v in runs["ours_cli"]],
+                client_cpu_seconds=[round(c, 2) for c, _s in cpu["ours_cli"]],
+                store_cpu_seconds=[round(s, 2) for _c, s in cpu["ours_cli"]],
+                empty_bucket_mb=round(base_kb / 1024, 1),
+                bytes_per_blob_above_empty=round((ours_rss - base_kb * 1024) / info["blobs"], 1),
+                loadavg=[round(x, 2) for x in os.getloadavg()],
             )
+            if not args.no_delete:
+                # the bucket changes from here on: the next run lists it and uploads what went
+                (weed_dir(args) / f"{bucket}.complete").unlink(missing_ok=True)
+                weed_cpu = _cpu_of(weed_pid)
+                result = delete_run(read_only, state)
+                result["store_cpu_seconds"] = round(_cpu_of(weed_pid) - weed_cpu, 2)
+                peak = result.pop("peak_rss_kb") * 1024
+                emit(
+                    measure="delete_peak_rss",
+                    blobs=info["blobs"],
+                    peak_rss_mb=round(peak / 2**20, 1),
+                    bytes_per_blob=round(peak / info["blobs"], 1),
+                    empty_bucket_mb=round(base_delete_kb / 1024, 1),
+                    bytes_per_blob_above_empty=round(
+                        (peak - base_delete_kb * 1024) / info["blobs"], 1
+                    ),
+                    loadavg=[round(x, 2) for x in os.getloadavg()],
+                    **result,
+                )
             return
 
         theirs = answers["peer"]

@@ -38,6 +38,11 @@ from daemon.progress import Progress  # noqa: E402
 from daemon.prune import CHECK, DELETE, Candidate, Engine, RunOptions  # noqa: E402
 from daemon.sources.storage import StorageSource  # noqa: E402
 
+#: seconds between a run's progress lines on stderr, and what they say
+PROGRESS_EVERY = 60.0
+PROGRESS_FIELDS = ("phase", "repositories", "manifests", "manifests_total", "shards_done")
+PROGRESS_FIELDS += ("candidates", "deleted")
+
 
 def emit(**fields: Any) -> None:
     fields.setdefault("load", [round(x, 2) for x in os.getloadavg()])
@@ -134,9 +139,26 @@ async def run_once(
             current[:] = [progress.phase, now]
 
     async def watch() -> None:
+        last = time.perf_counter()
         while True:
             await asyncio.sleep(0.01)
             note()
+            if time.perf_counter() - last >= PROGRESS_EVERY:
+                # a line to stderr now and then: how far a long run got if it must be stopped
+                last = time.perf_counter()
+                used = resource.getrusage(resource.RUSAGE_SELF)
+                print(
+                    json.dumps(
+                        {
+                            "progress_s": round(last - started, 1),
+                            "cpu_seconds": round(used.ru_utime + used.ru_stime, 1),
+                            "rss_mb": round(_rss_mb(), 1),
+                            **{k: getattr(progress, k) for k in PROGRESS_FIELDS},
+                        }
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     started = time.perf_counter()
     watcher = asyncio.create_task(watch())
