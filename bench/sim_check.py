@@ -49,10 +49,10 @@ def emit(**fields: Any) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS:") -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -129,12 +129,16 @@ async def run_once(
         tracemalloc.start()
     phases: dict[str, float] = {}
     peaks: dict[str, float] = {}  # this process's RSS, the highest seen in each phase (MB)
+    #: the kernel's high-water mark (VmHWM) when each phase was last seen: the sampler runs
+    #: only when the event loop is free, so a spike inside blocking work shows only here
+    hwm: dict[str, float] = {}
     current = [progress.phase, time.perf_counter()]
 
     def note() -> None:
         now = time.perf_counter()
         peaks[progress.phase] = max(peaks.get(progress.phase, 0.0), _rss_mb())
         if progress.phase != current[0]:
+            hwm[current[0]] = _rss_mb("VmHWM:")  # reached by the end of that phase
             phases[current[0]] = phases.get(current[0], 0.0) + now - current[1]
             current[:] = [progress.phase, now]
 
@@ -178,6 +182,7 @@ async def run_once(
         "cpu_seconds": round(used.ru_utime + used.ru_stime, 2),
         "phases": {k: round(v, 2) for k, v in phases.items() if k not in ("starting", "done")},
         "rss_mb_by_phase": {k: round(v, 1) for k, v in peaks.items()},
+        "hwm_mb_by_phase_end": {k: round(v, 1) for k, v in hwm.items()},
         "candidates": found[0],
         "summary_blobs": summary.blobs,
         "left": storage.alive_blobs(),

@@ -677,60 +677,55 @@ class BaseMap:
                 yield raw, value
 
 
-#: ``BlobWants`` slots that are no size
-UNWANTED = -(2**63)  # not referenced (never held: what a lookup of no digest returns)
-#: referenced, by no descriptor giving a size (an int32: a ``BaseMap`` slot holds it); a
-#: descriptor wanting this size or less is judged against every descriptor (a conflict)
-NO_WANT = -(2**31) + 2
+class ShardRecords:
+    """Fixed-width records by shard (their first byte), added a shard's bytes at a time and
+    taken back a shard at a time: in memory, or with ``spill`` in an anonymous temporary
+    file (unlinked at once, as ``Spill``), a block a shard buffered in memory (issue 19)."""
 
+    __slots__ = ("_blocks", "_buffers", "_end", "_file", "width")
+    BLOCK = 4000  # bytes a shard buffers before a write (a multiple of 40-byte records)
 
-class BlobWants:
-    """The blobs manifests reference, each with the size the first sized descriptor wants.
+    def __init__(
+        self, width: int, *, spill: bool = False, directory: str | os.PathLike[str] | None = None
+    ) -> None:
+        self.width = width
+        self._buffers = [bytearray() for _ in range(256)]
+        self._blocks: list[array[int]] = [array("q") for _ in range(256)]  # offset, length
+        self._end = 0
+        # the state dir in the daemon (see ``Spill``: the image's root is read-only)
+        self._file = (
+            tempfile.TemporaryFile(prefix="registry-pruned-records-", dir=directory)  # noqa: SIM115
+            if spill
+            else None
+        )
 
-    Held in a ``BaseMap``: over a delete run's in-use set, which holds nearly every
-    referenced blob, 4 bytes a referenced blob. A digest wanted at two sizes is noted (rare:
-    a manifest that lies about a size), so that any size it has is judged against every
-    descriptor.
-    """
+    def extend(self, shard: int, data: bytes) -> None:
+        """Records of one shard (each must begin with that byte)."""
+        if len(data) % self.width:
+            raise ValueError(f"records of {self.width} bytes")
+        buffer = self._buffers[shard]
+        buffer += data
+        if self._file is not None and len(buffer) >= self.BLOCK:
+            os.pwrite(self._file.fileno(), buffer, self._end)
+            self._blocks[shard].extend((self._end, len(buffer)))
+            self._end += len(buffer)
+            self._buffers[shard] = bytearray()
 
-    __slots__ = ("_conflicts", "_slots")
+    def take(self, shard: int) -> bytes:
+        """Every record of a shard added since it was last taken, in the order added."""
+        blocks = self._blocks[shard]
+        parts = [
+            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
+            for i in range(0, len(blocks), 2)
+            if self._file is not None
+        ]
+        if any(len(part) != blocks[2 * i + 1] for i, part in enumerate(parts)):
+            raise OSError("the records file came back short")
+        parts.append(bytes(self._buffers[shard]))
+        self._blocks[shard] = array("q")
+        self._buffers[shard] = bytearray()
+        return b"".join(parts)
 
-    def __init__(self, base: Sequence[bytes] = ()) -> None:
-        self._slots = BaseMap(base)
-        self._conflicts: set[bytes] = set()
-
-    def want(self, raw: bytes, size: int | None) -> None:
-        """Note a reference to ``raw`` by a descriptor wanting ``size`` (None: none)."""
-        if len(raw) != WIDTH:
-            raise ValueError("a blob is named by a 32-byte digest")
-        slot = self._slots.get(raw, UNWANTED)
-        if size is not None and not NO_WANT < size < 2**63:
-            self._conflicts.add(raw)  # no int64 slot holds it: judged against every want
-            size = None
-        if slot == UNWANTED or (slot == NO_WANT and size is not None):
-            self._slots[raw] = NO_WANT if size is None else size
-        elif size is not None and slot not in (NO_WANT, size):
-            self._conflicts.add(raw)
-
-    def wanted(self, shard: int) -> Iterator[tuple[bytes, int, bool]]:
-        """(digest, slot, in the base) of every wanted digest of a shard, in byte order."""
-        return self._slots.shard_items(shard)
-
-    def slot(self, raw: bytes) -> int:
-        """The wanted size, NO_WANT, or UNWANTED for a digest no manifest references."""
-        value = self._slots.get(raw, UNWANTED)
-        assert value is not None
-        return value
-
-    def conflicted(self, raw: bytes) -> bool:
-        """Whether descriptors want ``raw`` at sizes one slot cannot hold."""
-        return raw in self._conflicts
-
-    def fits(self, raw: bytes, slot: int, size: int) -> bool:
-        """Whether a blob of ``size`` bytes (or MISSING/UNSIZED) is what every descriptor
-        referencing it wants."""
-        if size == MISSING:
-            return False
-        if size == UNSIZED:
-            return True
-        return raw not in self._conflicts and slot in (NO_WANT, size)
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

@@ -836,6 +836,10 @@ class Engine:
             workers=self.storage.concurrency,
             typed=self.typed_parse,
             prior=prior,
+            # a delete's wanted blobs wait where the storage source spilled its in-use set
+            # (the state dir): issue 19's memory; the openshift source has no such dir
+            spill=prior is not None and hasattr(self.source, "spill_dir"),
+            spill_dir=getattr(self.source, "spill_dir", None),
         )
 
     async def _verify_with(self, verifier: Any, inventory: Inventory) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import structlog
@@ -22,7 +24,7 @@ from daemon.inventory import DigestSet, Inventory
 from daemon.progress import Progress
 from daemon.storage.base import Storage
 from daemon.verify_held import HeldFacts, Presence, Roots
-from daemon.verifying import SIZE_WANT, Facts, TypedParse, read_facts
+from daemon.verifying import SIZE_WANT, Chunk, Facts, TypedParse, fold_facts, read_facts
 from daemon.workers import each, in_parallel
 
 VERIFY = "verify"
@@ -99,6 +101,8 @@ class StoreVerifier:
         workers: int = 16,
         typed: TypedParse = manifests.parse,
         prior: Prior | None = None,
+        spill: bool = False,
+        spill_dir: Path | None = None,
     ) -> None:
         self.storage = storage
         self.progress = progress
@@ -113,14 +117,20 @@ class StoreVerifier:
         # nearly every referenced blob, is the index of the wanted blobs' sizes
         base = [prior.in_use.shard(s).data for s in range(256)] if prior is not None else []
         self.held = HeldFacts(base)
+        #: (digest, wanted size) records of every referenced blob, by blob shard, as the
+        #: readers folded them; a delete's in a file of the state dir (``spill``, issue 19)
+        self.wanted = packed.ShardRecords(SIZE_WANT.size, spill=spill, directory=spill_dir)
         self.present = Presence(self.held)  # referenced blobs that are missing or mis-sized
         self.foreign_present: set[str] = set()  # sha512/sha384 blobs with data
 
     async def run(self, inventory: Inventory) -> Verification:
         self.progress.enter(self.name)
-        roots = await self._roots(inventory)
-        await self._read_manifests()
-        await self._presence()
+        try:
+            roots = await self._roots(inventory)
+            await self._read_manifests()
+            await self._presence()
+        finally:
+            self.wanted.close()
         if self.present.bad:
             await self._read_again()
         named = await self._named(roots)
@@ -217,10 +227,11 @@ class StoreVerifier:
         if not chunk:
             return
         keys = [layout.blob_data(raw.hex()) for raw in chunk]
-        found = await self.storage.read_parsed(keys, MANIFEST_LIMIT, self.read)
-        for raw, facts in zip(chunk, found, strict=True):
-            # read_facts never raises: a ValueError here came from the driver
-            self.held.store(raw, facts if isinstance(facts, Facts) else None)
+        found: Chunk = await self.storage.read_folded(keys, MANIFEST_LIMIT, self.read, fold_facts)
+        for raw, facts in zip(chunk, found.facts, strict=True):
+            self.held.store(raw, facts)
+        for shard, records in found.wants:
+            self.wanted.extend(shard, records)
         self.progress.manifests += len(chunk)
 
     async def _read_manifests(self) -> None:
@@ -269,44 +280,34 @@ class StoreVerifier:
         self.progress.shards_total = 256
         self.progress.shards_done = 0
 
-        def known(shard: int, raw: bytes, in_base: bool) -> int | None:
+        def known(shard: int, raw: bytes) -> int | None:
             length = held.lengths.get(raw)
             if length is not None and length >= 0:
                 return length  # a manifest verify read: its length is its size
-            # the sweep listed this in-use digest's whole shard: it has data (the base is
-            # the in-use set)
-            if trusted and prior and shard in prior.complete and (in_base or raw in prior.in_use):
+            # the sweep listed this in-use digest's whole shard: it has data
+            if trusted and prior and shard in prior.complete and raw in prior.in_use:
                 return packed.UNSIZED
             return None
 
-        pack, wants = SIZE_WANT.pack, held.wants
-
         async def shard_of(shard: int) -> None:
-            # (digest, wanted size) of the blobs the run cannot vouch for: the driver stats
-            # each once and compares every size where it reads (a reader process), and only
-            # the missing and mis-sized come back; -1 where the size must come back anyway
-            # (descriptors that disagree: judged against each below)
-            asked = bytearray()
-            for raw, slot, in_base in wants.wanted(shard):
-                size = known(shard, raw, in_base)
-                if size is not None:
-                    present.judge(raw, slot, size)
-                elif wants.conflicted(raw):
-                    asked += pack(raw, -1)
-                else:
-                    asked += pack(raw, packed.NO_SIZE if slot == packed.NO_WANT else slot)
+            # the (digest, wanted size) records of the shard's referenced blobs, as the
+            # readers folded them: the driver stats each blob once and compares every size
+            # where it reads (a reader process), and only the missing and mis-sized come back
+            asked = self.wanted.take(shard)
+            if asked and trusted and prior and shard in prior.complete:
+                asked = _outside(asked, prior.in_use.shard(shard).data)
+            if asked:
+                bad = await self.storage.blob_mismatches(f"{shard:02x}", asked)
+                for raw, found in bad:
+                    present.bad[raw] = packed.MISSING if found is None else found
+                self.progress.blobs_scanned += len(asked) // SIZE_WANT.size
             loose: list[bytes] = []
             for raw in packed.records(held.loose.shard(shard)):
-                size = known(shard, raw, False)
+                size = known(shard, raw)
                 if size is None:
                     loose.append(raw)
                 else:
                     held.loose.set(raw, size)
-            if asked:
-                bad = await self.storage.blob_mismatches(f"{shard:02x}", bytes(asked))
-                for raw, found in bad:
-                    present.judge(raw, wants.slot(raw), packed.MISSING if found is None else found)
-                self.progress.blobs_scanned += len(asked) // SIZE_WANT.size
             if loose:
                 ask = packed.PackedShard(packed.sorted_unique(*loose))
                 sizes = await self.storage.blob_sizes(f"{shard:02x}", ask)
@@ -383,6 +384,8 @@ class StoreVerifier:
         def judge(raw: bytes, visiting: frozenset[bytes]) -> list[tuple[str, str]]:
             if raw in problems:
                 return problems[raw]
+            if self.held.judged(raw):
+                return whole  # read, its blobs all as wanted (else it would be read again)
             facts = self.held.get(raw)
             found: list[tuple[str, str]] = []
             if facts is None:
@@ -395,7 +398,7 @@ class StoreVerifier:
             blobs = _digests(facts.blobs)
             wants = facts.sizes or (None,) * (len(blobs) + len(facts.children) // 32)
             for blob, want in zip(blobs, wants, strict=False):
-                size = present.get(blob)
+                size = present.blob(blob)
                 if size == packed.MISSING:
                     text = layout.format_digest(blob)
                     found.append((text, f'image blob "{text}": unknown blob'))
@@ -480,6 +483,21 @@ class StoreVerifier:
                         missing=sorted({m for m, _t in found if m}),
                     )
                 )
+
+
+_WANT_DIGESTS = re.compile(rb"(.{32}).{8}", re.DOTALL)  # the digest of each SIZE_WANT record
+
+
+def _outside(wants: bytes, base: bytes) -> bytes:
+    """The ``SIZE_WANT`` records of ``wants`` whose digest is no record of ``base`` (sorted
+    32-byte digests): sets in C, and a record at a time only where one is outside."""
+    outside = set(_WANT_DIGESTS.findall(wants)).difference(packed.records(base))
+    if not outside:
+        return b""
+    size = SIZE_WANT.size
+    return b"".join(
+        wants[at : at + size] for at in range(0, len(wants), size) if wants[at : at + 32] in outside
+    )
 
 
 def lazy_chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:

@@ -1,10 +1,12 @@
 """What verify holds of the manifests it read: a few bytes a manifest (issue 19).
 
 A plain image (blobs with their sizes, nothing else: nearly every manifest) is held as its
-length; its blobs go to a ``BlobWants`` as it is read, and are judged there a shard at a
-time. A manifest with children, a subject, foreign or loose digests, digests in annotations
-or a parse error keeps its ``Facts``. Only when a referenced blob is missing or of another
-size are the plain manifests read again, to name the images it breaks.
+length; the reader that parsed it sends its blobs' (digest, wanted size) records by blob
+shard (``verifying.Chunk``), which wait in ``packed.ShardRecords`` (a delete's in the state
+dir's records file) and are judged a shard at a time. A manifest with children, a subject,
+foreign or loose digests, digests in annotations or a parse error keeps its ``Facts``. Only
+when a referenced blob is missing or of another size are the plain manifests read again, to
+name the images it breaks.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from daemon import layout, packed
 from daemon.inventory import Inventory
-from daemon.verifying import Facts
+from daemon.verifying import Facts, is_plain
 
 CLAIMED = -1  # a worker is reading it
 UNREADABLE = -2  # read, no facts: no data, or the driver could not read it
@@ -30,30 +32,17 @@ def compact(facts: Facts) -> Facts:
     return facts._replace(kind=sys.intern(facts.kind), sizes=sizes)
 
 
-def is_plain(facts: Facts) -> bool:
-    """Blobs and sizes only: judged from ``BlobWants`` alone, unless a blob is bad."""
-    return not (
-        facts.children
-        or facts.subjects
-        or facts.foreign
-        or facts.loose
-        or facts.noted
-        or facts.error
-    )
-
-
 class HeldFacts:
-    """The manifests verify read: a length each (``DigestMap``), the wanted blobs, and whole
-    ``Facts`` only for the few that are not plain images."""
+    """The manifests verify read: a length each (``BaseMap``), and whole ``Facts`` only for
+    the few that are not plain images."""
 
     def __init__(self, base: Sequence[bytes] = ()) -> None:
         # over a delete run's in-use set (``base``), which holds every manifest it read and
-        # nearly every blob they reference: 4 bytes a manifest, 4 a referenced blob
+        # the blobs they reference: 4 bytes a manifest
         self.lengths = packed.BaseMap(base)  # length, CLAIMED or UNREADABLE
         self.rich: dict[bytes, Facts] = {}
         #: plain manifests read again because they name a missing or mis-sized blob
         self.again: dict[bytes, Facts | None] = {}
-        self.wants = packed.BlobWants(base)
         self.loose = packed.BlobSizes()  # sha256 digests of loose strings: have they data?
 
     def __contains__(self, raw: object) -> bool:
@@ -64,20 +53,26 @@ class HeldFacts:
         for raw in raws:
             self.lengths[raw] = CLAIMED
 
-    def store(self, raw: bytes, facts: Facts | None) -> None:
-        """One manifest's reading: its blobs wanted, its length held (its facts if not plain)."""
+    def store(self, raw: bytes, facts: Facts | int | None) -> None:
+        """One manifest's reading: a plain one's length, else its ``Facts`` (None: no data, or
+        unreadable). Its blobs' records went to the run's ``ShardRecords`` with its chunk."""
         if facts is None:
             self.lengths[raw] = UNREADABLE
             return
-        sizes = facts.sizes
-        for index, blob in enumerate(packed.records(facts.blobs)):
-            self.wants.want(blob, sizes[index] if index < len(sizes) else None)
+        if isinstance(facts, int):
+            self.lengths[raw] = facts
+            return
         for text in facts.loose:
             if text.startswith("sha256:"):
                 self.loose.add_packed(layout.parse_digest(text))
         self.lengths[raw] = facts.length
         if not is_plain(facts):
             self.rich[raw] = compact(facts)
+
+    def judged(self, raw: bytes) -> bool:
+        """Whether ``raw`` was read as a plain image, and not read again: nothing to judge."""
+        length = self.lengths.get(raw)
+        return length is not None and length >= 0 and raw not in self.rich and raw not in self.again
 
     def keep_again(self, raw: bytes, facts: Facts | None) -> None:
         self.again[raw] = None if facts is None else compact(facts)
@@ -106,27 +101,24 @@ class HeldFacts:
 
 class Presence:
     """Which referenced blobs have data of the wanted size, once each shard is judged: only
-    the bad ones are held (a good one reads as UNSIZED: nothing to report)."""
+    the bad ones are held (a referenced blob not among them is as its descriptors want)."""
 
     def __init__(self, held: HeldFacts) -> None:
         self.held = held
         self.bad: dict[bytes, int] = {}  # digest -> its size, or MISSING
 
-    def judge(self, raw: bytes, slot: int, size: int) -> None:
-        if not self.held.wants.fits(raw, slot, size):
-            self.bad[raw] = size
-
-    def get(self, raw: bytes) -> int:
-        """MISSING, UNSIZED (present as wanted), or the size of a mis-sized blob."""
-        if raw in self.bad:
-            return self.bad[raw]
-        if self.held.wants.slot(raw) != packed.UNWANTED:
-            return packed.UNSIZED
-        return self.held.loose.get(raw)
+    def blob(self, raw: bytes) -> int:
+        """Of a blob some manifest references: MISSING, its size where some descriptor
+        wants another, else UNSIZED (present as wanted)."""
+        return self.bad.get(raw, packed.UNSIZED)
 
     def __contains__(self, raw: object) -> bool:
-        """Whether the digest has data."""
-        return isinstance(raw, bytes) and len(raw) == 32 and self.get(raw) != packed.MISSING
+        """Whether a loose digest string's blob has data."""
+        if not isinstance(raw, bytes) or len(raw) != 32:
+            return False
+        if raw in self.bad:
+            return self.bad[raw] != packed.MISSING
+        return self.held.loose.get(raw) != packed.MISSING
 
 
 class Roots:
@@ -167,6 +159,15 @@ class Roots:
     def of(self, repo: str) -> list[bytes]:
         """A repository's roots, in byte order."""
         held = self.inventory.repositories.get(repo)
-        found = [raw for raw in held.revisions.raws() if self.revision(repo, raw)] if held else []
+        # each is a revision by its origin: no lookup in the revisions again (a bisect a root)
+        found = (
+            [
+                raw
+                for raw in held.revisions.raws()
+                if (repo, raw) not in self.dropped and not self.removed(repo, raw.hex())
+            ]
+            if held
+            else []
+        )
         extra = self.extra.get(repo)
         return sorted({*found, *extra.raws()}) if extra is not None else found

@@ -235,50 +235,27 @@ def test_digest_map_answers_like_a_dict_across_merges() -> None:
         spread[b"x" * 31] = 1
 
 
-def test_blob_wants_over_a_base_and_outside_it() -> None:
-    """BlobWants: slots over the base's records (no copy of them), others in a map; the
-    first size wins, a second size is a conflict, no size never overrides one."""
-    base_digests = sorted(digests(300, first=0x05))
-    first, last = b"\x05" + b"\x00" * 31, b"\x05" + b"\xff" * 31
-    base = [b""] * 256
-    base[0x05] = b"".join(sorted([first, *base_digests, last]))
-    wants = packed.BlobWants(base)
-    outside = b"\x05" + b"\x7f" * 31  # in the base's shard, not in the base
-    elsewhere = bytes([0xFF]) * 32  # in a shard the base leaves empty
-    wants.want(first, None)
-    wants.want(first, 10)  # a size after none: the size is wanted
-    wants.want(last, 20)
-    wants.want(last, None)  # no size: 20 still wanted
-    wants.want(base_digests[7], 5)
-    wants.want(base_digests[7], 6)  # two sizes: a conflict
-    wants.want(outside, 3)
-    wants.want(elsewhere, None)
-    wants.want(base_digests[9], 2**63 - 1)  # past int32: held outside the slots
-    wants.want(base_digests[11], packed.NO_WANT)  # no slot can say it: a conflict
-    assert wants.slot(first) == 10 and wants.slot(last) == 20
-    assert wants.slot(outside) == 3 and wants.slot(elsewhere) == packed.NO_WANT
-    assert wants.slot(base_digests[0]) == packed.UNWANTED
-    assert wants.slot(b"\x06" * 32) == packed.UNWANTED
-    listed = list(wants.wanted(0x05))
-    assert [raw for raw, _s, _b in listed] == sorted(
-        [first, last, base_digests[7], base_digests[9], base_digests[11], outside]
-    )
-    assert {raw: in_base for raw, _s, in_base in listed}[outside] is False
-    assert {raw: slot for raw, slot, _b in listed}[base_digests[9]] == 2**63 - 1
-    assert not wants.fits(base_digests[11], packed.NO_WANT, 0)
-    assert list(wants.wanted(0xFF)) == [(elsewhere, packed.NO_WANT, False)]
-    assert list(wants.wanted(0x00)) == []
-    # judging a size against what is wanted
-    assert wants.fits(first, 10, 10) and not wants.fits(first, 10, 11)
-    assert not wants.fits(first, 10, packed.MISSING) and wants.fits(first, 10, packed.UNSIZED)
-    assert wants.fits(elsewhere, packed.NO_WANT, 123)
-    assert not wants.fits(base_digests[7], 5, 5) and not wants.fits(base_digests[7], 5, 6)
-    assert wants.fits(base_digests[7], 5, packed.UNSIZED)
-    empty = packed.BlobWants()  # verify without a delete: every digest in the map
-    empty.want(first, 1)
-    assert empty.slot(first) == 1 and list(empty.wanted(0x05)) == [(first, 1, False)]
+@pytest.mark.parametrize("spill", [False, True])
+def test_shard_records_give_back_each_shard_as_added(spill: bool, tmp_path: Path) -> None:
+    """ShardRecords: a shard's records come back whole and in order across the file's
+    blocks and the buffer, once; an empty shard, the first and last shard, odd widths."""
+    held = packed.ShardRecords(40, spill=spill, directory=tmp_path)
+    theirs: dict[int, bytes] = {}
+    for i in range(600):  # shard 0 crosses many blocks; 255 one record
+        shard = 0 if i % 3 else 7
+        records = b"".join(bytes((shard,)) + RNG.randbytes(39) for _ in range(1 + i % 5))
+        held.extend(shard, records)
+        theirs[shard] = theirs.get(shard, b"") + records
+    last = b"\xff" + RNG.randbytes(39)
+    held.extend(255, last)
+    assert os.listdir(tmp_path) == []  # unlinked at once: nothing left after a crash
+    assert held.take(0) == theirs[0] and held.take(7) == theirs[7] and held.take(255) == last
+    assert held.take(0) == b"" and held.take(1) == b""  # taken once; never added
+    held.extend(0, b"\x00" * 40)  # added again after a take
+    assert held.take(0) == b"\x00" * 40
     with pytest.raises(ValueError):
-        packed.BlobWants([b"x" * 33] * 256)
+        held.extend(3, b"\x03" * 39)
+    held.close()
 
 
 def test_base_map_slots_over_the_base_and_values_elsewhere() -> None:

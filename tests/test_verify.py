@@ -401,3 +401,27 @@ def test_blob_check_asks_each_blob_once_and_names_only_the_exceptions() -> None:
     found = size_mismatches(records, size_of)
     assert sorted(found) == sorted([(short, 5), (gone, None), (unsized, 7)])
     assert sorted(asked) == sorted([whole, short, gone, unsized])
+
+
+def test_a_chunk_folds_each_blob_reference_into_its_shard_records() -> None:
+    """The reader's fold: plain images come back as their length, others as their facts;
+    every blob reference as one (digest, wanted size) record in its blob shard's bytes,
+    sorted, each once; a size no int64 holds (or below 0) is wanted as -1."""
+    from daemon.packed import NO_SIZE
+    from daemon.verifying import SIZE_WANT, Facts, fold_facts
+
+    first, last = b"\x00" * 32, b"\xff" * 32
+    mid = hashlib.sha256(b"mid").digest()
+    plain = Facts(length=100, blobs=last + mid + first, sizes=(1, None, 3))
+    shared = Facts(length=50, blobs=mid + first, sizes=(2**63, 3))  # past int64; a repeat
+    child = hashlib.sha256(b"child").digest()
+    listing = Facts(length=70, children=child, sizes=(70,))  # a list: its children are no blob
+    negative = Facts(length=20, blobs=mid, sizes=(-5,))
+    chunk = fold_facts([plain, None, ValueError("driver"), shared, listing, negative])
+    assert chunk.facts == [100, None, None, 50, listing, 20]
+    got = {shard: SIZE_WANT.iter_unpack(data) for shard, data in chunk.wants}
+    assert [shard for shard, _d in chunk.wants] == sorted({0x00, 0xFF, mid[0]})
+    assert list(got[0x00]) == [(first, 3)]  # twice wanted at 3: once
+    assert list(got[0xFF]) == [(last, 1)]
+    assert sorted(got[mid[0]]) == sorted([(mid, NO_SIZE), (mid, -1)])
+    assert fold_facts([]).wants == []

@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 P = TypeVar("P")
+R = TypeVar("R")
 #: the running run's logger (bound to its run_id), set by the engine for the run's tasks:
 #: drivers shared by successive runs log their retries with the run that caused them
 RUN_LOG: ContextVar[structlog.typing.FilteringBoundLogger | None] = ContextVar(
@@ -195,6 +196,17 @@ class Storage(ABC):
             out += parse_each(datas[start : start + PARSE_SLICE], parse)
             await asyncio.sleep(0)
         return out
+
+    async def read_folded(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        parse: Callable[[bytes], P],
+        fold: Callable[[list[P | ValueError | None]], R],
+    ) -> R:
+        """``fold`` of ``read_parsed``'s results, where the parse ran: a driver that parses in
+        another process hands back only what ``fold`` makes of a chunk (module-level too)."""
+        return fold(await self.read_parsed(keys, limit, parse))
 
     async def stat_many(self, keys: Sequence[str]) -> list[Entry | None]:
         """``stat`` of each key; drivers batch it. Keep ``keys`` short."""

@@ -40,6 +40,7 @@ from daemon.storage.base import (
 
 T = TypeVar("T")
 P = TypeVar("P")
+R = TypeVar("R")
 _BATCH = 256
 _PROCESS_IDLE = 10.0  # seconds before idle reader processes are stopped
 _MAX_READERS = 4
@@ -297,6 +298,17 @@ class FilesystemStorage(Storage):
         self, keys: Sequence[str], limit: int, parse: Callable[[bytes], P]
     ) -> list[P | ValueError | None]:
         return await self._in_process(reading.read_parsed, self._base, list(keys), limit, parse)
+
+    async def read_folded(
+        self,
+        keys: Sequence[str],
+        limit: int,
+        parse: Callable[[bytes], P],
+        fold: Callable[[list[P | ValueError | None]], R],
+    ) -> R:
+        return await self._in_process(
+            reading.read_folded, self._base, list(keys), limit, parse, fold
+        )
 
     async def blobs_outside(
         self, shard: str, members: AbstractSet[bytes]

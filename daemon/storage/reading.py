@@ -18,6 +18,7 @@ from daemon import layout
 from daemon.storage.model import BlobEntry, Entry, NotFound, StorageError, TooLarge
 
 P = TypeVar("P")
+R = TypeVar("R")
 _HEX = re.compile(r"[0-9a-f]{64}").fullmatch
 #: as daemon.usage.SIZED (that module is not imported here: readers load this one alone)
 _SIZED = struct.Struct("<6sQ")
@@ -160,6 +161,17 @@ def read_parsed(
 ) -> list[P | ValueError | None]:
     """In a reader process: read each key and parse it there."""
     return parse_each(read_files(base, keys, limit), parse)
+
+
+def read_folded(
+    base: str,
+    keys: Sequence[str],
+    limit: int,
+    parse: Callable[[bytes], P],
+    fold: Callable[[list[P | ValueError | None]], R],
+) -> R:
+    """In a reader process: ``read_parsed``, then ``fold`` of its results (one answer)."""
+    return fold(read_parsed(base, keys, limit, parse))
 
 
 def stat_file(base: str, key: str) -> Entry | None:
