@@ -183,6 +183,7 @@ class StoreVerifier:
         async def read_tags(chunk: list[tuple[str, str]]) -> list[bytes]:
             keys = [tag_link(r, t) for r, t in chunk]
             found = await self.storage.read_parsed(keys, 1024, layout.link_digest)
+            linked = roots.revisions_of({repo for repo, _tag in chunk})
             for (repo, tag), raw in zip(chunk, found, strict=True):
                 if raw is None:
                     continue  # a tag directory without current link: distribution lists no tag
@@ -192,7 +193,7 @@ class StoreVerifier:
                     continue
                 # every revision is read by now: a tag whose manifest has no revision link
                 # cannot be pulled (distribution reads manifests through revision links)
-                if not roots.revision(repo, raw):
+                if raw not in linked[repo] or not roots.kept(repo, raw):
                     roots.add_tagged(repo, raw)
                     self._unlinked.add((repo, tag, raw))
             return [raw for raw in found if isinstance(raw, bytes)]

@@ -135,12 +135,21 @@ class Roots:
     def revision(self, repo: str, raw: bytes) -> bool:
         """Whether ``raw`` is a linked revision of ``repo`` (every revision read)."""
         held = self.inventory.repositories.get(repo)
-        return (
-            held is not None
-            and held.revisions.contains_raw(raw)
-            and (repo, raw) not in self.dropped
-            and not self.removed(repo, raw.hex())
-        )
+        return held is not None and held.revisions.contains_raw(raw) and self.kept(repo, raw)
+
+    def revisions_of(self, repos: Iterable[str]) -> dict[str, frozenset[bytes]]:
+        """The revisions the scan listed of a few repositories, as sets made in C (a tag
+        chunk's: a lookup a tag, where ``revision`` bisects in Python); ``kept`` says which
+        of them are roots."""
+        out: dict[str, frozenset[bytes]] = {}
+        for repo in repos:
+            held = self.inventory.repositories.get(repo)
+            out[repo] = frozenset(held.revisions.raws() if held is not None else ())
+        return out
+
+    def kept(self, repo: str, raw: bytes) -> bool:
+        """Whether a listed revision's link was read and names it, and no delete removed it."""
+        return (repo, raw) not in self.dropped and not self.removed(repo, raw.hex())
 
     def add_tagged(self, repo: str, raw: bytes) -> None:
         held = self.extra.setdefault(repo, packed.HexSet())
@@ -160,14 +169,6 @@ class Roots:
         """A repository's roots, in byte order."""
         held = self.inventory.repositories.get(repo)
         # each is a revision by its origin: no lookup in the revisions again (a bisect a root)
-        found = (
-            [
-                raw
-                for raw in held.revisions.raws()
-                if (repo, raw) not in self.dropped and not self.removed(repo, raw.hex())
-            ]
-            if held
-            else []
-        )
+        found = [raw for raw in held.revisions.raws() if self.kept(repo, raw)] if held else []
         extra = self.extra.get(repo)
         return sorted({*found, *extra.raws()}) if extra is not None else found
