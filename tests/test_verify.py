@@ -425,3 +425,20 @@ def test_a_chunk_folds_each_blob_reference_into_its_shard_records() -> None:
     assert list(got[0xFF]) == [(last, 1)]
     assert sorted(got[mid[0]]) == sorted([(mid, NO_SIZE), (mid, -1)])
     assert fold_facts([]).wants == []
+
+
+def test_records_a_listed_shard_vouches_for_are_not_asked_again() -> None:
+    """After a delete whose listing proved data (object stores): of a shard's records, only
+    those whose digest the in-use set lacks are asked; none when it holds them all."""
+    from daemon.verify import _outside
+    from daemon.verifying import SIZE_WANT
+
+    inside = sorted(bytes([0x33]) + hashlib.sha256(bytes([i])).digest()[1:] for i in range(50))
+    stranger = bytes([0x33]) + b"\xff" * 31  # sorts last in the shard
+    first = bytes([0x33]) + b"\x00" * 31  # sorts first
+    base = b"".join(inside)
+    records = [SIZE_WANT.pack(raw, 7) for raw in [inside[0], stranger, inside[49], first]]
+    records.append(SIZE_WANT.pack(stranger, 9))  # one digest wanted at two sizes: both asked
+    assert _outside(b"".join(records), base) == records[1] + records[3] + records[4]
+    assert _outside(records[0] + records[2], base) == b""
+    assert _outside(b"".join(records), b"") == b"".join(records)
