@@ -136,7 +136,9 @@ class PackedShard(AbstractSet[bytes]):
 
     __slots__ = ("_at", "data")
 
-    def __init__(self, data: bytes = b"") -> None:
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        # a bytearray only where no one else holds it (it is never changed): records handed
+        # out are bytes all the same (findall and ``starting_with`` make them)
         if len(data) % WIDTH:
             raise ValueError("a packed digest buffer holds 32-byte digests")
         self.data = data
@@ -175,7 +177,7 @@ class PackedShard(AbstractSet[bytes]):
             record = self.data[at * WIDTH : (at + 1) * WIDTH]
             if not record.startswith(prefix) or not record:
                 return found
-            found.append(record)
+            found.append(bytes(record))
             at += 1
 
     def __len__(self) -> int:
@@ -398,7 +400,21 @@ class PackedCandidates(Generic[S]):
             out += sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
             if take:
                 self._shards[shard] = bytearray()
-        return PackedShard(bytes(out))
+        # over the bytearray itself, which no one else holds: a copy (3.2 MB at 1M) beside it
+        # was a delete phase's peak (issue 19)
+        return PackedShard(out)
+
+    def digests_into(self, into: SpilledDigests) -> None:
+        """Every candidate's digest, a sorted shard at a time, into ``into``; each shard's
+        candidates are forgotten as their digests go (the verification after a delete)."""
+        r = self._RECORD
+        for shard, data in enumerate(self._shards):
+            if data:
+                into.add_shard(
+                    shard,
+                    sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r))),
+                )
+            self._shards[shard] = bytearray()
 
 
 #: ``BlobSizes`` values that are no size
@@ -718,6 +734,18 @@ class ShardRecords:
             self._end += len(buffer)
             self._buffers[shard] = bytearray()
 
+    def read(self, shard: int) -> bytes:
+        """Every record of a shard added since it was last taken (they stay)."""
+        blocks = self._blocks[shard]
+        parts = [
+            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
+            for i in range(0, len(blocks), 2)
+            if self._file is not None
+        ]
+        if any(len(part) != blocks[2 * i + 1] for i, part in enumerate(parts)):
+            raise OSError("the records file came back short")
+        return b"".join([*parts, bytes(self._buffers[shard])])
+
     def take(self, shard: int) -> bytes:
         """Every record of a shard added since it was last taken, in the order added."""
         blocks = self._blocks[shard]
@@ -736,3 +764,33 @@ class ShardRecords:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+class SpilledDigests:
+    """32-byte digests added a sorted shard at a time to ``ShardRecords`` (a delete's deleted
+    digests, asked only about the rare loose digest strings): a lookup reads its shard back,
+    so the set holds ~8 KiB of memory while the verification runs, not 32 B a digest."""
+
+    __slots__ = ("_last", "_records")
+
+    def __init__(self, records: ShardRecords) -> None:
+        if records.width != WIDTH:
+            raise ValueError("a SpilledDigests holds 32-byte records")
+        self._records = records
+        self._last: tuple[int, bytes] = (-1, b"")  # the shard read last, sorted
+
+    def add_shard(self, shard: int, data: bytes) -> None:
+        """One shard's digests, sorted and each once (a shard is added once)."""
+        self._records.extend(shard, data)
+
+    def __contains__(self, raw: object) -> bool:
+        if not isinstance(raw, bytes) or len(raw) != WIDTH:
+            return False
+        shard, data = self._last
+        if shard != raw[0]:
+            data = self._records.read(raw[0])
+            self._last = (raw[0], data)
+        return find_sorted(data, raw)[0]
+
+    def close(self) -> None:
+        self._records.close()

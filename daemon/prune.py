@@ -23,7 +23,7 @@ from daemon import layout, manifests
 from daemon.findings import Finding, Verification
 from daemon.inventory import Inventory
 from daemon.lease import Lease, LeaseHeld
-from daemon.packed import HexSet, PackedCandidates
+from daemon.packed import HexSet, PackedCandidates, ShardRecords, SpilledDigests
 from daemon.progress import Progress
 from daemon.retention import Retention
 from daemon.sources.base import Marks, ReadOnlyRefused, ReferenceSource, SourceError
@@ -812,20 +812,27 @@ class Engine:
         self, inventory: Inventory, marks: Marks, candidates: list[Candidate]
     ) -> None:
         """After a delete: every kept image whole, from what the run already listed."""
+        spill_dir = getattr(self.source, "spill_dir", None)
+        spills = hasattr(self.source, "spill_dir")  # the storage source: the state dir
+        deleted: Any = None
+        if isinstance(candidates, PackedCandidates):
+            # packed candidates are forgotten as their digests go to a file of the state
+            # dir, read back only for the rare loose digest strings (issue 19)
+            deleted = SpilledDigests(ShardRecords(32, spill=spills, directory=spill_dir))
+            candidates.digests_into(deleted)
         prior = Prior(
             in_use=marks.in_use,
             complete=frozenset(getattr(self, "complete_shards", ())),
-            # packed candidates are forgotten as their digests are taken (issue 19)
-            deleted=(
-                candidates.digests(take=True)
-                if isinstance(candidates, PackedCandidates)
-                else _digests(candidates)
-            ),  # type: ignore[arg-type]
+            deleted=deleted if deleted is not None else _digests(candidates),
             removed_repositories=set(marks.remove_repositories),
             removed_revisions=set(marks.remove_revisions),
             tags=self.source.name != "openshift",
         )
-        await self._verify_with(self._store_verifier(prior), inventory)
+        try:
+            await self._verify_with(self._store_verifier(prior), inventory)
+        finally:
+            if deleted is not None:
+                deleted.close()
 
     def _store_verifier(self, prior: Prior | None = None) -> StoreVerifier:
         return StoreVerifier(

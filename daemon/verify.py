@@ -12,6 +12,7 @@ import functools
 import itertools
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -45,7 +46,7 @@ class Prior:
     #: first bytes of the shards whose listing held every in-use digest (trusted only where
     #: a listing proves a blob has data: object stores list ``data`` keys)
     complete: frozenset[int]
-    deleted: set[bytes]
+    deleted: AbstractSet[bytes] | packed.SpilledDigests
     removed_repositories: set[str]
     removed_revisions: set[tuple[str, str]]
     #: whether the store's tag links name images: not with the openshift source, where
@@ -330,7 +331,9 @@ class StoreVerifier:
                 for raw in needing:
                     if (repo, raw) in roots:
                         holders.setdefault(raw, []).append(repo)
-        deleted = self.prior.deleted if self.prior is not None else set()
+        deleted: AbstractSet[bytes] | packed.SpilledDigests = (
+            self.prior.deleted if self.prior is not None else frozenset()
+        )
         named: dict[bytes, set[str]] = {}
         asks: list[tuple[bytes, str, str]] = []  # (manifest, digest string, key to stat)
         foreign: list[tuple[str, str]] = []  # (sha384/sha512 digest string, link to read)
@@ -379,7 +382,9 @@ class StoreVerifier:
 
     def _judge(self, roots: Roots, named: dict[bytes, set[str]]) -> None:
         problems: dict[bytes, list[tuple[str, str]]] = {}
-        deleted = self.prior.deleted if self.prior is not None else set()
+        deleted: AbstractSet[bytes] | packed.SpilledDigests = (
+            self.prior.deleted if self.prior is not None else frozenset()
+        )
         present = self.present
 
         def judge(raw: bytes, visiting: frozenset[bytes]) -> list[tuple[str, str]]:

@@ -149,6 +149,30 @@ def test_packed_candidates_keep_every_candidate_and_slice_in_shard_order() -> No
     assert all(c.digest in doomed for c in wanted) and digests(1)[0] not in doomed
     taken = made.digests(take=True)  # the same digests; the candidates are forgotten
     assert taken.data == doomed.data and len(made) == 0 and not made and list(made) == []
+    # the digests hand out bytes (hashable), whatever buffer holds them
+    assert all(type(raw) is bytes for raw in doomed)
+    assert doomed.starting_with(bytes(8)) == [bytes(32)] and type(next(iter(doomed))) is bytes
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_deleted_digests_spilled_answer_like_a_set(spill: bool, tmp_path: Path) -> None:
+    """A delete's digests go to a SpilledDigests a shard at a time (the candidates forgotten
+    as they go); lookups in any order read their shard back, the first and last too."""
+    made = PackedCandidates(_Cand)
+    wanted = [*digests(3000), bytes(32), b"\xff" * 32]
+    for raw in wanted + wanted[:10]:  # a candidate twice: its digest once
+        made.append(_Cand(raw, 1))
+    into = packed.SpilledDigests(packed.ShardRecords(32, spill=spill, directory=tmp_path))
+    made.digests_into(into)
+    assert len(made) == 0 and os.listdir(tmp_path) == []
+    others = digests(3000)
+    for raw in [*wanted[::-1], *others]:  # descending, then shuffled shards
+        assert (raw in into) == (raw in set(wanted))
+    assert b"short" not in into and "text" not in into
+    assert bytes(31) + b"\x01" not in into and b"\xff" * 31 + b"\xfe" not in into
+    into.close()
+    with pytest.raises(ValueError):
+        packed.SpilledDigests(packed.ShardRecords(40))
 
 
 @pytest.mark.parametrize("width", [32, 8])
@@ -252,6 +276,7 @@ def test_shard_records_give_back_each_shard_as_added(spill: bool, tmp_path: Path
     last = b"\xff" + RNG.randbytes(39)
     held.extend(255, last)
     assert os.listdir(tmp_path) == []  # unlinked at once: nothing left after a crash
+    assert held.read(0) == theirs[0] and held.read(0) == theirs[0]  # read: they stay
     assert held.take(0) == theirs[0] and held.take(7) == theirs[7] and held.take(255) == last
     assert held.take(0) == b"" and held.take(1) == b""  # taken once; never added
     held.extend(0, b"\x00" * 40)  # added again after a take
