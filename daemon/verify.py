@@ -114,8 +114,8 @@ class StoreVerifier:
         self.read = functools.partial(read_facts, typed)
         self.prior = prior
         self.result = Verification(after_delete=prior is not None)
-        # the manifests read, held packed (issue 19): a delete's in-use set, which holds
-        # nearly every referenced blob, is the index of the wanted blobs' sizes
+        # the manifests read, held packed (issue 19): a delete's in-use set, which holds every
+        # manifest it read, is the index of their lengths (4 bytes a digest, no copy of it)
         base = [prior.in_use.shard(s).data for s in range(256)] if prior is not None else []
         self.held = HeldFacts(base)
         #: (digest, wanted size) records of every referenced blob, by blob shard, as the
