@@ -40,7 +40,7 @@ class _Pass:
     marks: Marks
     progress: Progress
     #: manifests read or being read (raw), packed: ~36 bytes a manifest where a set took ~110
-    seen: DigestSet = field(default_factory=DigestSet)
+    seen: DigestSet = field(default_factory=lambda: DigestSet(lookups=True))
     #: index children no revision may link, to read once the revisions are: (repository,
     #: child, named by sha384/sha512 and resolved through the link the registry uses)
     pending: list[tuple[str, bytes, bool]] = field(default_factory=list)
