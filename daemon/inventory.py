@@ -201,18 +201,16 @@ class DigestSet(MutableSet[bytes]):
     ) -> None:
         self._pending: set[bytes] = set()
         self._runs: list[bytes] = [b""] * 256  # sorted, each digest once
-        #: not yet merged: 32-byte records, or with ``lookups`` a set a shard. A lookup in a
-        #: record tail is a scan of it, and the tail grows with its shard (an eighth): the
-        #: mark's ``seen``, asked once a revision, cost O(n) a lookup (issue 19's 10M/1M
-        #: time ratio); a set's tail costs ~110 B an entry, ~1/16 of the set on average
-        self._tails: list[bytearray] | list[set[bytes]] = (
-            [set() for _ in range(256)] if lookups else [bytearray() for _ in range(256)]
-        )
+        self._tails: list[bytearray] = [bytearray() for _ in range(256)]  # not yet merged
+        #: with ``lookups``, a filter: two bits (hashes: digest bytes 1-4 and 5-8) of 16 a
+        #: digest flushed, so that ~98% of the lookups of a digest not held end there, in
+        #: C. Each costs a scan of its shard's tail and a bisect of its run otherwise, ~log2
+        #: (n) Python calls: the mark's ``seen``, asked once a revision, grew 14x in CPU
+        #: from 1M to 4M blobs (issue 19's 10M/1M time ratio). A hit asks the tail and the
+        #: run, so answers stay exact
+        if lookups and spill is not None:
+            raise ValueError("a spilled DigestSet has no lookups to filter until it is sorted")
         self._lookups = lookups
-        #: with ``lookups``, a bit per 32-bit prefix hash (bytes 1-4) of every digest flushed,
-        #: 8 bits a digest: most lookups of a digest not held end at its bit, in C, where
-        #: each bisect of a run costs ~log2(n) Python calls (the mark's ``seen`` grew 14x
-        #: in CPU from 1M to 4M blobs). A set bit still asks the tails and the run: exact
         self._bits = bytearray(1 << 13) if lookups else bytearray()
         self._flushed = 0
         self._cursor = 0  # where the next flush starts looking for shards to merge
@@ -239,11 +237,11 @@ class DigestSet(MutableSet[bytes]):
             raise ValueError("a DigestSet holds 32-byte digests")
         self.update(_RECORDS.findall(packed))
 
-    def _due(self, run: bytes, tail: bytearray | set[bytes]) -> bool:
+    @staticmethod
+    def _due(run: bytes, tail: bytearray) -> bool:
         # amortised: the unmerged part may grow to an eighth of the merged one, so a digest
         # costs at most ~36 bytes, and a merge's sort is a few per cent of the mark
-        size = len(tail) * 32 if self._lookups else len(tail)
-        return size > max(64 * 32, len(run) >> 3)
+        return len(tail) > max(64 * 32, len(run) >> 3)
 
     def _flush(self) -> None:
         pending = self._pending
@@ -262,16 +260,11 @@ class DigestSet(MutableSet[bytes]):
         tails, runs = self._tails, self._runs
         if self._lookups:
             self._flushed += len(pending)
-            if self._flushed > len(self._bits):  # past 8 bits a digest: twice the bits
+            if 2 * self._flushed > len(self._bits):  # past 16 bits a digest: twice the bits
                 self._grow_bits()
-            bits, mask = self._bits, len(self._bits) * 8 - 1
-            for value in pending:
-                tails[value[0]].add(value)  # type: ignore[union-attr]
-                at = int.from_bytes(value[1:5], "big") & mask
-                bits[at >> 3] |= 1 << (at & 7)
-        else:
-            for value in pending:
-                tails[value[0]] += value  # type: ignore[operator]
+            self._set_bits(pending)
+        for value in pending:
+            tails[value[0]] += value
         # shards fill alike and would all come due in one flush: merging 256 at once held
         # the event loop for a few hundred ms (status p99); a few per flush, round robin
         merges = 0
@@ -283,24 +276,38 @@ class DigestSet(MutableSet[bytes]):
                 if merges == _MERGES_PER_FLUSH:
                     break
 
+    def _set_bits(self, values: Iterable[bytes]) -> None:
+        bits, mask = self._bits, len(self._bits) * 8 - 1
+        for value in values:
+            at = int.from_bytes(value[1:5], "big") & mask
+            bits[at >> 3] |= 1 << (at & 7)
+            at = int.from_bytes(value[5:9], "big") & mask
+            bits[at >> 3] |= 1 << (at & 7)
+
+    def _maybe(self, value: bytes) -> bool:
+        """Whether the filter lets ``value`` through (always, for one flushed)."""
+        bits, mask = self._bits, len(self._bits) * 8 - 1
+        at = int.from_bytes(value[1:5], "big") & mask
+        if not bits[at >> 3] & (1 << (at & 7)):
+            return False
+        at = int.from_bytes(value[5:9], "big") & mask
+        return bool(bits[at >> 3] & (1 << (at & 7)))
+
     def _grow_bits(self) -> None:
         size = len(self._bits)
-        while size < self._flushed:
+        while size < 2 * self._flushed:
             size *= 2
-        bits, mask = bytearray(size), size * 8 - 1
+        self._bits = bytearray(size)
         for shard in range(256):
-            for value in (*_RECORDS.findall(self._runs[shard]), *self._tails[shard]):
-                at = int.from_bytes(value[1:5], "big") & mask
-                bits[at >> 3] |= 1 << (at & 7)
-        self._bits = bits
+            self._set_bits(_RECORDS.findall(self._runs[shard]))
+            self._set_bits(_RECORDS.findall(self._tails[shard]))
 
     def _merge(self, shard: int) -> bytes:
         tail = self._tails[shard]
         spilled = self._spill.take(shard) if self._spill is not None else b""
         if tail or spilled:
-            records = b"".join(tail) if isinstance(tail, set) else tail
-            self._runs[shard] = packed.sorted_unique(self._runs[shard], records, spilled)
-            self._tails[shard] = set() if self._lookups else bytearray()  # type: ignore[assignment]
+            self._runs[shard] = packed.sorted_unique(self._runs[shard], tail, spilled)
+            self._tails[shard] = bytearray()
         return self._runs[shard]
 
     def _settle(self) -> None:
@@ -338,15 +345,13 @@ class DigestSet(MutableSet[bytes]):
             self._settle()  # the spilled digests are sorted in at the first lookup
         if value in self._pending:
             return True
-        if self._lookups:
-            at = int.from_bytes(value[1:5], "big") & (len(self._bits) * 8 - 1)
-            if not self._bits[at >> 3] & (1 << (at & 7)):
-                return False
+        if self._lookups and not self._maybe(value):
+            return False
         shard = value[0]
-        tail = self._tails[shard]
         return (
-            value in tail if isinstance(tail, set) else packed.in_unsorted(tail, value)
-        ) or packed.find_sorted(self._runs[shard], value)[0]
+            packed.in_unsorted(self._tails[shard], value)
+            or packed.find_sorted(self._runs[shard], value)[0]
+        )
 
     def __len__(self) -> int:
         self._settle()
