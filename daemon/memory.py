@@ -28,3 +28,15 @@ def one_malloc_arena() -> bool:
         return bool(libc.mallopt(_M_ARENA_MAX, 1))
     except (OSError, AttributeError):
         return False  # not glibc (musl has no mallopt): its allocator decides
+
+
+def give_back() -> None:
+    """Return the free pages inside glibc's heap to the system (``malloc_trim``): after a
+    phase whose transients freed memory in holes that later, larger buffers cannot use."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
