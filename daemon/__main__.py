@@ -10,7 +10,9 @@ def run() -> int:
     # imported here, not at the top: spawned reader processes import the script that started
     # the daemon again, and the CLI's imports would cost each of them ~10 MB and 0.2 s
     from daemon.cli import main
+    from daemon.memory import one_malloc_arena
 
+    one_malloc_arena()  # before any thread: each would get an arena of its own (issue 19)
     try:
         status = main()
         sys.stdout.flush()  # a pipe's buffer is written here, inside the try, not at exit

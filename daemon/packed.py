@@ -127,6 +127,57 @@ class Spill:
         self._file.close()
 
 
+class OnceSet:
+    """32-byte digests, each answered once by ``take``: a sorted buffer and a byte a digest
+    for "taken" (~33 B a digest where a ``set[bytes]`` that forgets what it answers took
+    ~120). Added to first, then taken from; a digest added later is merged in on the next
+    ``take``."""
+
+    __slots__ = ("_left", "_run", "_tail", "_taken")
+
+    def __init__(self) -> None:
+        self._run = b""
+        self._taken = bytearray()  # 1 where the digest at that index was taken
+        self._tail = bytearray()
+        self._left = 0
+
+    def add(self, raw: bytes) -> None:
+        if len(raw) != WIDTH:
+            raise ValueError("a OnceSet holds 32-byte digests")
+        self._tail += raw
+
+    def _settle(self) -> None:
+        if not self._tail:
+            return
+        old = records(self._run)
+        taken = {raw for raw, t in zip(old, self._taken, strict=True) if t}
+        self._run = sorted_unique(self._run, bytes(self._tail))
+        self._tail = bytearray()
+        count = len(self._run) // WIDTH
+        self._taken = bytearray(count)
+        if taken:  # digests added after a take: those taken stay taken
+            self._taken = bytearray(raw in taken for raw in records(self._run))
+        self._left = self._taken.count(0)
+
+    def take(self, raw: bytes) -> bool:
+        """Whether ``raw`` was added and not yet taken; it is taken from now on."""
+        self._settle()
+        found, at = find_sorted(self._run, raw)
+        if not found or self._taken[at]:
+            return False
+        self._taken[at] = 1
+        self._left -= 1
+        return True
+
+    def __len__(self) -> int:
+        """How many digests are left to take."""
+        self._settle()
+        return self._left
+
+    def __bool__(self) -> bool:
+        return bool(self._tail) or self._left > 0
+
+
 class PackedShard(AbstractSet[bytes]):
     """An immutable set of 32-byte digests over one sorted, deduplicated buffer.
 

@@ -337,6 +337,8 @@ def test_history_survives_restart_and_kill_marks_interrupted(
         assert runs[1]["summary"] == done["summary"]
         lines = again.get(f"/runs/{done['id']}/candidates")[2].decode().splitlines()
         assert len(lines) == done["summary"]["blobs"]
+        # ~5,000 candidates: written 2,048 at a time during the sweep, each line once
+        assert len({json.loads(line)["digest"] for line in lines}) == len(lines) > 2048
         # and a new run works after the restart
         assert again.json("GET", "/prune?mode=check&wait=true")[1]["state"] == "succeeded"
     finally:

@@ -57,8 +57,9 @@ def test_packed_shard_edges_and_pickling() -> None:
         PackedShard(b"x" * 33)
 
 
-def test_digest_set_edges_first_last_empty_and_one_full_shard() -> None:
-    ours = DigestSet()
+@pytest.mark.parametrize("lookups", [False, True])
+def test_digest_set_edges_first_last_empty_and_one_full_shard(lookups: bool) -> None:
+    ours = DigestSet(lookups=lookups)
     assert len(ours) == 0 and all(len(ours.shard(s)) == 0 for s in (0, 128, 255))
     # every digest in one shard: its merges, and the other 255 shards stay empty
     crowded = digests(20_000, first=0x00)
@@ -78,8 +79,9 @@ def test_digest_set_edges_first_last_empty_and_one_full_shard() -> None:
     assert first not in ours and last not in ours and len(ours) == 20_000
 
 
-def test_digest_set_lookups_before_and_after_merges() -> None:
-    ours, plain = DigestSet(), set()
+@pytest.mark.parametrize("lookups", [False, True])  # tails as records, or as sets
+def test_digest_set_lookups_before_and_after_merges(lookups: bool) -> None:
+    ours, plain = DigestSet(lookups=lookups), set()
     values = digests(40_000)
     probes = values + digests(2000)
     for i, value in enumerate(values):
@@ -332,6 +334,8 @@ def test_spilled_digest_set_sorts_in_everything_once_asked(tmp_path: Path) -> No
     first, last = bytes(32), b"\x00" + b"\xff" * 31
     spread = digests(2000)
     values = [*crowded, last, *spread, first, *crowded[:500]]  # repeats across flushes
+    with pytest.raises(ValueError):  # its filter could not hold what waits in the file
+        DigestSet(spill=Spill(tmp_path), lookups=True)
     spill = Spill(tmp_path)
     # in the directory asked for (the daemon's state dir), and unlinked from the start
     assert os.readlink(f"/proc/self/fd/{spill._file.fileno()}").startswith(str(tmp_path))
@@ -356,3 +360,28 @@ def test_spilled_digest_set_sorts_in_everything_once_asked(tmp_path: Path) -> No
     asked.add(first)  # added after: an ordinary in-memory digest
     assert first in asked and set(asked) == {*spread, first}
     assert len(DigestSet(spill=Spill(tmp_path))) == 0
+
+
+def test_once_set_answers_each_digest_once_first_last_and_added_later() -> None:
+    once = packed.OnceSet()
+    assert not once and len(once) == 0 and not once.take(digests(1)[0])  # empty
+    low, high = b"\x00" * 32, b"\xff" * 32  # first and last a digest can be
+    members = [*digests(500, first=0x7F), low, high]
+    for raw in reversed(members):  # any order, and repeats kept once
+        once.add(raw)
+    once.add(members[0])
+    assert once and len(once) == 502
+    outsiders = digests(50, first=0x7F)
+    assert not any(once.take(raw) for raw in outsiders)
+    assert once.take(low) and once.take(high) and not once.take(low)
+    assert all(once.take(raw) for raw in sorted(members[:250]))  # ascending, as the mark asks
+    assert len(once) == 250
+    # added after takes: what was taken stays taken, the new one is answered once
+    late = digests(1, first=0x7F)[0]
+    once.add(late)
+    once.add(members[0])  # taken already: adding it again does not answer it again
+    assert not once.take(members[0]) and once.take(late) and not once.take(late)
+    assert all(once.take(raw) for raw in members[250:500])
+    assert not once and len(once) == 0
+    with pytest.raises(ValueError):
+        once.add(b"short")

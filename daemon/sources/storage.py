@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon import layout, manifests
+from daemon import layout, manifests, memory
 from daemon.config import ConfigError
 from daemon.inventory import DigestSet, Inventory
 from daemon.packed import Spill
@@ -40,7 +40,7 @@ class _Pass:
     marks: Marks
     progress: Progress
     #: manifests read or being read (raw), packed: ~36 bytes a manifest where a set took ~110
-    seen: DigestSet = field(default_factory=DigestSet)
+    seen: DigestSet = field(default_factory=lambda: DigestSet(lookups=True))
     #: index children no revision may link, to read once the revisions are: (repository,
     #: child, named by sha384/sha512 and resolved through the link the registry uses)
     pending: list[tuple[str, bytes, bool]] = field(default_factory=list)
@@ -100,6 +100,7 @@ class StorageSource(ReferenceSource):
         )
         await self._mark_unlinked(run)
         run.seen = DigestSet()  # no longer asked: freed before the in-use set is sorted
+        memory.give_back()
         # the last merges a shard at a time, between status requests, not in one len()
         for shard in in_use.settle_steps():
             if shard % 16 == 15:

@@ -13,6 +13,7 @@ import sys
 import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
@@ -22,6 +23,7 @@ import structlog
 
 from daemon import layout, logs
 from daemon.config import StorageSettings
+from daemon.packed import OnceSet
 from daemon.storage.base import (
     RUN_LOG,
     BlobEntry,
@@ -33,6 +35,7 @@ from daemon.storage.base import (
     StorageError,
     TooLarge,
 )
+from daemon.usage import size_record
 
 T = TypeVar("T")
 
@@ -193,7 +196,7 @@ class ObjectStore(Storage):
         self._store_clock: tuple[float, float] | None = None
         #: revision links whose content the last repository scan proved (see _proven_link)
         #: by revisions directory, the raw digests (a set of whole keys took ~220 bytes a link)
-        self._proven: dict[str, set[bytes]] = {}
+        self._proven: dict[str, OnceSet] = {}
         #: the blob shards the first page of one flat listing of blobs/ held whole (_flat_shards)
         self._flat: _FlatBlobs | None = None
         self._flat_lock = asyncio.Lock()
@@ -388,7 +391,11 @@ class ObjectStore(Storage):
             entries.append(Entry(relative, size, mtime))
             if prove and md5 and _proven_link(relative, size, md5):
                 head, tail = relative[:-_LINK_TAIL], relative[-_LINK_TAIL:-5]
-                self._proven.setdefault(head, set()).add(bytes.fromhex(tail))
+                proven = self._proven.get(head)
+                if proven is None:
+                    # packed: ~33 B a revision link where a set took ~120 (issue 19)
+                    proven = self._proven[head] = OnceSet()
+                proven.add(bytes.fromhex(tail))
         return entries
 
     async def probe(self) -> None:
@@ -423,15 +430,23 @@ class ObjectStore(Storage):
 
     async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
         """One flat listing of ``blobs/sha256/<shard>/``; size and mtime come from it."""
+        found: list[BlobEntry] = []
+        async for page in self._shard_pages(shard):
+            found += page
+        return found
+
+    async def _shard_pages(self, shard: str) -> AsyncIterator[list[BlobEntry]]:
+        """``shard``'s blobs a listing page at a time (or the flat first page's share)."""
         if len(shard) != 2 or any(c not in "0123456789abcdef" for c in shard):
             raise ValueError(f"not a blob shard: {shard!r}")
         served = await self._flat_shard(shard)
         if served is not None:
-            return served
+            yield served
+            return
         prefix = self._key(f"{layout.BLOBS}{shard}/")
         cut = len(prefix)
-        found: list[BlobEntry] = []
         async for page in self._pages(prefix):
+            found: list[BlobEntry] = []
             for key, size, mtime, _md5 in page.objects:
                 hexdigest, _, tail = key[cut:].partition("/")
                 if (
@@ -441,7 +456,38 @@ class ObjectStore(Storage):
                     and hexdigest.startswith(shard)
                 ):
                     found.append(BlobEntry(hexdigest, size, mtime))
-        return found
+            yield found
+
+    async def blobs_outside(
+        self, shard: str, members: AbstractSet[bytes]
+    ) -> tuple[int, list[BlobEntry]]:
+        """The shard's listing filtered a page at a time: only the blobs outside ``members``
+        are kept, where the whole shard's entries were (~250 B a blob, 16 shards in flight:
+        ~16 B a blob of the store at any size; issue 19)."""
+        count = 0
+        outside: list[BlobEntry] = []
+        async for page in self._shard_pages(shard):
+            count += len(page)
+            outside += [e for e in page if bytes.fromhex(e.hex) not in members]
+        # every listed key is a ``<hex>/data`` object: size and mtime came with it
+        return count, await self._with_data(outside)
+
+    async def blobs_outside_sized(
+        self, shard: str, members: AbstractSet[bytes]
+    ) -> tuple[int, list[BlobEntry], bytes]:
+        """``blobs_outside``, and the in-use blobs' sizes as ``size_record``s, a page at a time."""
+        count = 0
+        outside: list[BlobEntry] = []
+        sized = bytearray()
+        async for page in self._shard_pages(shard):
+            count += len(page)
+            for entry in page:
+                raw = bytes.fromhex(entry.hex)
+                if raw not in members:
+                    outside.append(entry)
+                elif entry.size is not None:
+                    sized += size_record(raw, entry.size)
+        return count, await self._with_data(outside), bytes(sized)
 
     async def _flat_shard(self, shard: str) -> list[BlobEntry] | None:
         """``shard``'s blobs from the first page of a flat listing of ``blobs/sha256/``,
@@ -514,10 +560,9 @@ class ObjectStore(Storage):
             proven = self._proven.get(head) if limit >= LINK_SIZE else None
             if proven and tail.endswith("/link") and layout.is_hex(tail[:-5]):
                 raw = bytes.fromhex(tail[:-5])
-                if raw in proven:
-                    proven.discard(raw)
+                if proven.take(raw):
                     if not proven:
-                        del self._proven[head]  # an emptied set keeps its table (4 MB at 500k)
+                        del self._proven[head]
                     out[i] = b"sha256:" + tail[:-5].encode()
                     continue
             fetch.append(i)
