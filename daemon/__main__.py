@@ -8,7 +8,9 @@ import sys
 def run() -> int:
     """Run the CLI."""
     # imported here, not at the top: spawned reader processes import the script that started
-    # the daemon again, and the CLI's imports would cost each of them ~10 MB and 0.2 s
+    # the daemon again, and the CLI's imports would cost each of them ~10 MB and 0.2 s.
+    # daemon.logs first: it imports structlog without rich, for every module after it
+    from daemon import logs  # noqa: F401
     from daemon.cli import main
     from daemon.memory import one_malloc_arena
 

@@ -11,9 +11,7 @@ import json
 import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
@@ -61,6 +59,11 @@ class Daemon:
         token = self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        # imported here: urllib.request brings http.client, email and ssl (~15 ms), which a
+        # one-shot check or delete, the CLI's other commands, never needs
+        import urllib.error
+        import urllib.request
+
         req = urllib.request.Request(self.url + path, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:

@@ -390,6 +390,9 @@ class Engine:
         # a prefix of each layer link is enough to find the doomed blobs' links; online runs
         # remove a repository's scanned links by name, which takes the whole digest
         inventory = Inventory(keep_layers=deleting, layer_width=32 if self.options.online else 8)
+        if self.options.revisions_pruned or self.options.mode == VERIFY:
+            # these read every tag's current/link next: what the listing proves is kept
+            self.storage.expect_tag_reads()
         async for batch in self.storage.scan_repositories(layers=deleting):
             for start in range(0, len(batch), 2000):
                 inventory.add_keys(batch[start : start + 2000])

@@ -81,7 +81,7 @@ def test_sigkilled_check_leaves_no_process_behind(big_store: Path, tmp_path: Pat
     )
     seen: set[int] = set()
     deadline = time.monotonic() + 60
-    # the readers and multiprocessing's resource tracker: at least two children
+    # the readers (forked; spawned ones came with multiprocessing's resource tracker): two or more
     while time.monotonic() < deadline and proc.poll() is None:
         seen |= descendants(proc.pid)
         if len(seen) >= 2:

@@ -309,6 +309,71 @@ def test_corrupt_revision_link_fails_closed(fresh: Store) -> None:
     assert store.all_keys() == before
 
 
+MANIFEST_LINE = re.compile(r"Would delete manifest: (\S+)@(sha256:[0-9a-f]{64})")
+
+
+def test_untagged_check_proves_tag_links_from_the_listing_and_reads_the_rest(
+    fresh: Store, faults: FaultProxy, tmp_path: Path
+) -> None:
+    """A tag's current/link is proven by its listed ETag (the MD5 of the link text) matching
+    one of the tag's index entries: no GET. A link rewritten to a digest none of its entries
+    names, or uploaded in parts (no MD5 in the ETag), is read: the run follows what it says."""
+    store, scenario = fresh, fresh.scenario
+    config = store.config_via(faults.url, tmp_path / "config.yml", read_only=False)
+
+    def untagged_check() -> tuple[set[tuple[str, str]], list[str]]:
+        faults.reset_counts()
+        result = check_logged(config, "--untagged")
+        assert result.returncode == 0, result.stderr[-3000:]
+        removed = {(m.group(1), m.group(2)) for m in MANIFEST_LINE.finditer(result.stderr)}
+        reads = [
+            s.path_qs for s in faults.seen if s.method == "GET" and "/current/link" in s.path_qs
+        ]
+        return removed, reads
+
+    app = {i.tag: i.digest for i in scenario.images if i.repository == "app"}
+    old = next(
+        i.digest
+        for i in scenario.images
+        if i.repository == "app" and i.tag is None and i.digest in scenario.untagged_eligible
+    )
+    removed, reads = untagged_check()
+    assert ("app", old) in removed and ("app", app["v2"]) not in removed
+    assert reads == []  # every tag the registry wrote is proven by its listing
+
+    def tag_key(tag: str) -> str:
+        return f"{PREFIXED}/docker/registry/v2/repositories/app/_manifests/tags/{tag}/current/link"
+
+    client = store.weed.client()
+    # app:v2 now names the old latest: a new ETag, which no index entry of v2 matches
+    client.put_object(Bucket=store.bucket, Key=tag_key("v2"), Body=old.encode())
+    # app:v1 the same as before, uploaded in one part of a multipart upload: "<md5>-1"
+    upload = client.create_multipart_upload(Bucket=store.bucket, Key=tag_key("v1"))
+    part = client.upload_part(
+        Bucket=store.bucket,
+        Key=tag_key("v1"),
+        PartNumber=1,
+        UploadId=upload["UploadId"],
+        Body=app["v1"].encode(),
+    )
+    client.complete_multipart_upload(
+        Bucket=store.bucket,
+        Key=tag_key("v1"),
+        UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
+    )
+    listed = client.list_objects_v2(Bucket=store.bucket, Prefix=tag_key("v1"))["Contents"]
+    assert "-" in listed[0]["ETag"]
+
+    removed_after, reads = untagged_check()
+    # read by GET, each once: v2 keeps the old latest now, and its own revision goes
+    assert sorted(path.split("/tags/")[1] for path in reads) == [
+        "v1/current/link",
+        "v2/current/link",
+    ]
+    assert removed_after == (removed - {("app", old)}) | {("app", app["v2"])}
+
+
 def test_persistent_fault_while_marking_fails_closed(
     fresh: Store, faults: FaultProxy, tmp_path: Path
 ) -> None:

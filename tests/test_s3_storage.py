@@ -11,20 +11,33 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 from urllib.parse import quote, unquote
 
 import pytest
 import pytest_asyncio
 import yaml
 from aiohttp import web
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError
 
 from daemon import layout
 from daemon.config import S3Settings, StorageSettings, load_settings
 from daemon.inventory import Inventory
 from daemon.storage.base import Conflict, Entry, NotFound, StorageError, TooLarge
-from daemon.storage.s3 import BATCH, RetryPolicy, S3Storage, _endpoint_url, create, is_transient
+from daemon.storage.s3 import (
+    BATCH,
+    GetSigner,
+    RetryPolicy,
+    S3Storage,
+    _endpoint_url,
+    create,
+    is_transient,
+)
 from tests.harness.faultproxy import (
     FaultProxy,
     delete_request_keys,
@@ -145,6 +158,33 @@ def test_endpoint_and_construction_do_no_io() -> None:
     assert create(StorageSettings("s3", "", S3Settings("bkt")), 3).prefix == "docker/registry/v2/"
     with pytest.raises(ValueError):
         create(StorageSettings("filesystem", "/x"), 3)
+
+
+@pytest.mark.parametrize("token", [None, "session/token+="])
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://127.0.0.1:9000/bucket/",
+        "https://bucket.s3.eu-west-1.amazonaws.com/",
+        "https://s3.example.com:443/bucket/",
+        "http://[::1]:9000/bucket/",
+    ],
+)
+def test_get_signer_signs_as_botocore(base: str, token: str | None) -> None:
+    """Our GETs' SigV4 headers are botocore's own (S3SigV4Auth), byte for byte."""
+    when = datetime(2026, 12, 1, 4, 30, 5)
+    credentials = Credentials("AKIDEXAMPLE", "se/cr+et", token).get_frozen_credentials()
+    signer = GetSigner("eu-west-1", base)
+    listing = {"list-type": "2", "prefix": "pre/a b+c/", "continuation-token": "a/b=="}
+    for full, query in (("pre/fix/blobs/sha256/ab/x y+z~/data", {}), ("", listing)):
+        path = signer.base_path + quote(full, safe="/~")
+        path = path[:-1] if not full and path != "/" else path
+        encoded = "&".join(f"{k}={quote(v, safe='-_.~')}" for k, v in query.items())
+        request = AWSRequest("GET", signer.origin + path + ("?" + encoded if encoded else ""))
+        with mock.patch("botocore.auth.get_current_datetime", return_value=when):
+            S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(request)
+        ours = signer.headers(path, encoded, credentials, when.replace(tzinfo=UTC).timestamp())
+        assert ours == dict(request.headers.items())
 
 
 def test_transient_classification() -> None:

@@ -64,6 +64,11 @@ class Storage(ABC):
     def warm_up(self) -> None:  # noqa: B027 - optional hook
         """A run is starting: a driver may start its helpers now, in the background."""
 
+    def expect_tag_reads(self) -> None:  # noqa: B027 - optional hook
+        """The next ``scan_repositories`` is followed by reads of every tag's ``current/link``
+        (untagged, retention and verify runs): a driver may keep what its listing proves of
+        them until they are read (object stores: their MD5s, daemon/storage/objectstore.py)."""
+
     @abstractmethod
     async def list_blob_shard(self, shard: str) -> list[BlobEntry]:
         """Every blob under ``blobs/sha256/<shard>/`` (size/mtime where the listing has them)."""

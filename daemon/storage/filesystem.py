@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import shutil
 import stat as statmod
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -358,11 +359,9 @@ class FilesystemStorage(Storage):
             self._idle.cancel()
             self._idle = None
         if self._processes is None:
-            # spawn, not fork: this process has threads (the pool above, the event loop's)
-            context = multiprocessing.get_context("spawn")
             self._processes = ProcessPoolExecutor(
                 self._reader_count,
-                mp_context=context,
+                mp_context=_reader_context(),
                 # a reader outlived a SIGKILLed one-shot run by minutes: it goes with us
                 initializer=reading.die_with_parent,
                 initargs=(os.getpid(),),
@@ -672,6 +671,21 @@ def _unlink_with_lock(path: str) -> None:
         os.unlink(_lock_path(path))
     finally:
         os.close(fd)
+
+
+def _reader_context() -> multiprocessing.context.BaseContext:
+    """Fork while this process has one thread, else spawn. A one-shot run starts its readers
+    first thing (``warm_up`` before its first thread): a fork costs a reader ~0.01 CPU s where
+    a spawned one starts an interpreter and imports its modules again (~0.08 s each, with a
+    resource tracker besides: ~0.2 s and as much wall time of a CLI check). Once there are
+    threads (the pool above, asyncio's, a serving daemon's), a lock another thread held at the
+    fork would stay held in the child: spawn."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        # what is buffered now would be written again by each child as it exits
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def _portable(members: AbstractSet[bytes]) -> AbstractSet[bytes]:

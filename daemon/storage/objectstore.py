@@ -45,6 +45,8 @@ Listed = tuple[str, int | None, float | None, str]
 #: walk() lists each subtree this many levels below the v2 root on its own, concurrently
 _SPLIT_DEPTH = 3
 _REVISIONS = "/_manifests/revisions/sha256/"
+_TAGS = "/_manifests/tags/"
+_CURRENT = "current/link"
 #: a revision link as distribution writes it: ``sha256:<64 hex>``, no newline
 LINK_SIZE = len("sha256:") + 64
 _LINK_TAIL = 64 + len("/link")
@@ -197,6 +199,13 @@ class ObjectStore(Storage):
         #: revision links whose content the last repository scan proved (see _proven_link)
         #: by revisions directory, the raw digests (a set of whole keys took ~220 bytes a link)
         self._proven: dict[str, OnceSet] = {}
+        #: tag links whose content the last scan proved: tag directory -> the raw digest its
+        #: ``current/link`` names (only after ``expect_tag_reads``; see _prove_tag)
+        self._proven_tags: dict[str, bytes] = {}
+        self._tags_wanted = False
+        #: while such a scan runs: tag directory -> the MD5 listed for its ``current/link``,
+        #: until an index entry of that tag proves it
+        self._tag_md5s: dict[str, str] | None = None
         #: the blob shards the first page of one flat listing of blobs/ held whole (_flat_shards)
         self._flat: _FlatBlobs | None = None
         self._flat_lock = asyncio.Lock()
@@ -396,7 +405,33 @@ class ObjectStore(Storage):
                     # packed: ~33 B a revision link where a set took ~120 (issue 19)
                     proven = self._proven[head] = OnceSet()
                 proven.add(bytes.fromhex(tail))
+            elif prove and self._tag_md5s is not None and _TAGS in relative:
+                self._prove_tag(relative, size, md5, self._tag_md5s)
         return entries
+
+    def _prove_tag(
+        self, relative: str, size: int | None, md5: str, pending: dict[str, str]
+    ) -> None:
+        """A tag's ``current/link`` names a digest its own path does not: its listed MD5 is
+        kept until one of the tag's ``index/sha256/<hex>/link`` entries (distribution writes
+        one for each digest the tag named) gives a ``<hex>`` whose link text has that MD5.
+        That proves the content (an MD5 preimage is infeasible); a tag no entry proves, or
+        whose listing gave no MD5 (a multipart ETag, Azure without Content-MD5), is read by
+        GET. Keys come in order: a tag's ``current/`` before its ``index/``."""
+        head, _, rest = relative.partition(_TAGS)
+        tag, _, tail = rest.partition("/")
+        directory = f"{head}{_TAGS}{tag}/"
+        if tail == _CURRENT:
+            if md5 and size == LINK_SIZE:
+                pending[directory] = md5
+            return
+        want = pending.get(directory)
+        if want is None or not tail.startswith("index/sha256/") or not tail.endswith("/link"):
+            return
+        hexdigest = tail[len("index/sha256/") : -len("/link")]
+        if layout.is_hex(hexdigest) and link_md5(hexdigest) == want:
+            del pending[directory]
+            self._proven_tags[directory] = bytes.fromhex(hexdigest)
 
     async def probe(self) -> None:
         """The bucket/container exists and may be read, and holds objects below the v2 root."""
@@ -546,16 +581,33 @@ class ObjectStore(Storage):
         revision links' content, so that the mark reads them from memory instead of one GET
         each (half its requests)."""
         self._proven.clear()
-        async for batch in self._walk(layout.REPOSITORIES, prove=True, layers=layers):
-            yield [entry.key for entry in batch]
+        self._proven_tags.clear()
+        # tag links only for a run that reads them next: a plain check would hold them unread
+        self._tag_md5s = {} if self._tags_wanted else None
+        self._tags_wanted = False
+        try:
+            async for batch in self._walk(layout.REPOSITORIES, prove=True, layers=layers):
+                yield [entry.key for entry in batch]
+        finally:
+            self._tag_md5s = None  # the tags no index entry proved are read by GET
+
+    def expect_tag_reads(self) -> None:
+        self._tags_wanted = True
 
     async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
-        """``read`` of each key, concurrently; revision links the scan proved need no GET.
+        """``read`` of each key, concurrently; revision and tag links the scan proved need no
+        GET.
 
         A proven link is used once: a second read, or one after the next scan, asks again."""
         out: list[bytes | None] = [None] * len(keys)
         fetch: list[int] = []
+        tags = self._proven_tags if limit >= LINK_SIZE else None
         for i, key in enumerate(keys):
+            if tags and key.endswith(_CURRENT):
+                named = tags.pop(key[: -len(_CURRENT)], None)
+                if named is not None:
+                    out[i] = b"sha256:" + named.hex().encode()
+                    continue
             head, tail = key[:-_LINK_TAIL], key[-_LINK_TAIL:]
             proven = self._proven.get(head) if limit >= LINK_SIZE else None
             if proven and tail.endswith("/link") and layout.is_hex(tail[:-5]):
