@@ -77,56 +77,6 @@ def in_unsorted(data: bytes | bytearray, value: bytes) -> bool:
     return False
 
 
-class Spill:
-    """32-byte records by shard in an anonymous temporary file (unlinked at once: nothing is
-    left after a crash), read back a shard at a time: a set that is only added to until it
-    is sorted holds a few KiB a shard in memory instead of every record."""
-
-    __slots__ = ("_blocks", "_buffers", "_end", "_file")
-    BLOCK = 4096  # bytes a shard buffers before a write: 1 MiB for all 256
-
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
-        # closed by close(), or with the set (a cancelled run); ``directory`` is the state
-        # dir in the daemon: the image's root (and /tmp) is read-only, and a memory-backed
-        # /tmp would count the file against the very limit the spill is for
-        self._file = tempfile.TemporaryFile(prefix="registry-pruned-spill-", dir=directory)  # noqa: SIM115
-        self._buffers = [bytearray() for _ in range(256)]
-        self._blocks: list[array[int]] = [array("q") for _ in range(256)]  # offset, length
-        self._end = 0
-
-    def add(self, record: bytes) -> None:
-        """One 32-byte record, to its shard (its first byte)."""
-        buffer = self._buffers[record[0]]
-        buffer += record
-        if len(buffer) >= self.BLOCK:
-            self._write(record[0])
-
-    def _write(self, shard: int) -> None:
-        buffer = self._buffers[shard]
-        os.pwrite(self._file.fileno(), buffer, self._end)
-        self._blocks[shard].extend((self._end, len(buffer)))
-        self._end += len(buffer)
-        self._buffers[shard] = bytearray()
-
-    def take(self, shard: int) -> bytes:
-        """Every record of a shard added since it was last taken (repeats included)."""
-        blocks = self._blocks[shard]
-        parts = [
-            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
-            for i in range(0, len(blocks), 2)
-        ]
-        parts.append(bytes(self._buffers[shard]))
-        self._blocks[shard] = array("q")
-        self._buffers[shard] = bytearray()
-        data = b"".join(parts)
-        if sum(map(len, parts)) != len(data) or any(len(p) % WIDTH for p in parts):
-            raise OSError("the spill file came back short")
-        return data
-
-    def close(self) -> None:
-        self._file.close()
-
-
 class OnceSet:
     """32-byte digests, each answered once by ``take``: a sorted buffer and a byte a digest
     for "taken" (~33 B a digest where a ``set[bytes]`` that forgets what it answers took
@@ -754,21 +704,29 @@ class BaseMap:
 class ShardRecords:
     """Fixed-width records by shard (their first byte), added a shard's bytes at a time and
     taken back a shard at a time: in memory, or with ``spill`` in an anonymous temporary
-    file (unlinked at once, as ``Spill``), a block a shard buffered in memory (issue 19)."""
+    file (unlinked at once: nothing is left after a crash), a block a shard buffered in
+    memory (issue 19)."""
 
-    __slots__ = ("_blocks", "_buffers", "_end", "_file", "width")
-    BLOCK = 4000  # bytes a shard buffers before a write (a multiple of 40-byte records)
+    __slots__ = ("_block", "_blocks", "_buffers", "_end", "_file", "width")
 
     def __init__(
-        self, width: int, *, spill: bool = False, directory: str | os.PathLike[str] | None = None
+        self,
+        width: int,
+        *,
+        spill: bool = False,
+        directory: str | os.PathLike[str] | None = None,
+        prefix: str = "registry-pruned-records-",
     ) -> None:
         self.width = width
+        self._block = 4096 // width * width  # bytes a shard buffers before a write
         self._buffers = [bytearray() for _ in range(256)]
         self._blocks: list[array[int]] = [array("q") for _ in range(256)]  # offset, length
         self._end = 0
-        # the state dir in the daemon (see ``Spill``: the image's root is read-only)
+        # ``directory`` is the state dir in the daemon: the image's root (and /tmp) is
+        # read-only, and a memory-backed /tmp would count the file against the very limit
+        # the spill is for
         self._file = (
-            tempfile.TemporaryFile(prefix="registry-pruned-records-", dir=directory)  # noqa: SIM115
+            tempfile.TemporaryFile(prefix=prefix, dir=directory)  # noqa: SIM115
             if spill
             else None
         )
@@ -779,42 +737,61 @@ class ShardRecords:
             raise ValueError(f"records of {self.width} bytes")
         buffer = self._buffers[shard]
         buffer += data
-        if self._file is not None and len(buffer) >= self.BLOCK:
-            os.pwrite(self._file.fileno(), buffer, self._end)
-            self._blocks[shard].extend((self._end, len(buffer)))
-            self._end += len(buffer)
-            self._buffers[shard] = bytearray()
+        if self._file is not None and len(buffer) >= self._block:
+            self._write(shard)
+
+    def _write(self, shard: int) -> None:
+        assert self._file is not None
+        buffer = self._buffers[shard]
+        os.pwrite(self._file.fileno(), buffer, self._end)
+        self._blocks[shard].extend((self._end, len(buffer)))
+        self._end += len(buffer)
+        self._buffers[shard] = bytearray()
+
+    def _stored(self, shard: int) -> list[bytes]:
+        blocks = self._blocks[shard]
+        if self._file is None:
+            return []
+        parts = [
+            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
+            for i in range(0, len(blocks), 2)
+        ]
+        if any(len(part) != blocks[2 * i + 1] for i, part in enumerate(parts)):
+            raise OSError("the records file came back short")
+        return parts
 
     def read(self, shard: int) -> bytes:
         """Every record of a shard added since it was last taken (they stay)."""
-        blocks = self._blocks[shard]
-        parts = [
-            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
-            for i in range(0, len(blocks), 2)
-            if self._file is not None
-        ]
-        if any(len(part) != blocks[2 * i + 1] for i, part in enumerate(parts)):
-            raise OSError("the records file came back short")
-        return b"".join([*parts, bytes(self._buffers[shard])])
+        return b"".join([*self._stored(shard), bytes(self._buffers[shard])])
 
     def take(self, shard: int) -> bytes:
         """Every record of a shard added since it was last taken, in the order added."""
-        blocks = self._blocks[shard]
-        parts = [
-            os.pread(self._file.fileno(), blocks[i + 1], blocks[i])
-            for i in range(0, len(blocks), 2)
-            if self._file is not None
-        ]
-        if any(len(part) != blocks[2 * i + 1] for i, part in enumerate(parts)):
-            raise OSError("the records file came back short")
-        parts.append(bytes(self._buffers[shard]))
+        data = self.read(shard)
         self._blocks[shard] = array("q")
         self._buffers[shard] = bytearray()
-        return b"".join(parts)
+        return data
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+class Spill(ShardRecords):
+    """32-byte records by shard in an unlinked file, read back a shard at a time: a set that
+    is only added to until it is sorted holds a few KiB a shard instead of every record."""
+
+    __slots__ = ()
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(WIDTH, spill=True, directory=directory, prefix="registry-pruned-spill-")
+
+    def add(self, record: bytes) -> None:
+        """One 32-byte record, to its shard (its first byte); no width check: the mark's
+        hot path, whose records are digests."""
+        buffer = self._buffers[record[0]]
+        buffer += record
+        if len(buffer) >= self._block:
+            self._write(record[0])
 
 
 class SpilledDigests:

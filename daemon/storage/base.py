@@ -46,6 +46,22 @@ RUN_LOG: ContextVar[structlog.typing.FilteringBoundLogger | None] = ContextVar(
 PARSE_SLICE = 8
 
 
+def split_sized(
+    entries: Sequence[BlobEntry],
+    members: AbstractSet[bytes],
+    outside: list[BlobEntry],
+    sized: bytearray,
+) -> None:
+    """Entries outside ``members`` go to ``outside``; the size of each inside, when known,
+    to ``sized`` as a ``size_record``."""
+    for entry in entries:
+        raw = bytes.fromhex(entry.hex)
+        if raw not in members:
+            outside.append(entry)
+        elif entry.size is not None:
+            sized += size_record(raw, entry.size)
+
+
 class Storage(ABC):
     """One registry store. All keys are relative to ``<root>/docker/registry/v2/``."""
 
@@ -130,12 +146,7 @@ class Storage(ABC):
         entries = await self._with_data(await self.list_blob_shard(shard))
         outside: list[BlobEntry] = []
         sized = bytearray()
-        for entry in entries:
-            raw = bytes.fromhex(entry.hex)
-            if raw not in members:
-                outside.append(entry)
-            elif entry.size is not None:
-                sized += size_record(raw, entry.size)
+        split_sized(entries, members, outside, sized)
         return len(entries), outside, bytes(sized)
 
     @abstractmethod

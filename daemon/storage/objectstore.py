@@ -34,8 +34,8 @@ from daemon.storage.base import (
     Storage,
     StorageError,
     TooLarge,
+    split_sized,
 )
-from daemon.usage import size_record
 
 T = TypeVar("T")
 
@@ -516,12 +516,7 @@ class ObjectStore(Storage):
         sized = bytearray()
         async for page in self._shard_pages(shard):
             count += len(page)
-            for entry in page:
-                raw = bytes.fromhex(entry.hex)
-                if raw not in members:
-                    outside.append(entry)
-                elif entry.size is not None:
-                    sized += size_record(raw, entry.size)
+            split_sized(page, members, outside, sized)
         return count, await self._with_data(outside), bytes(sized)
 
     async def _flat_shard(self, shard: str) -> list[BlobEntry] | None:
