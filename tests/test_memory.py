@@ -23,7 +23,7 @@ def test_the_cli_sets_it_before_any_thread() -> None:
     code = (
         "import threading, daemon.memory as m; calls = [];"
         "m.one_malloc_arena = lambda: calls.append(threading.active_count());"
-        "import daemon.__main__ as d, sys; sys.argv = ['registry-pruned', '--help'];"
+        "import daemon.__main__ as d, sys; sys.argv = ['prog', '--help'];"
         "\ntry: d.run()\nexcept SystemExit: pass\nprint(calls)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
