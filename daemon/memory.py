@@ -16,9 +16,10 @@ def one_malloc_arena() -> bool:
     Each thread that allocates gets an arena of its own otherwise (up to 8 a core): the
     filesystem driver's threads (scans, link reads) and the reader pool's result thread
     allocated lists and buffers there, and what they freed stayed mapped apart from the main
-    arena's free space: 8.5 MB more on average at the peak of a 1M-blob filesystem check (four
-    runs each; runs vary by about 6 MB; issue 19, bench/README.md). Python code holds the GIL while it allocates, so one arena costs no
-    contention worth measuring. MALLOC_ARENA_MAX in the environment is left to decide."""
+    arena's free space: 8.5 MB more on average at the peak of a 1M-blob filesystem check
+    (four runs each; runs vary by about 6 MB; issue 19, bench/README.md). Python code holds
+    the GIL while it allocates, so one arena costs no contention worth measuring.
+    MALLOC_ARENA_MAX in the environment is left to decide."""
     if not sys.platform.startswith("linux"):
         return False
     if "MALLOC_ARENA_MAX" in os.environ:
