@@ -391,14 +391,18 @@ class PackedCandidates(Generic[S]):
         for rec in self._records(0, len(self)):
             yield self._made(rec)
 
+    def _shard_digests(self, data: bytearray) -> bytes:
+        """One shard's candidates' digests, sorted and each once."""
+        r = self._RECORD
+        return sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
+
     def digests(self, *, take: bool = False) -> PackedShard:
         """Every candidate's digest, as a packed set: sorted a shard at a time, so the only
         transient is one shard's records. ``take`` forgets each shard's candidates once
-        its digests are out (the verification after a delete needs no more of them)."""
-        r = self._RECORD
+        its digests are out."""
         out = bytearray()
         for shard, data in enumerate(self._shards):
-            out += sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
+            out += self._shard_digests(data)
             if take:
                 self._shards[shard] = bytearray()
         # over the bytearray itself, which no one else holds: a copy (3.2 MB at 1M) beside it
@@ -408,13 +412,9 @@ class PackedCandidates(Generic[S]):
     def digests_into(self, into: SpilledDigests) -> None:
         """Every candidate's digest, a sorted shard at a time, into ``into``; each shard's
         candidates are forgotten as their digests go (the verification after a delete)."""
-        r = self._RECORD
         for shard, data in enumerate(self._shards):
             if data:
-                into.add_shard(
-                    shard,
-                    sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r))),
-                )
+                into.add_shard(shard, self._shard_digests(data))
             self._shards[shard] = bytearray()
 
 

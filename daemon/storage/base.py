@@ -21,7 +21,7 @@ from daemon.storage.model import (
     StorageError,
     TooLarge,
 )
-from daemon.storage.reading import parse_each
+from daemon.storage.reading import as_is, parse_each
 from daemon.usage import size_record
 
 __all__ = [
@@ -206,12 +206,7 @@ class Storage(ABC):
     ) -> list[P | ValueError | None]:
         """``read_many``, each content through ``parse``: None where missing, the ValueError
         where ``parse`` raised one. ``parse`` is module-level: a driver may run it elsewhere."""
-        datas = await self.read_many(keys, limit)
-        out: list[P | ValueError | None] = []
-        for start in range(0, len(datas), PARSE_SLICE):
-            out += parse_each(datas[start : start + PARSE_SLICE], parse)
-            await asyncio.sleep(0)
-        return out
+        return await self.read_folded(keys, limit, parse, as_is)
 
     async def read_folded(
         self,
@@ -221,8 +216,14 @@ class Storage(ABC):
         fold: Callable[[list[P | ValueError | None]], R],
     ) -> R:
         """``fold`` of ``read_parsed``'s results, where the parse ran: a driver that parses in
-        another process hands back only what ``fold`` makes of a chunk (module-level too)."""
-        return fold(await self.read_parsed(keys, limit, parse))
+        another process overrides this alone and hands back only what ``fold`` makes of a
+        chunk (module-level too)."""
+        datas = await self.read_many(keys, limit)
+        out: list[P | ValueError | None] = []
+        for start in range(0, len(datas), PARSE_SLICE):
+            out += parse_each(datas[start : start + PARSE_SLICE], parse)
+            await asyncio.sleep(0)
+        return fold(out)
 
     async def stat_many(self, keys: Sequence[str]) -> list[Entry | None]:
         """``stat`` of each key; drivers batch it. Keep ``keys`` short."""

@@ -295,11 +295,6 @@ class FilesystemStorage(Storage):
     async def read_many(self, keys: Sequence[str], limit: int) -> list[bytes | None]:
         return await self._run(reading.read_files, self._base, keys, limit)
 
-    async def read_parsed(
-        self, keys: Sequence[str], limit: int, parse: Callable[[bytes], P]
-    ) -> list[P | ValueError | None]:
-        return await self._in_process(reading.read_parsed, self._base, list(keys), limit, parse)
-
     async def read_folded(
         self,
         keys: Sequence[str],

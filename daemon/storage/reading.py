@@ -163,6 +163,11 @@ def read_parsed(
     return parse_each(read_files(base, keys, limit), parse)
 
 
+def as_is(results: list[P | ValueError | None]) -> list[P | ValueError | None]:
+    """The fold that keeps every result (``read_parsed`` as a ``read_folded``)."""
+    return results
+
+
 def read_folded(
     base: str,
     keys: Sequence[str],
