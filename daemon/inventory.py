@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, MutableSet
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from daemon import layout, packed
@@ -27,26 +26,17 @@ _TAG_TAIL = "/_manifests/tags/"  # then <tag>/current/link
 @dataclass(slots=True)
 class Repository:
     name: str
+    #: its number in the inventory, 4 bytes little-endian: what a layer link's record names
+    number: bytes = bytes(4)
     #: hex of revisions whose link exists, held as sorted raw digests (32 bytes each, where
     #: a set of hex strings took ~160)
     revisions: packed.HexSet = field(default_factory=packed.HexSet)
     tags: packed.NameSet = field(default_factory=packed.NameSet)  # one '/'-joined string
-    #: raw digests of _layers links, concatenated (only when the inventory keeps them): the
-    #: inventory's ``layer_width`` bytes of each (32, or a prefix), where a set of hex strings
-    #: took about 160
-    layers: bytearray = field(default_factory=bytearray)
     #: "<algorithm>:<hex>" of _layers links named by sha384/sha512 (only when the inventory
     #: keeps layers): each holds the sha256 digest of the blob it stands for
     foreign_layers: list[str] = field(default_factory=list)
     uploads: set[str] = field(default_factory=set)  # upload uuids
     uploads_started: set[str] = field(default_factory=set)  # uuids that have a startedat file
-
-    def layer_digests(self, width: int = 32) -> Iterator[bytes]:
-        """The raw digests (or prefixes ``width`` bytes long) of this repository's _layers
-        links."""
-        view = memoryview(self.layers)
-        for i in range(0, len(view), width):
-            yield bytes(view[i : i + width])
 
 
 @dataclass(slots=True)
@@ -57,13 +47,26 @@ class Inventory:
     #: _layers links are only needed to unlink deleted blobs; a check does not hold them
     keep_layers: bool = True
     #: bytes kept of each _layers link's digest: 32, or a prefix (8) where the links are only
-    #: matched against the doomed blobs (``layer_links``): 8 bytes a link instead of 32
+    #: matched against the doomed blobs (``layer_links``) and wait in memory
     layer_width: int = 32
+    #: the _layers links, a record each (the digest's ``layer_width`` bytes, then the
+    #: repository's ``number``) by shard; made with a spill, they wait in an unlinked file of
+    #: the state dir: a 1M-blob delete held 7.5 MB of them from the scan to the delete's end
+    #: (issue 19)
+    layer_records: packed.ShardRecords | None = None
+    _names: list[str] = field(default_factory=list)
+    _shard: tuple[int, dict[bytes, list[bytes]]] = (-1, {})  # the links of the shard read last
+
+    def __post_init__(self) -> None:
+        if self.keep_layers and self.layer_records is None:
+            self.layer_records = packed.ShardRecords(self.layer_width + 4)
 
     def repo(self, name: str) -> Repository:
         found = self.repositories.get(name)
         if found is None:
-            found = self.repositories[name] = Repository(name)
+            number = len(self._names).to_bytes(4, "little")
+            found = self.repositories[name] = Repository(name, number)
+            self._names.append(name)
         return found
 
     def add_key(self, key: str) -> None:
@@ -76,7 +79,7 @@ class Inventory:
         hexmatch = _HEX_AT.fullmatch
         plain = _PLAIN_NAME.fullmatch
         repos = self.repositories
-        keep_layers = self.keep_layers
+        layer = self.layer_records.add if self.layer_records is not None else None
         hex_end = -69 + 2 * self.layer_width  # the kept part of a layer link's hex
         # keys come a repository at a time: its name is checked once, not once a key
         last_name, last_repo = "", None
@@ -102,8 +105,8 @@ class Inventory:
                     if repo is not None and hexmatch(key, end - 69, end - 5):
                         if cut == 98:
                             repo.revisions.add(key[-69:-5])
-                        elif keep_layers:
-                            repo.layers += bytes.fromhex(key[-69:hex_end])
+                        elif layer is not None:
+                            layer(bytes.fromhex(key[-69:hex_end]) + repo.number)
                         continue
                 elif key[-13:] == "/current/link":
                     head, _, tag = key[:-13].rpartition("/")
@@ -118,40 +121,48 @@ class Inventory:
             self._add_general(key)
 
     def drop_layers(self) -> None:
-        """Free the _layers links once the doomed blobs' links are known (issue 19: 8-32 B
-        a link, held through the verification after a delete otherwise)."""
-        for repo in self.repositories.values():
-            repo.layers = bytearray()
+        """Forget the _layers links (the delete is over): their file goes."""
+        if self.layer_records is not None:
+            self.layer_records.close()
+            self.layer_records = None
+        self._shard = (-1, {})
 
-    def layer_links(self, doomed: AbstractSet[bytes]) -> Iterator[tuple[str, bytes]]:
-        """(repository, digest) of each _layers link of a ``doomed`` digest. With prefixes, a
-        link whose prefix only matches names the doomed digest's link, which that repository
-        does not have: removing a missing link is a no-op, so a match never costs a link."""
-        width = self.layer_width
-        if width == 32:
-            for repo in self.repositories.values():
-                for raw in repo.layer_digests():
-                    if raw in doomed:
-                        yield repo.name, raw
-            return
-        packed_doomed = (
-            doomed
-            if isinstance(doomed, packed.PackedShard)
-            else packed.PackedShard(packed.sorted_unique(b"".join(doomed)))
-        )
-        # a bit per 22-bit prefix (512 KiB) answers most links without a bisect (2 MiB for 24
-        # bits, beside the doomed digests, made a 1M delete's peak: issue 19; the few more
-        # bisects, ~2% of the links at 100,000 doomed blobs, cost ~0.1 s)
-        seen = bytearray(1 << 19)
-        for raw in packed_doomed:
-            at = int.from_bytes(raw[:3], "big") >> 2
-            seen[at >> 3] |= 1 << (at & 7)
-        for repo in self.repositories.values():
-            for prefix in repo.layer_digests(width):
-                at = int.from_bytes(prefix[:3], "big") >> 2
-                if seen[at >> 3] & (1 << (at & 7)):
-                    for raw in packed_doomed.starting_with(prefix):
-                        yield repo.name, raw
+    def layer_links(self, doomed: Iterable[bytes]) -> Iterator[tuple[str, bytes]]:
+        """(repository, digest) of each _layers link of a ``doomed`` digest, read a shard at
+        a time: the digests come in shard order (a delete's batch), so each shard is read
+        once. With prefixes, a link whose prefix only matches names the doomed digest's link,
+        which that repository does not have: removing a missing link is a no-op, so a match
+        never costs a link."""
+        width, names = self.layer_width, self._names
+        for raw in doomed:
+            shard, links = self._shard
+            if shard != raw[0]:
+                links = self._links_of_shard(raw[0])
+                self._shard = (raw[0], links)
+            for number in links.get(raw[:width], ()):
+                yield names[int.from_bytes(number, "little")], raw
+
+    def layer_digests(self, name: str) -> list[bytes]:
+        """The whole digests of ``name``'s _layers links (``layer_width`` 32), every shard read
+        (online mode, for a repository it removes)."""
+        repo = self.repositories.get(name)
+        if repo is None or self.layer_records is None:
+            return []
+        found: list[bytes] = []
+        for shard in range(256):
+            data = self.layer_records.read(shard)
+            for record in packed.records(data, self.layer_width + 4):
+                if record[-4:] == repo.number:
+                    found.append(record[:-4])
+        return found
+
+    def _links_of_shard(self, shard: int) -> dict[bytes, list[bytes]]:
+        links: dict[bytes, list[bytes]] = {}
+        if self.layer_records is not None:
+            width = self.layer_width
+            for record in packed.records(self.layer_records.read(shard), width + 4):
+                links.setdefault(record[:width], []).append(record[width:])
+        return links
 
     def _add_general(self, key: str) -> None:
         kind = layout.classify_repo_key(key)
@@ -163,8 +174,9 @@ class Inventory:
             case "revision":
                 repo.revisions.add(kind.digest_hex)
             case "layer":
-                if self.keep_layers:
-                    repo.layers += bytes.fromhex(kind.digest_hex)[: self.layer_width]
+                if self.layer_records is not None:
+                    digest = bytes.fromhex(kind.digest_hex)
+                    self.layer_records.add(digest[: self.layer_width] + repo.number)
             case "tag_current" | "tag_index":
                 repo.tags.add(kind.tag)
             case "upload_startedat":

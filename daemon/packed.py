@@ -22,9 +22,11 @@ _RECORDS = re.compile(rb".{32}", re.DOTALL)  # 32-byte records, split in C
 _STEPS = 8  # records a forward lookup walks before it bisects
 
 
-def records(data: bytes) -> list[bytes]:
-    """The 32-byte records concatenated in ``data``."""
-    return _RECORDS.findall(data)
+def records(data: bytes, width: int = WIDTH) -> list[bytes]:
+    """The ``width``-byte records concatenated in ``data``."""
+    if width == WIDTH:
+        return _RECORDS.findall(data)
+    return re.findall(b".{%d}" % width, data, re.DOTALL)  # the re module caches the pattern
 
 
 def sorted_unique(*parts: bytes) -> bytes:
@@ -740,6 +742,14 @@ class ShardRecords:
         if self._file is not None and len(buffer) >= self._block:
             self._write(shard)
 
+    def add(self, record: bytes) -> None:
+        """One record, to its shard (its first byte); no width check: the hot path of the
+        mark's spill and the scan's layer links."""
+        buffer = self._buffers[record[0]]
+        buffer += record
+        if self._file is not None and len(buffer) >= self._block:
+            self._write(record[0])
+
     def _write(self, shard: int) -> None:
         assert self._file is not None
         buffer = self._buffers[shard]
@@ -784,14 +794,6 @@ class Spill(ShardRecords):
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         super().__init__(WIDTH, spill=True, directory=directory, prefix="registry-pruned-spill-")
-
-    def add(self, record: bytes) -> None:
-        """One 32-byte record, to its shard (its first byte); no width check: the mark's
-        hot path, whose records are digests."""
-        buffer = self._buffers[record[0]]
-        buffer += record
-        if len(buffer) >= self._block:
-            self._write(record[0])
 
 
 class SpilledDigests:

@@ -49,6 +49,20 @@ def _digests(candidates: Iterable[Candidate]) -> AbstractSet[bytes]:
     return {c.digest for c in candidates}
 
 
+def _batch_layers(
+    inventory: Inventory, batch: Sequence[Candidate], foreign: dict[bytes, list[str]]
+) -> dict[bytes, list[str]]:
+    """The _layers link directories of a batch's blobs, found as the batch goes: a dict of
+    every doomed blob's links made at once held ~350 bytes a link through the whole delete."""
+    layers: dict[bytes, list[str]] = {}
+    for name, raw in inventory.layer_links([c.digest for c in batch]):
+        layers.setdefault(raw, []).append(layout.layer_link_dir(name, raw.hex()))
+    for candidate in batch:
+        if candidate.digest in foreign:
+            layers.setdefault(candidate.digest, []).extend(foreign[candidate.digest])
+    return layers
+
+
 class Stopped(Exception):
     """The run was asked to stop; partial counts are in the summary."""
 
@@ -246,9 +260,11 @@ class Engine:
                 return await self.examine()
             finally:
                 RUN_LOG.reset(run_log)
+        warm = False
         try:
             await self._guard()
             self.storage.warm_up()  # after the guard: a refused run starts no helpers
+            warm = True
             if self.options.mode == DELETE:
                 self.lease = Lease(self.storage, self.run_id, self.options.lease_ttl, log=self.log)
                 await self.lease.acquire(self.dead_runs)
@@ -273,6 +289,8 @@ class Engine:
                 # nothing of ours stays in the store once a delete run is over but its trash:
                 # the lease's directory goes where it is empty
                 await self.storage.remove_empty_dirs([layout.OWN])
+            if warm:
+                self.storage.cool_down()
             RUN_LOG.reset(run_log)
         self.progress.enter("done")
         return self.summary
@@ -387,9 +405,20 @@ class Engine:
         # _layers links only serve to unlink deleted blobs: a check neither lists nor keeps
         # them (they are most of the keys under repositories/)
         deleting = self.options.mode == DELETE
-        # a prefix of each layer link is enough to find the doomed blobs' links; online runs
-        # remove a repository's scanned links by name, which takes the whole digest
-        inventory = Inventory(keep_layers=deleting, layer_width=32 if self.options.online else 8)
+        # the storage source's state dir holds the layer links in a file, whole; in memory a
+        # prefix of each is enough to find the doomed blobs' links, but online runs remove a
+        # repository's scanned links by name, which takes the whole digest
+        spills = hasattr(self.source, "spill_dir")
+        width = 32 if self.options.online or spills else 8
+        records = None
+        if deleting and spills:
+            records = ShardRecords(
+                width + 4,
+                spill=True,
+                directory=getattr(self.source, "spill_dir", None),
+                prefix="registry-pruned-layers-",
+            )
+        inventory = Inventory(keep_layers=deleting, layer_width=width, layer_records=records)
         if self.options.revisions_pruned or self.options.mode == VERIFY:
             # these read every tag's current/link next: what the listing proves is kept
             self.storage.expect_tag_reads()
@@ -581,17 +610,14 @@ class Engine:
             await self._remove_untagged()
         await self._remove_repositories(inventory, marks)
         await self._remove_uploads(inventory)
-        if not candidates:
+        if not candidates or self.options.mode == CHECK:
+            inventory.drop_layers()
             return
-        if self.options.mode == CHECK:
-            return
-        layers: dict[bytes, list[str]] = {}
-        doomed = _digests(candidates)
-        for name, raw in inventory.layer_links(doomed):
-            layers.setdefault(raw, []).append(layout.layer_link_dir(name, raw.hex()))
-        await self._foreign_layer_links(inventory, doomed, layers)
-        del doomed
-        inventory.drop_layers()  # the doomed blobs' links are in ``layers`` now
+        foreign: dict[bytes, list[str]] = {}
+        if any(repo.foreign_layers for repo in inventory.repositories.values()):
+            doomed = _digests(candidates)
+            await self._foreign_layer_links(inventory, doomed, foreign)
+            del doomed
         # two batches in flight: one's links go while the other's blobs go, so the store is
         # not idle while the slowest request of a batch finishes. Online runs wait on the
         # source between steps and keep one batch at a time
@@ -608,10 +634,12 @@ class Engine:
                 self._check_stop()
                 self._check_lease()
                 batch = candidates[start : start + BATCH]
+                layers = _batch_layers(inventory, batch, foreign)
                 running.add(asyncio.create_task(self._delete_batch(batch, layers)))
         finally:
             # what is in flight finishes and is counted, whatever ended the loop
             results = await asyncio.gather(*running, return_exceptions=True)
+            inventory.drop_layers()
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -768,9 +796,11 @@ class Engine:
 
     async def examine(self) -> Summary:
         """A verify or recover run: the repositories walk, then that phase; nothing deleted."""
+        warm = False
         try:
             await self._guard()
             self.storage.warm_up()
+            warm = True
             inventory = await self._stoppable(self.scan_repositories())
             if self.options.mode == RECOVER:
                 from daemon.recover import Recovery
@@ -791,6 +821,9 @@ class Engine:
                 await self._stoppable(self.verify_all(inventory))
         except (SourceError, StorageError) as exc:
             raise RunFailed(str(exc)) from exc
+        finally:
+            if warm:
+                self.storage.cool_down()
         self.progress.enter("done")
         return self.summary
 
@@ -932,7 +965,7 @@ class Engine:
         return [
             *(layout.revision_dir(name, h) for h in sorted(repo.revisions)),
             *(f"{root}_manifests/tags/{tag}/" for tag in sorted(repo.tags)),
-            *(layout.layer_link_dir(name, raw.hex()) for raw in repo.layer_digests()),
+            *(layout.layer_link_dir(name, raw.hex()) for raw in inventory.layer_digests(name)),
         ]
 
     async def _remove_uploads(self, inventory: Inventory) -> None:

@@ -199,6 +199,40 @@ def test_layer_links_of_doomed_blobs_with_whole_digests_or_prefixes(width: int) 
     assert set(inventory.layer_links(set(doomed))) == found  # a plain set answers alike
 
 
+def test_layer_links_wait_in_a_file_a_batch_reads_back_by_shard(tmp_path: Path) -> None:
+    """Spilled layer links (a delete on the storage source): whole digests in an unlinked file
+    of the given directory, found for a batch in shard order, first and last shard included,
+    every repository's links by name, and nothing left once dropped."""
+    from daemon.inventory import Inventory
+
+    first, last = b"\x00" * 32, b"\xff" * 32
+    doomed = sorted([first, last, *digests(200)])
+    kept = digests(2000) + digests(300, first=0x42)  # shard 42's links fill a block or two
+    records = packed.ShardRecords(36, spill=True, directory=tmp_path, prefix="layers-")
+    inventory = Inventory(keep_layers=True, layer_width=32, layer_records=records)
+    a = [*doomed[:50], *kept]
+    keys = [f"repositories/ns/a/_layers/sha256/{d.hex()}/link" for d in a]
+    keys += [f"repositories/b/_layers/sha256/{d.hex()}/link" for d in (first, last, doomed[7])]
+    inventory.add_keys(keys)
+    assert not os.listdir(tmp_path)  # unlinked at once: a crash leaves nothing behind
+    assert os.fstat(records._file.fileno()).st_size > 0  # type: ignore[union-attr]  # spilled
+    assert sorted(inventory.layer_digests("ns/a")) == sorted(a)
+    assert sorted(inventory.layer_digests("b")) == sorted([first, last, doomed[7]])
+    assert inventory.layer_digests("nobody") == []
+    # a delete's batches, in shard order (each shard read once); kept blobs' links not named
+    found = [
+        link
+        for start in range(0, len(doomed), 64)
+        for link in inventory.layer_links(doomed[start : start + 64])
+    ]
+    wanted = [("ns/a", d) for d in doomed[:50]] + [("b", d) for d in (first, last, doomed[7])]
+    assert sorted(found) == sorted(wanted) and len(found) == len(wanted)
+    assert list(inventory.layer_links(sorted(digests(5)))) == []  # blobs no repository links
+    inventory.drop_layers()
+    assert records._file.closed and inventory.layer_records is None  # type: ignore[union-attr]
+    assert list(inventory.layer_links(doomed)) == []
+
+
 def test_blob_sizes_shards_first_last_and_repeats() -> None:
     """Sizes stay with their digests across shards, first and last of a shard, repeats once."""
     first = bytes([7]) + b"\x00" * 31

@@ -80,6 +80,9 @@ class Storage(ABC):
     def warm_up(self) -> None:  # noqa: B027 - optional hook
         """A run is starting: a driver may start its helpers now, in the background."""
 
+    def cool_down(self) -> None:  # noqa: B027 - optional hook
+        """The run that called ``warm_up`` has ended: its helpers may stop once idle."""
+
     def expect_tag_reads(self) -> None:  # noqa: B027 - optional hook
         """The next ``scan_repositories`` is followed by reads of every tag's ``current/link``
         (untagged, retention and verify runs): a driver may keep what its listing proves of

@@ -66,6 +66,7 @@ class FilesystemStorage(Storage):
         # (one reader: 8.0 s for a 500k check where two took 6.6), and each reader is ~18 MB
         self._reader_count = min(self.concurrency, cpus, _MAX_READERS)
         self._in_flight = 0  # calls in the reader processes
+        self._runs = 0  # runs between warm_up and cool_down: their readers are kept
         self._idle: asyncio.TimerHandle | None = None
         # what the current scan followed: symbolic links, told to the run (take_notes)
         self._notes: list[str] = []
@@ -334,6 +335,7 @@ class FilesystemStorage(Storage):
 
     def warm_up(self) -> None:
         # the reader processes take a few hundred ms to start: they do it during the scan
+        self._runs += 1
         for _attempt in range(2):
             pool = self._readers()
             try:
@@ -344,6 +346,14 @@ class FilesystemStorage(Storage):
                 # a reader died between runs (nothing of a run was lost): start afresh
                 self._processes = None
                 pool.shutdown(wait=False)
+        self._idle_soon(asyncio.get_running_loop())
+
+    def cool_down(self) -> None:
+        # kept through a run's quiet phases (a delete's unlinks, 20 s and more at 1M blobs):
+        # readers started again later would be spawned (threads exist by then), each a new
+        # interpreter, with a resource tracker besides: 13 MB more at the run's peak, and the
+        # parent's whole size counted twice for the instant of each fork (issue 19)
+        self._runs = max(0, self._runs - 1)
         self._idle_soon(asyncio.get_running_loop())
 
     def _readers(self) -> ProcessPoolExecutor:
@@ -380,13 +390,14 @@ class FilesystemStorage(Storage):
             self._idle_soon(loop)
 
     def _idle_soon(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._in_flight and self._processes is not None and self._idle is None:
+        busy = self._in_flight or self._runs
+        if not busy and self._processes is not None and self._idle is None:
             # a daemon between runs holds no idle processes
             self._idle = loop.call_later(_PROCESS_IDLE, self._stop_processes)
 
     def _stop_processes(self) -> None:
         self._idle = None
-        if self._processes is not None and not self._in_flight:
+        if self._processes is not None and not (self._in_flight or self._runs):
             self._processes.shutdown(wait=False, cancel_futures=True)
             self._processes = None
 
