@@ -376,17 +376,20 @@ class ObjectStore(Storage):
             page = await self._call(
                 f"list {prefix!r}", functools.partial(self._list_page, prefix, delimiter, token)
             )
+            token = page.token
             yield page
-            if page.token is None:
+            # not held while the next page is fetched: each of a sweep's 16 listings kept two
+            # or three pages alive (~500 B a key with its entries; issue 19)
+            del page
+            if token is None:
                 return
-            if not page.token or page.token in seen:
+            if not token or token in seen:
                 # a listing that cannot go on must not pass for a complete one
                 raise StorageError(
                     f"{self.description}: listing of {prefix!r} is truncated "
                     "but has no usable continuation token"
                 )
-            seen.add(page.token)
-            token = page.token
+            seen.add(token)
 
     def _entries(self, page: Page, prefix: str, prove: bool = False) -> list[Entry]:
         """The objects of a listing page; ``prove``: remember revision links it proves."""
@@ -491,7 +494,9 @@ class ObjectStore(Storage):
                     and hexdigest.startswith(shard)
                 ):
                     found.append(BlobEntry(hexdigest, size, mtime))
+            del page
             yield found
+            del found  # as in ``_pages``: not held across the next request
 
     async def blobs_outside(
         self, shard: str, members: AbstractSet[bytes]
@@ -504,6 +509,7 @@ class ObjectStore(Storage):
         async for page in self._shard_pages(shard):
             count += len(page)
             outside += [e for e in page if bytes.fromhex(e.hex) not in members]
+            del page  # not held across the next request
         # every listed key is a ``<hex>/data`` object: size and mtime came with it
         return count, await self._with_data(outside)
 
@@ -517,6 +523,7 @@ class ObjectStore(Storage):
         async for page in self._shard_pages(shard):
             count += len(page)
             split_sized(page, members, outside, sized)
+            del page  # not held across the next request
         return count, await self._with_data(outside), bytes(sized)
 
     async def _flat_shard(self, shard: str) -> list[BlobEntry] | None:
@@ -656,8 +663,10 @@ class ObjectStore(Storage):
             async with flat_slots:
                 async for page in self._pages(full):
                     entries = self._entries(page, full, prove)
+                    del page  # neither is held while the queue is full or the next page comes
                     if entries:
                         await queue.put(entries)
+                    del entries
 
         async def split(relative: str, group: asyncio.TaskGroup) -> None:
             # only the upper levels are split: deeper down a delimiter listing would cost one
