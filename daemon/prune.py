@@ -412,12 +412,7 @@ class Engine:
         width = 32 if self.options.online or spills else 8
         records = None
         if deleting and spills:
-            records = ShardRecords(
-                width + 4,
-                spill=True,
-                directory=getattr(self.source, "spill_dir", None),
-                prefix="registry-pruned-layers-",
-            )
+            records = self._shard_records(width + 4, "registry-pruned-layers-")
         inventory = Inventory(keep_layers=deleting, layer_width=width, layer_records=records)
         if self.options.revisions_pruned or self.options.mode == VERIFY:
             # these read every tag's current/link next: what the listing proves is kept
@@ -848,13 +843,11 @@ class Engine:
         self, inventory: Inventory, marks: Marks, candidates: list[Candidate]
     ) -> None:
         """After a delete: every kept image whole, from what the run already listed."""
-        spill_dir = getattr(self.source, "spill_dir", None)
-        spills = hasattr(self.source, "spill_dir")  # the storage source: the state dir
         deleted: Any = None
         if isinstance(candidates, PackedCandidates):
             # packed candidates are forgotten as their digests go to a file of the state
             # dir, read back only for the rare loose digest strings (issue 19)
-            deleted = SpilledDigests(ShardRecords(32, spill=spills, directory=spill_dir))
+            deleted = SpilledDigests(self._shard_records(32, "registry-pruned-records-"))
             candidates.digests_into(deleted)
         prior = Prior(
             in_use=marks.in_use,
@@ -869,6 +862,16 @@ class Engine:
         finally:
             if deleted is not None:
                 deleted.close()
+
+    def _shard_records(self, width: int, prefix: str) -> ShardRecords:
+        """Records by shard, in a file of the state dir where the source has one (the storage
+        source), else in memory."""
+        return ShardRecords(
+            width,
+            spill=hasattr(self.source, "spill_dir"),
+            directory=getattr(self.source, "spill_dir", None),
+            prefix=prefix,
+        )
 
     def _store_verifier(self, prior: Prior | None = None) -> StoreVerifier:
         return StoreVerifier(
