@@ -329,6 +329,33 @@ async def test_seeded_listing(seeded: Seeded, make_storage: MakeStorage, proxy: 
 
 
 @session_loop
+async def test_read_many_keeps_concurrency_reads_in_flight(
+    seeded: Seeded, make_storage: MakeStorage
+) -> None:
+    # issue 19: a task per key of every worker's chunk held ~15 MB in a 1M delete's verify
+    storage = make_storage(seeded.bucket, seeded.root, concurrency=4)
+    read, alive, peak = storage.read, 0, 0
+
+    async def counted(key: str, limit: int) -> bytes:
+        nonlocal alive, peak
+        alive += 1
+        peak = max(peak, alive)
+        try:
+            return await read(key, limit)
+        finally:
+            alive -= 1
+
+    storage.read = counted  # type: ignore[method-assign]
+    hexes_read = sorted(seeded.blobs)[:300]
+    keys = [layout.blob_data(h) for h in hexes_read] + ["repositories/none"]
+    found = await asyncio.gather(storage.read_many(keys, 100), storage.read_many(keys[:5], 100))
+    assert found[0] == [seeded.blobs[h] for h in hexes_read] + [None]
+    assert found[1] == found[0][:5]
+    assert 4 < peak <= 4 + 4  # each call keeps its own four, whatever the other does
+    assert await storage.read_many([], 100) == []
+
+
+@session_loop
 async def test_scan_lists_layer_links_only_when_asked(
     seeded: Seeded, make_storage: MakeStorage, proxy: FaultProxy
 ) -> None:
