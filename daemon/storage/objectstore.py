@@ -36,6 +36,7 @@ from daemon.storage.base import (
     TooLarge,
     split_sized,
 )
+from daemon.workers import in_parallel
 
 T = TypeVar("T")
 
@@ -802,7 +803,7 @@ class ObjectStore(Storage):
                 return False
             return True
 
-        copied = await asyncio.gather(*(copy(*move) for move in moves))
+        copied = await in_parallel(moves, lambda move: copy(*move), self.concurrency)
         sources = [move[0] for move, done in zip(moves, copied, strict=True) if done]
         not_removed = await self.delete_keys(sources)
         left = {f.key for f in not_removed}
@@ -947,7 +948,7 @@ class ObjectStore(Storage):
                 return None if exc.missing else DeleteFailure(key, str(exc))
             return None
 
-        found = await asyncio.gather(*(one(k) for k in keys))
+        found = await in_parallel(keys, one, self.concurrency)
         failures = [f for f in found if f is not None]
         if failures:
             self.log.warning(f"{self.driver} keys not deleted", failed=len(failures), of=len(keys))
@@ -973,7 +974,7 @@ class ObjectStore(Storage):
             return [e.key async for page in self._pages(full) for e in self._entries(page, full)]
 
         for prefix, found in zip(
-            listed, await asyncio.gather(*(below(p) for p in listed)), strict=True
+            listed, await in_parallel(listed, below, self.concurrency), strict=True
         ):
             owner.update(dict.fromkeys(found, prefix))
         return _by_prefix(await self.delete_keys(list(owner)), owner)
