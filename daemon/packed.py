@@ -336,31 +336,47 @@ S = TypeVar("S", bound=Sized)
 
 
 class PackedCandidates(Generic[S]):
-    """A delete run's candidates as 40-byte records (digest, size) in 256 per-shard buffers,
-    where a candidate object with its path took ~300 bytes; each comes back made by
-    ``make``, in shard order."""
+    """A delete run's candidates as 40-byte records (digest, size) by shard, where a candidate
+    object with its path took ~300 bytes: in memory, or in the file of ``records`` (the state
+    dir's: 10.6 MB at 265k candidates set a 1M S3 delete's peak, issue 19). Each comes back
+    made by ``make``, in shard order."""
 
-    __slots__ = ("_make", "_shards")
+    __slots__ = ("_counts", "_last", "_make", "_store")
     _RECORD = WIDTH + 8
 
-    def __init__(self, make: Callable[[bytes, int], S]) -> None:
-        self._shards = [bytearray() for _ in range(256)]
+    def __init__(
+        self, make: Callable[[bytes, int], S], records: ShardRecords | None = None
+    ) -> None:
+        if records is not None and records.width != self._RECORD:
+            raise ValueError(f"candidates are records of {self._RECORD} bytes")
+        self._store = records if records is not None else ShardRecords(self._RECORD)
+        self._counts = array("q", [0]) * 256
+        # the shard last read back: a delete's batches slice it ~1,000 records at a time
+        self._last: tuple[int, bytes] | None = None
         self._make = make
 
     def append(self, item: S) -> None:
         if len(item.digest) != WIDTH:
             raise ValueError("a candidate is named by a 32-byte digest")
-        self._shards[item.digest[0]] += item.digest + item.size.to_bytes(8, "little")
+        self._store.add(item.digest + item.size.to_bytes(8, "little"))
+        self._counts[item.digest[0]] += 1
+        self._last = None
+
+    def _shard(self, shard: int) -> bytes:
+        if self._last is None or self._last[0] != shard:
+            self._last = (shard, self._store.read(shard))
+        return self._last[1]
 
     def _records(self, start: int, stop: int) -> Iterator[bytes]:
         """Records ``start`` to ``stop`` (indexes across the shards, in shard order)."""
         r = self._RECORD
         first = 0
-        for data in self._shards:
-            count = len(data) // r
+        for shard, count in enumerate(self._counts):
             lo, hi = max(start - first, 0), min(stop - first, count)
-            for j in range(lo, hi):
-                yield bytes(data[j * r : (j + 1) * r])
+            if lo < hi:
+                data = self._shard(shard)
+                for j in range(lo, hi):
+                    yield data[j * r : (j + 1) * r]
             first += count
             if first >= stop:
                 return
@@ -369,10 +385,10 @@ class PackedCandidates(Generic[S]):
         return self._make(record[:WIDTH], int.from_bytes(record[WIDTH:], "little"))
 
     def __len__(self) -> int:
-        return sum(map(len, self._shards)) // self._RECORD
+        return sum(self._counts)
 
     def __bool__(self) -> bool:
-        return any(self._shards)
+        return any(self._counts)
 
     @overload
     def __getitem__(self, i: int) -> S: ...
@@ -393,8 +409,15 @@ class PackedCandidates(Generic[S]):
         for rec in self._records(0, len(self)):
             yield self._made(rec)
 
-    def _shard_digests(self, data: bytearray) -> bytes:
-        """One shard's candidates' digests, sorted and each once."""
+    def _shard_digests(self, shard: int, *, take: bool) -> bytes:
+        """One shard's candidates' digests, sorted and each once; ``take`` forgets the
+        shard's candidates."""
+        if not self._counts[shard]:
+            return b""
+        data = self._store.take(shard) if take else self._shard(shard)
+        if take:
+            self._counts[shard] = 0
+            self._last = None
         r = self._RECORD
         return sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
 
@@ -403,10 +426,8 @@ class PackedCandidates(Generic[S]):
         transient is one shard's records. ``take`` forgets each shard's candidates once
         its digests are out."""
         out = bytearray()
-        for shard, data in enumerate(self._shards):
-            out += self._shard_digests(data)
-            if take:
-                self._shards[shard] = bytearray()
+        for shard in range(256):
+            out += self._shard_digests(shard, take=take)
         # over the bytearray itself, which no one else holds: a copy (3.2 MB at 1M) beside it
         # was a delete phase's peak (issue 19)
         return PackedShard(out)
@@ -414,10 +435,16 @@ class PackedCandidates(Generic[S]):
     def digests_into(self, into: SpilledDigests) -> None:
         """Every candidate's digest, a sorted shard at a time, into ``into``; each shard's
         candidates are forgotten as their digests go (the verification after a delete)."""
-        for shard, data in enumerate(self._shards):
+        for shard in range(256):
+            data = self._shard_digests(shard, take=True)
             if data:
-                into.add_shard(shard, self._shard_digests(data))
-            self._shards[shard] = bytearray()
+                into.add_shard(shard, data)
+
+    def close(self) -> None:
+        """Forget every candidate; a file goes with them."""
+        self._counts = array("q", [0]) * 256
+        self._last = None
+        self._store.close()
 
 
 #: ``BlobSizes`` values that are no size

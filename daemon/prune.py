@@ -261,6 +261,7 @@ class Engine:
             finally:
                 RUN_LOG.reset(run_log)
         warm = False
+        candidates: Any = None
         try:
             await self._guard()
             self.storage.warm_up()  # after the guard: a refused run starts no helpers
@@ -283,6 +284,8 @@ class Engine:
         except (SourceError, StorageError, LeaseHeld) as exc:
             raise RunFailed(str(exc)) from exc
         finally:
+            if isinstance(candidates, PackedCandidates):
+                candidates.close()
             if self.lease is not None:
                 await self._seal_trash()
                 await self.lease.release()
@@ -509,8 +512,14 @@ class Engine:
         Returns the candidates to delete; a check reports them on the way and returns none.
         """
         self.progress.enter("sweep")
-        # a delete's candidates wait packed, 40 bytes each (issue 19: memory per blob)
-        candidates: Any = PackedCandidates(self._candidate)
+        # a delete's candidates wait packed, 40 bytes each, in a file of the state dir where
+        # there is one (issue 19: memory per blob); a check keeps none
+        records = (
+            self._shard_records(40, "registry-pruned-candidates-")
+            if self.options.mode == DELETE
+            else ShardRecords(40)
+        )
+        candidates: Any = PackedCandidates(self._candidate, records)
         shards = iter(layout.SHARDS)
         complete = self.complete_shards = set()
         tally = UsageTally(marks.usage, self.cutoff) if marks.usage is not None else None

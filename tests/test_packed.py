@@ -133,15 +133,24 @@ class _Cand:
     size: int
 
 
-def test_packed_candidates_keep_every_candidate_and_slice_in_shard_order() -> None:
-    made = PackedCandidates(_Cand)
+@pytest.mark.parametrize("spill", [False, True])
+def test_packed_candidates_keep_every_candidate_and_slice_in_shard_order(
+    spill: bool, tmp_path: Path
+) -> None:
+    """Candidates in memory or in a file of the state dir (a delete's, issue 19) come back
+    alike: every one, in shard order, in batches that cross shards."""
+    records = packed.ShardRecords(40, spill=spill, directory=tmp_path)
+    made = PackedCandidates(_Cand, records)
     assert not made and len(made) == 0 and made[0:1000] == [] and len(made.digests()) == 0
     wanted = [_Cand(d, i * 1000 + 7) for i, d in enumerate(digests(2500))]
     wanted.append(_Cand(bytes(32), 2**40))  # the first digest there is, a large size
     wanted.append(_Cand(b"\xff" * 32, 0))  # the last
+    # one shard past a block of records (4,080 bytes), so a spilled one is read from its file
+    wanted += [_Cand(b"\x42" + d[1:], 3) for d in digests(300)]
     for c in wanted:
         made.append(c)
     assert len(made) == len(wanted) and made
+    assert os.listdir(tmp_path) == []  # the spill file is unlinked from the start
     batches = [made[i : i + 1000] for i in range(0, len(made), 1000)]
     got = [c for batch in batches for c in batch]
     assert sorted(got, key=lambda c: c.digest) == sorted(wanted, key=lambda c: c.digest)
@@ -151,6 +160,12 @@ def test_packed_candidates_keep_every_candidate_and_slice_in_shard_order() -> No
     assert all(c.digest in doomed for c in wanted) and digests(1)[0] not in doomed
     taken = made.digests(take=True)  # the same digests; the candidates are forgotten
     assert taken.data == doomed.data and len(made) == 0 and not made and list(made) == []
+    made.append(wanted[0])  # taken shards are empty, and fill again
+    assert list(made) == [wanted[0]] and made.digests().data == wanted[0].digest
+    made.close()
+    assert os.listdir(tmp_path) == [] and not made  # an unlinked file: nothing left behind
+    with pytest.raises(ValueError):
+        PackedCandidates(_Cand, packed.ShardRecords(32))
     # the digests hand out bytes (hashable), whatever buffer holds them
     assert all(type(raw) is bytes for raw in doomed)
     assert doomed.starting_with(bytes(8)) == [bytes(32)] and type(next(iter(doomed))) is bytes
