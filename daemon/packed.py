@@ -342,14 +342,14 @@ class PackedCandidates(Generic[S]):
     made by ``make``, in shard order."""
 
     __slots__ = ("_counts", "_last", "_make", "_store")
-    _RECORD = WIDTH + 8
+    RECORD = WIDTH + 8  # digest, size
 
     def __init__(
         self, make: Callable[[bytes, int], S], records: ShardRecords | None = None
     ) -> None:
-        if records is not None and records.width != self._RECORD:
-            raise ValueError(f"candidates are records of {self._RECORD} bytes")
-        self._store = records if records is not None else ShardRecords(self._RECORD)
+        if records is not None and records.width != self.RECORD:
+            raise ValueError(f"candidates are records of {self.RECORD} bytes")
+        self._store = records if records is not None else ShardRecords(self.RECORD)
         self._counts = array("q", [0]) * 256
         # the shard last read back: a delete's batches slice it ~1,000 records at a time
         self._last: tuple[int, bytes] | None = None
@@ -369,7 +369,7 @@ class PackedCandidates(Generic[S]):
 
     def _records(self, start: int, stop: int) -> Iterator[bytes]:
         """Records ``start`` to ``stop`` (indexes across the shards, in shard order)."""
-        r = self._RECORD
+        r = self.RECORD
         first = 0
         for shard, count in enumerate(self._counts):
             lo, hi = max(start - first, 0), min(stop - first, count)
@@ -414,11 +414,13 @@ class PackedCandidates(Generic[S]):
         shard's candidates."""
         if not self._counts[shard]:
             return b""
-        data = self._store.take(shard) if take else self._shard(shard)
         if take:
+            data = self._store.take(shard)
             self._counts[shard] = 0
             self._last = None
-        r = self._RECORD
+        else:
+            data = self._shard(shard)
+        r = self.RECORD
         return sorted_unique(b"".join(data[j : j + WIDTH] for j in range(0, len(data), r)))
 
     def digests(self, *, take: bool = False) -> PackedShard:

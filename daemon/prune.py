@@ -284,7 +284,7 @@ class Engine:
         except (SourceError, StorageError, LeaseHeld) as exc:
             raise RunFailed(str(exc)) from exc
         finally:
-            if isinstance(candidates, PackedCandidates):
+            if candidates is not None:
                 candidates.close()
             if self.lease is not None:
                 await self._seal_trash()
@@ -513,11 +513,11 @@ class Engine:
         """
         self.progress.enter("sweep")
         # a delete's candidates wait packed, 40 bytes each, in a file of the state dir where
-        # there is one (issue 19: memory per blob); a check keeps none
+        # there is one (issue 19: memory per blob); a check keeps none and opens no file
         records = (
-            self._shard_records(40, "registry-pruned-candidates-")
+            self._shard_records(PackedCandidates.RECORD, "registry-pruned-candidates-")
             if self.options.mode == DELETE
-            else ShardRecords(40)
+            else None
         )
         candidates: Any = PackedCandidates(self._candidate, records)
         shards = iter(layout.SHARDS)
